@@ -1,0 +1,36 @@
+"""hf-sparse: sparse attention for pretrained Hugging Face decoders.
+
+The core (this package) has no ``transformers`` import; :func:`patch_model` and
+:func:`unpatch_model` live in :mod:`hf_sparse.patches` and are loaded on first use.
+"""
+
+from __future__ import annotations
+
+from .layout import attended_pairs, block_layout, key_ranges
+from .ops import sparse_attention
+from .patterns import BigBird, Dense, Longformer, Pattern, SlidingWindow, parse_pattern
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Pattern",
+    "Dense",
+    "SlidingWindow",
+    "Longformer",
+    "BigBird",
+    "parse_pattern",
+    "sparse_attention",
+    "block_layout",
+    "key_ranges",
+    "attended_pairs",
+    "patch_model",
+    "unpatch_model",
+]
+
+
+def __getattr__(name: str):
+    if name in ("patch_model", "unpatch_model"):
+        from . import patches
+
+        return getattr(patches, name)
+    raise AttributeError(f"module 'hf_sparse' has no attribute {name!r}")

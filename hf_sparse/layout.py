@@ -1,0 +1,195 @@
+"""Block layouts: for each query tile, the key tiles a pattern needs (and the reverse, for backward).
+
+Everything here works in *position* space (real tokens counted from 0). The Triton kernels derive
+the same ranges arithmetically inside the kernel; the functions below are the host-side statement
+of those ranges, used by the reference path, by tests (which check them against
+:meth:`Pattern.allowed`) and by benchmarks (which turn them into FlexAttention ``BlockMask``s).
+
+For a run of query positions ``[q_lo, q_hi)`` a pattern needs at most three groups of keys:
+
+* a *window* range ``[lo, hi)`` (for :class:`Dense` the whole causal prefix),
+* a *global* range ``[0, g)`` (Longformer global tokens, BigBird global blocks),
+* BigBird's *random* blocks, which differ per KV head and per query block.
+
+Memory is ``O(T * visited keys)`` at most: nothing here builds a ``T x T`` tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .patterns import BigBird, Dense, Longformer, Pattern, SlidingWindow, ceil_div
+
+__all__ = ["key_ranges", "window_range", "global_range", "BlockLayout", "block_layout", "attended_pairs"]
+
+
+def _clip(lo: int, hi: int, n: int) -> tuple[int, int]:
+    lo, hi = max(lo, 0), min(hi, n)
+    return (lo, hi) if hi > lo else (0, 0)
+
+
+def global_range(pattern: Pattern, q_lo: int, q_hi: int, num_keys: int) -> tuple[int, int]:
+    """Key positions ``[0, g)`` that are global for queries ``[q_lo, q_hi)`` (``(0, 0)`` for none)."""
+    g = pattern.global_tokens_total
+    if not pattern.causal and g > 0 and q_lo < g:
+        return _clip(0, num_keys, num_keys)  # a global query row sees every key
+    return _clip(0, min(g, q_hi) if pattern.causal else g, num_keys)
+
+
+def window_range(pattern: Pattern, q_lo: int, q_hi: int, num_keys: int) -> tuple[int, int]:
+    """The contiguous key positions ``[lo, hi)`` the local part of the pattern covers for ``[q_lo, q_hi)``."""
+    causal = pattern.causal
+    if isinstance(pattern, Dense):
+        return _clip(0, q_hi if causal else num_keys, num_keys)
+    if isinstance(pattern, (SlidingWindow, Longformer)):
+        w = pattern.window
+        return _clip(q_lo - w + 1, q_hi if causal else q_hi - 1 + w, num_keys)
+    if isinstance(pattern, BigBird):
+        b, wb = pattern.block, pattern.window_blocks
+        qb_lo, qb_hi = q_lo // b, (q_hi - 1) // b
+        return _clip((qb_lo - wb + 1) * b, q_hi if causal else (qb_hi + wb) * b, num_keys)
+    raise TypeError(f"unknown pattern type {type(pattern).__name__}")
+
+
+def key_ranges(pattern: Pattern, q_lo: int, q_hi: int, num_keys: int) -> list[tuple[int, int]]:
+    """Sorted, disjoint key position ranges (random blocks excluded) for queries ``[q_lo, q_hi)``."""
+    if q_hi <= q_lo or q_hi <= 0:
+        return []
+    q_lo = max(q_lo, 0)
+    w = window_range(pattern, q_lo, q_hi, num_keys)
+    g = global_range(pattern, q_lo, q_hi, num_keys)
+    ranges = sorted(r for r in (g, w) if r[1] > r[0])
+    merged: list[tuple[int, int]] = []
+    for lo, hi in ranges:
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+def random_key_blocks(pattern: Pattern, *, layer: int, kv_heads: int, q_block: int, num_keys: int) -> torch.Tensor:
+    """BigBird random key blocks of one query block: ``[kv_heads, r]`` int64 (``-1`` = none)."""
+    if not isinstance(pattern, BigBird) or pattern.random_blocks == 0:
+        return torch.empty(kv_heads, 0, dtype=torch.long)
+    nkb = ceil_div(num_keys, pattern.block)
+    table = pattern.random_table(layer=layer, kv_heads=kv_heads, num_q_blocks=q_block + 1, num_k_blocks=nkb)
+    rnd = table[:, q_block].long()
+    return torch.where(rnd < nkb, rnd, torch.full_like(rnd, -1))
+
+
+@dataclass
+class BlockLayout:
+    """Tile-level layout of a pattern, like FlexAttention's ``BlockMask`` but per KV head.
+
+    ``kv_count[h, m]`` key tiles are listed in ``kv_index[h, m, :kv_count]`` (ascending) for query tile
+    ``m``; ``kv_full`` says which of them every query of the tile sees entirely (no mask needed).
+    ``pairs[h]`` is the exact number of attended (query, key) pairs.
+    """
+
+    block_m: int
+    block_n: int
+    kv_count: torch.Tensor  # [H, NQT] int32
+    kv_index: torch.Tensor  # [H, NQT, MAXK] int32, padded with -1
+    kv_full: torch.Tensor  # [H, NQT, MAXK] bool
+    pairs: torch.Tensor  # [H] int64
+
+    def transpose(self, num_k_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each key tile, the query tiles that visit it: ``(q_count [H, NKT], q_index [H, NKT, MAXQ])``."""
+        h, nqt, maxk = self.kv_index.shape
+        valid = self.kv_index >= 0
+        heads = torch.arange(h).view(-1, 1, 1).expand_as(self.kv_index)[valid]
+        qt = torch.arange(nqt).view(1, -1, 1).expand_as(self.kv_index)[valid]
+        kt = self.kv_index[valid].long()
+        key = (heads * num_k_tiles + kt) * nqt + qt
+        key, _ = key.sort()
+        heads, kt, qt = key // (num_k_tiles * nqt), (key // nqt) % num_k_tiles, key % nqt
+        count = torch.zeros(h * num_k_tiles, dtype=torch.long).index_add_(0, heads * num_k_tiles + kt, torch.ones_like(kt))
+        maxq = int(count.max()) if count.numel() else 0
+        start = torch.cumsum(count, 0) - count
+        slot = torch.arange(key.numel()) - start[heads * num_k_tiles + kt]
+        q_index = torch.full((h * num_k_tiles, max(maxq, 1)), -1, dtype=torch.int32)
+        q_index[heads * num_k_tiles + kt, slot] = qt.to(torch.int32)
+        return count.view(h, num_k_tiles).to(torch.int32), q_index.view(h, num_k_tiles, -1)
+
+
+def block_layout(
+    pattern: Pattern,
+    num_queries: int,
+    num_keys: int,
+    *,
+    block_m: int = 128,
+    block_n: int = 128,
+    kv_heads: int = 1,
+    layer: int = 0,
+    q_offset: int = 0,
+    device: torch.device | str | None = None,
+) -> BlockLayout:
+    """Build the tile layout of ``pattern`` for queries at ``q_offset..q_offset+num_queries-1``.
+
+    Query tile ``m`` holds query rows ``[m * block_m, (m + 1) * block_m)`` (row ``i`` is at position
+    ``q_offset + i``). The candidate tiles come from :func:`key_ranges` and the random blocks; each is
+    then checked against :meth:`Pattern.allowed`, so the result is exact. Cost ``O(T * visited)``.
+    """
+    nqt, nkt = ceil_div(num_queries, block_m), ceil_div(num_keys, block_n)
+    heads = torch.arange(kv_heads, device=device)
+    rows_all = torch.arange(block_m, device=device)
+    cols_all = torch.arange(block_n, device=device)
+    per_tile: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
+    pairs = torch.zeros(kv_heads, dtype=torch.long, device=device)
+    table = None
+    if isinstance(pattern, BigBird) and pattern.random_blocks:
+        nqb = ceil_div(q_offset + num_queries, pattern.block)
+        table = pattern.random_table(
+            layer=layer, kv_heads=kv_heads, num_q_blocks=nqb, num_k_blocks=ceil_div(num_keys, pattern.block), device=device
+        ).long()
+    maxk = 1
+    for m in range(nqt):
+        r0, r1 = m * block_m, min((m + 1) * block_m, num_queries)
+        q_lo, q_hi = q_offset + r0, q_offset + r1
+        tiles = set()
+        for lo, hi in key_ranges(pattern, q_lo, q_hi, num_keys):
+            tiles.update(range(lo // block_n, ceil_div(hi, block_n)))
+        cand = torch.tensor(sorted(tiles), dtype=torch.long, device=device)
+        if table is not None:
+            qbs = torch.arange(max(q_lo, 0) // pattern.block, (q_hi - 1) // pattern.block + 1, device=device)
+            rnd = table[:, qbs].reshape(kv_heads, -1)
+            rnd = rnd[rnd >= 0]
+            first = (rnd * pattern.block) // block_n
+            last = (rnd * pattern.block + pattern.block - 1).clamp_max(num_keys - 1) // block_n
+            extra = [torch.arange(int(a), int(b) + 1, device=device) for a, b in zip(first.tolist(), last.tolist())]
+            cand = torch.unique(torch.cat([cand, *extra]))
+        rows = q_lo + rows_all[: r1 - r0]
+        cols = (cand.view(-1, 1) * block_n + cols_all.view(1, -1)).view(-1)
+        ok = pattern.allowed(
+            rows.view(1, -1, 1), cols.view(1, 1, -1), layer=layer, kv_head=heads.view(-1, 1, 1), num_keys=num_keys
+        )
+        ok = ok & (cols < num_keys).view(1, 1, -1)
+        ok = ok.view(kv_heads, r1 - r0, len(cand), block_n)
+        cnt = ok.sum(dim=(1, 3))  # [H, ncand]
+        full = ok.all(dim=3).all(dim=1) & (cand * block_n + block_n <= num_keys) & (r1 - r0 == block_m)
+        pairs += cnt.sum(1)
+        per_tile.append((cand, cnt > 0, full))
+        maxk = max(maxk, int((cnt > 0).sum(1).max()) if len(cand) else 0)
+    kv_count = torch.zeros(kv_heads, nqt, dtype=torch.int32, device=device)
+    kv_index = torch.full((kv_heads, nqt, maxk), -1, dtype=torch.int32, device=device)
+    kv_full = torch.zeros(kv_heads, nqt, maxk, dtype=torch.bool, device=device)
+    for m, (cand, used, full) in enumerate(per_tile):
+        for h in range(kv_heads):
+            idx = cand[used[h]]
+            kv_count[h, m] = len(idx)
+            kv_index[h, m, : len(idx)] = idx.to(torch.int32)
+            kv_full[h, m, : len(idx)] = full[h][used[h]]
+    return BlockLayout(block_m, block_n, kv_count, kv_index, kv_full, pairs)
+
+
+def attended_pairs(pattern: Pattern, num_queries: int, num_keys: int | None = None, *, kv_heads: int = 1, layer: int = 0,
+                   q_offset: int = 0, device: torch.device | str | None = None) -> int:
+    """Exact number of attended (query, key) pairs summed over KV heads (FLOP counts, density)."""
+    num_keys = num_queries + q_offset if num_keys is None else num_keys
+    tile = pattern.block if isinstance(pattern, BigBird) else 128
+    lay = block_layout(pattern, num_queries, num_keys, block_m=tile, block_n=tile, kv_heads=kv_heads, layer=layer,
+                       q_offset=q_offset, device=device)
+    return int(lay.pairs.sum())

@@ -1,0 +1,271 @@
+"""``sparse_attention``: the differentiable op, its ``torch.library`` registration and backend dispatch.
+
+Layers (as in Liger-Kernel and flash-attention): Triton kernels (:mod:`hf_sparse.kernels`) ->
+host launchers -> two ``torch.library`` custom ops (forward, backward) with fake implementations, so
+``torch.compile`` traces through them -> :func:`sparse_attention`, which validates its inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+from .patterns import Pattern, parse_pattern
+from .reference import SeqLayout, blockwise_backward, blockwise_forward, dense_attention
+
+__all__ = ["sparse_attention", "padding_layout", "triton_supports", "BACKENDS"]
+
+BACKENDS = ("auto", "triton", "reference", "dense")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@functools.lru_cache(maxsize=256)
+def _pattern_from_spec(spec: str) -> Pattern:
+    return parse_pattern(spec)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_supports(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """``None`` when the Triton kernels can run these inputs, else the reason they cannot."""
+    if not _triton_importable():
+        return "triton is not installed"
+    if not (q.is_cuda or _interpreting()):
+        return f"tensors are on {q.device.type} (the kernels run on CUDA, or on the CPU with TRITON_INTERPRET=1)"
+    d = q.shape[-1]
+    if d not in (16, 32, 64, 128, 256) and not (d <= 256 and d % 16 == 0):
+        return f"head_dim {d} is not supported by the kernels (multiples of 16 up to 256)"
+    if q.dtype == torch.float64:
+        return "float64 inputs run on the reference path"
+    return None
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops
+def _seq(q, k, k_shift, k_len, q_offset) -> SeqLayout:
+    return SeqLayout.build(q.shape[0], q.shape[2], k.shape[2], q_offset, k_shift, k_len)
+
+
+@torch.library.custom_op("hf_sparse::attn_fwd", mutates_args=())
+def _attn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_shift: torch.Tensor | None, k_len: torch.Tensor | None,
+    pattern: str, scale: float, softcap: float, q_offset: int, layer: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    pat = _pattern_from_spec(pattern)
+    if backend == "triton":
+        from .kernels import forward as triton_forward
+
+        return triton_forward(q, k, v, pat, scale=scale, softcap=softcap, k_shift=k_shift, k_len=k_len,
+                              q_offset=q_offset, layer=layer)
+    return blockwise_forward(q, k, v, pat, scale=scale, softcap=softcap, seq=_seq(q, k, k_shift, k_len, q_offset),
+                             layer=layer)
+
+
+@_attn_fwd.register_fake
+def _(q, k, v, k_shift, k_len, pattern, scale, softcap, q_offset, layer, backend):
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("hf_sparse::attn_bwd", mutates_args=())
+def _attn_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    k_shift: torch.Tensor | None, k_len: torch.Tensor | None,
+    pattern: str, scale: float, softcap: float, q_offset: int, layer: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    pat = _pattern_from_spec(pattern)
+    if backend == "triton":
+        from .kernels import backward as triton_backward
+
+        return triton_backward(do, q, k, v, out, lse, pat, scale=scale, softcap=softcap, k_shift=k_shift,
+                               k_len=k_len, q_offset=q_offset, layer=layer)
+    return blockwise_backward(do, q, k, v, out, lse, pat, scale=scale, softcap=softcap,
+                              seq=_seq(q, k, k_shift, k_len, q_offset), layer=layer)
+
+
+@_attn_bwd.register_fake
+def _(do, q, k, v, out, lse, k_shift, k_len, pattern, scale, softcap, q_offset, layer, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, k_shift, k_len, pattern, scale, softcap, q_offset, layer, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, k_shift, k_len)
+    ctx.args = (pattern, scale, softcap, q_offset, layer, backend)
+
+
+def _backward(ctx, d_out, d_lse):
+    q, k, v, out, lse, k_shift, k_len = ctx.saved_tensors
+    dq, dk, dv = _attn_bwd(d_out.contiguous(), q, k, v, out, lse, k_shift, k_len, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("hf_sparse::attn_fwd", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+def padding_layout(key_padding_mask: torch.Tensor, *, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(k_shift, k_len)`` int32 ``[B]`` from a ``[B, Tk]`` boolean mask (True = real token).
+
+    Real tokens must form one contiguous run per row (left padding, right padding or both). With
+    ``check=True`` that is verified (one host sync); a mask with holes raises ``ValueError``.
+    """
+    m = key_padding_mask.bool()
+    k_len = m.sum(1)
+    k_shift = torch.where(k_len > 0, m.int().argmax(1), torch.zeros_like(k_len))
+    if check and not torch.compiler.is_compiling():
+        tk = m.shape[1]
+        last = tk - 1 - m.flip(1).int().argmax(1)
+        holes = (k_len > 0) & (last - k_shift + 1 != k_len)
+        if bool(holes.any()):
+            rows = holes.nonzero().flatten().tolist()[:5]
+            raise ValueError(
+                f"key_padding_mask rows {rows} have padding between real tokens; only left and/or right padding is "
+                "supported (one contiguous run of True per row). Unpad or pack the sequences first."
+            )
+    return k_shift.to(torch.int32), k_len.to(torch.int32)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern | str | dict = "dense",
+    *,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    q_offset: int = 0,
+    layer: int = 0,
+    softcap: float | None = None,
+    backend: str = "auto",
+    check_padding: bool = True,
+) -> torch.Tensor:
+    """Attention restricted to a sparse ``pattern``; differentiable in ``q``, ``k`` and ``v``.
+
+    Args:
+        q: ``[B, Hq, Tq, D]`` queries.
+        k, v: ``[B, Hkv, Tk, D]`` keys and values, ``Hq % Hkv == 0``. Grouped-query attention is native:
+            query head ``h`` reads KV head ``h // (Hq // Hkv)``, nothing is repeated in memory. With
+            ``Hq = 32, Hkv = 8`` each KV head serves 4 query heads; ``Hkv = 1`` is multi-query attention.
+        pattern: a :class:`~hf_sparse.Pattern`, a spec string (``"bigbird"``,
+            ``"longformer:window=1024,global_tokens=4"``) or a dict.
+        scale: softmax scale, default ``D ** -0.5``.
+        key_padding_mask: ``[B, Tk]`` bool, True for real tokens (left and/or right padding). Positions
+            count real tokens only, so global tokens are the first real ones; padded keys are never seen.
+        q_offset: query ``i`` is key slot ``q_offset + i`` (a chunk of queries after cached keys).
+            Without padding its position is ``q_offset + i``.
+        layer: layer index (BigBird draws its random blocks per layer).
+        softcap: optional logit soft-capping ``softcap * tanh(s / softcap)`` (Gemma 2).
+        backend: ``"auto"`` (Triton on CUDA, else reference), ``"triton"``, ``"reference"`` (block-wise
+            PyTorch, memory ``O(T * visited keys)``) or ``"dense"`` (the ``O(T^2)`` oracle, tests only).
+        check_padding: verify that ``key_padding_mask`` is left/right padding only (one host sync).
+
+    Returns:
+        ``[B, Hq, Tq, D]`` in the dtype of ``q``. A query row that sees no key is zero.
+
+    Precision: float16/bfloat16 accumulate in float32. float32 inputs on the Triton path use TF32
+    tensor cores for the two matrix products; float64 always runs on the reference path.
+
+    Example::
+
+        q = torch.randn(1, 32, 8192, 128, device="cuda", dtype=torch.bfloat16)
+        k = v = torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16)
+        out = sparse_attention(q, k, v, "sliding_window:window=1024")
+    """
+    pat = parse_pattern(pattern)
+    _validate(q, k, v, key_padding_mask, q_offset, layer, backend, softcap)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    softcap = float(softcap or 0.0)
+    if backend == "dense":
+        return dense_attention(q, k, v, pat, scale=scale, softcap=softcap, key_padding_mask=key_padding_mask,
+                               q_offset=q_offset, layer=layer)
+    chosen = _resolve_backend(backend, q, k)
+    k_shift = k_len = None
+    if key_padding_mask is not None:
+        if key_padding_mask.shape[1] != k.shape[2]:
+            raise ValueError(f"key_padding_mask has {key_padding_mask.shape[1]} columns but keys have Tk={k.shape[2]}")
+        if q_offset + q.shape[2] > k.shape[2]:
+            raise ValueError(
+                f"with key_padding_mask the queries must be key slots: q_offset ({q_offset}) + Tq ({q.shape[2]}) "
+                f"must be <= Tk ({k.shape[2]})"
+            )
+        k_shift, k_len = padding_layout(key_padding_mask, check=check_padding)
+    out, _ = _attn_fwd(q, k, v, k_shift, k_len, pat.spec(), scale, softcap, int(q_offset), int(layer), chosen)
+    return out
+
+
+def _resolve_backend(backend: str, q: torch.Tensor, k: torch.Tensor) -> str:
+    if backend == "reference":
+        return "reference"
+    reason = triton_supports(q, k)
+    if backend == "triton":
+        if reason is not None:
+            raise ValueError(f"backend='triton' cannot run here: {reason}. Use backend='auto' or 'reference'.")
+        return "triton"
+    # auto
+    if reason is None and q.is_cuda:
+        return "triton"
+    if q.is_cuda:
+        _warn_once(f"hf_sparse: using the PyTorch reference path because {reason}")
+    return "reference"
+
+
+def _validate(q, k, v, key_padding_mask, q_offset, layer, backend, softcap) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 4-D tensor [B, H, T, D], got {got}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; use float16, bfloat16, float32 or float64")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    bq, hq, _, d = q.shape
+    bk, hkv, tk, dk = k.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, Hkv, Tk, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if bq != bk or d != dk:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch size and head dim")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
+        raise ValueError(f"q_offset must be a non-negative int, got {q_offset!r}")
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ValueError(f"layer must be a non-negative int, got {layer!r}")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or softcap < 0):
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+    if key_padding_mask is not None:
+        if key_padding_mask.dim() != 2 or key_padding_mask.shape[0] != bq:
+            raise ValueError(
+                f"key_padding_mask must be [B, Tk] = [{bq}, {tk}] (True = real token), got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.dtype not in (torch.bool, torch.int64, torch.int32, torch.uint8):
+            raise ValueError(f"key_padding_mask must be bool or integer 0/1, got {key_padding_mask.dtype}")
