@@ -1,0 +1,28 @@
+"""The Hugging Face adapter (import name ``hf_sparse.patches``): everything that touches transformers.
+
+>>> from hf_sparse.patches import patch_model, unpatch_model
+>>> patch_model(model, "longformer:window=1024,global_tokens=4")   # doctest: +SKIP
+
+See :mod:`hf_sparse.patches.model` for what patching does, :mod:`hf_sparse.patches.attention` for the
+registered functions and :mod:`hf_sparse.patches.history` for the KV cache of patched layers.
+Importing this package needs transformers >= 5.0 and registers the ``"hf_sparse"`` backend.
+"""
+
+from __future__ import annotations
+
+from ._compat import MIN_TRANSFORMERS  # noqa: F401  (raises a clear ImportError on transformers < 5)
+from .attention import ATTN_NAME, HybridMask, hf_sparse_attention, hf_sparse_mask
+from .model import SUPPORTED_MODEL_TYPES, patch_model, register, unpatch_model
+
+register()
+
+__all__ = [
+    "patch_model",
+    "unpatch_model",
+    "register",
+    "ATTN_NAME",
+    "SUPPORTED_MODEL_TYPES",
+    "HybridMask",
+    "hf_sparse_attention",
+    "hf_sparse_mask",
+]

@@ -1,0 +1,155 @@
+"""Host launchers for the Triton kernels (host logic only: shapes, tables, grids, configs).
+
+``forward`` returns ``(out, lse)`` and ``backward`` returns ``(dq, dk, dv)`` for any pattern of
+:mod:`hf_sparse.patterns`. Nothing here allocates more than ``O(T * D)`` per head: the only tables
+are BigBird's ``[Hkv, num_q_blocks, R]`` random blocks and their reverse (CSR) form.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+from ..patterns import BigBird, Dense, Longformer, Pattern, SlidingWindow, ceil_div
+from .attention import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess, _fwd_kernel
+from .configs import KernelConfig, pick_config
+
+__all__ = ["forward", "backward", "kernel_params"]
+
+_BIG = 2**30
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel_params(pattern: Pattern) -> dict:
+    """Map a pattern onto the kernel's arguments (KIND 0: token window + globals, 1: BigBird)."""
+    if isinstance(pattern, Dense):
+        return dict(KIND=0, W=_BIG, G=0, WB=0, BLK=16, R=0)
+    if isinstance(pattern, SlidingWindow):
+        return dict(KIND=0, W=pattern.window, G=0, WB=0, BLK=16, R=0)
+    if isinstance(pattern, Longformer):
+        return dict(KIND=0, W=pattern.window, G=pattern.global_tokens, WB=0, BLK=16, R=0)
+    if isinstance(pattern, BigBird):
+        return dict(KIND=1, W=_BIG, G=pattern.global_blocks * pattern.block, WB=pattern.window_blocks,
+                    BLK=pattern.block, R=pattern.random_blocks)
+    raise TypeError(f"no kernel for pattern type {type(pattern).__name__}")
+
+
+@functools.lru_cache(maxsize=64)
+def _random_tables(pattern: BigBird, layer: int, kv_heads: int, nqb: int, nkb: int, device: str):
+    """Forward table ``[Hkv, nqb, R]`` and its reverse ``(ptr [Hkv, nkb + 1], idx [Hkv, max])``."""
+    table = pattern.random_table(layer=layer, kv_heads=kv_heads, num_q_blocks=nqb,
+                                 num_k_blocks=None if pattern.causal else nkb, device=device)
+    table = torch.where(table < nkb, table, torch.full_like(table, -1)).contiguous()
+    t = table.long()
+    heads = torch.arange(kv_heads, device=device).view(-1, 1, 1).expand_as(t)
+    qbs = torch.arange(nqb, device=device).view(1, -1, 1).expand_as(t)
+    valid = t >= 0
+    h, kb, qb = heads[valid], t[valid], qbs[valid]
+    order = torch.argsort((h * nkb + kb) * nqb + qb)
+    h, kb, qb = h[order], kb[order], qb[order]
+    counts = torch.zeros(kv_heads * nkb, dtype=torch.long, device=device).index_add_(0, h * nkb + kb,
+                                                                                       torch.ones_like(kb))
+    counts = counts.view(kv_heads, nkb)
+    ptr = torch.zeros(kv_heads, nkb + 1, dtype=torch.int32, device=device)
+    ptr[:, 1:] = torch.cumsum(counts, 1).to(torch.int32)
+    per_head = counts.sum(1)
+    width = max(int(per_head.max()) if per_head.numel() else 0, 1)
+    idx = torch.zeros(kv_heads, width, dtype=torch.int32, device=device)
+    head_start = torch.cumsum(per_head, 0) - per_head
+    slot = torch.arange(h.numel(), device=device) - head_start[h]
+    idx[h, slot] = qb.to(torch.int32)
+    return table, ptr, idx
+
+
+def _common(q, k, pattern, layer, q_offset, k_shift, k_len):
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    p = kernel_params(pattern)
+    varlen = k_shift is not None
+    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    tables = (dummy.view(1, 1, 1), dummy.view(1, 1), dummy.view(1, 1))
+    if p["R"]:
+        nqb = max(ceil_div(q_offset + tq, p["BLK"]), 1)
+        nkb = max(ceil_div(tk, p["BLK"]), 1)
+        tables = _random_tables(pattern, layer, hkv, nqb, nkb, str(q.device))
+    return dict(
+        b=b, hq=hq, hkv=hkv, tq=tq, tk=tk, d=d, p=p, varlen=varlen,
+        k_shift=k_shift if varlen else dummy, k_len=k_len if varlen else dummy,
+        tables=tables, bucket=triton.next_power_of_2(max(tq, 16)),
+        block_d=max(triton.next_power_of_2(d), 16),
+    )
+
+
+def _cfg(kernel: str, c: dict, dtype: torch.dtype) -> KernelConfig:
+    return pick_config(kernel, head_dim=c["d"], kind=c["p"]["KIND"], blk=c["p"]["BLK"], dtype=dtype,
+                       seq_bucket=c["bucket"], interpret=_interpret())
+
+
+def forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_shift=None, k_len=None,
+            q_offset: int = 0, layer: int = 0):
+    c = _common(q, k, pattern, layer, q_offset, k_shift, k_len)
+    p = c["p"]
+    # rows that no tile covers (padding) must read as zero output and +inf log-sum-exp
+    if c["varlen"]:
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.full((c["b"], c["hq"], c["tq"]), float("inf"), dtype=torch.float32, device=q.device)
+    else:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty((c["b"], c["hq"], c["tq"]), dtype=torch.float32, device=q.device)
+    cfg = _cfg("fwd", c, q.dtype)
+    table = c["tables"][0]
+    grid = (ceil_div(c["tq"], cfg.block_m) + 1, c["b"] * c["hq"])
+    _fwd_kernel[grid](
+        q, k, v, out, lse, c["k_shift"], c["k_len"], table,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        table.stride(0), table.stride(1),
+        c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap, c["bucket"],
+        KIND=p["KIND"], CAUSAL=pattern.causal, VARLEN=c["varlen"], HAS_SOFTCAP=bool(softcap),
+        GROUP=c["hq"] // c["hkv"], R=p["R"], BLK=p["BLK"], HEAD_DIM=c["d"], BLOCK_D=c["block_d"],
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_shift=None,
+             k_len=None, q_offset: int = 0, layer: int = 0):
+    c = _common(q, k, pattern, layer, q_offset, k_shift, k_len)
+    p = c["p"]
+    do = do.contiguous() if do.stride(-1) != 1 else do
+    delta = torch.empty((c["b"], c["hq"], c["tq"]), dtype=torch.float32, device=q.device)
+    pre_m = 64 if not _interpret() else 16
+    _bwd_preprocess[(ceil_div(c["tq"], pre_m), c["b"] * c["hq"])](
+        out, do, delta, *out.stride(), *do.stride(), c["tq"], c["hq"],
+        HEAD_DIM=c["d"], BLOCK_D=c["block_d"], BLOCK_M=pre_m,
+    )
+    # padded query rows are never visited by the dQ kernel: their gradient is zero
+    dq = torch.zeros_like(q) if c["varlen"] else torch.empty_like(q)
+    dk = torch.zeros_like(k) if c["varlen"] else torch.empty_like(k)
+    dv = torch.zeros_like(v) if c["varlen"] else torch.empty_like(v)
+    table, ptr, idx = c["tables"]
+    common = dict(
+        KIND=p["KIND"], CAUSAL=pattern.causal, VARLEN=c["varlen"], HAS_SOFTCAP=bool(softcap),
+        GROUP=c["hq"] // c["hkv"], R=p["R"], BLK=p["BLK"], HEAD_DIM=c["d"], BLOCK_D=c["block_d"],
+    )
+    cfg = _cfg("dq", c, q.dtype)
+    _bwd_dq_kernel[(ceil_div(c["tq"], cfg.block_m) + 1, c["b"] * c["hq"])](
+        q, k, v, do, dq, lse, delta, c["k_shift"], c["k_len"], table,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), table.stride(0), table.stride(1),
+        c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap, c["bucket"],
+        **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    cfg = _cfg("dkdv", c, q.dtype)
+    _bwd_dkdv_kernel[(ceil_div(c["tk"], cfg.block_n), c["b"] * c["hkv"])](
+        q, k, v, do, dk, dv, lse, delta, c["k_shift"], c["k_len"], ptr, idx,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        ptr.stride(0), idx.stride(0),
+        c["tq"], c["tk"], q_offset, c["hq"], c["hkv"], p["W"], p["G"], p["WB"], scale, softcap, c["bucket"],
+        **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dq, dk, dv

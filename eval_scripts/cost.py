@@ -1,0 +1,66 @@
+"""Cost of a pattern: attention density, wall time and peak memory of a unit."""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import torch
+
+from hf_sparse import Pattern, attended_pairs
+
+__all__ = ["density", "CostMeter"]
+
+
+@functools.lru_cache(maxsize=256)
+def density(pattern: Pattern | None, length: int, kv_heads: int = 1) -> float:
+    """Attended (query, key) pairs over dense causal pairs ``L (L + 1) / 2`` per KV head, for layer 0.
+
+    ``None`` (the unpatched model) is 1.0. BigBird's random blocks differ per layer and head; layer 0
+    over all KV heads stands for the model (the counts of other layers differ by a few blocks at most).
+    """
+    if pattern is None:
+        return 1.0
+    pairs = attended_pairs(pattern, length, kv_heads=kv_heads)
+    return pairs / (kv_heads * length * (length + 1) / 2)
+
+
+def _rss_max_bytes() -> int | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+class CostMeter:
+    """Times a block and reads its peak memory.
+
+    On CUDA the peak is ``torch.cuda.max_memory_allocated`` during the block (reset on entry). The CPU
+    has no per-block peak without extra dependencies, so there ``peak_mem_bytes`` is None and
+    ``rss_max_bytes`` is the process's resident-set high-water mark so far (it only grows).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds = 0.0
+        self.peak_mem_bytes: int | None = None
+        self.rss_max_bytes: int | None = None
+
+    def __enter__(self) -> CostMeter:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mem_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        self.seconds = time.perf_counter() - self._t0
+        self.rss_max_bytes = _rss_max_bytes()

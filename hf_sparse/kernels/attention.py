@@ -1,0 +1,551 @@
+"""Triton kernels: block-sparse FlashAttention forward and backward for every pattern.
+
+One kernel family serves all patterns. Work happens in *position* space (real tokens from 0):
+query row ``i`` of batch ``b`` sits at position ``q_start[b] + i``; key position ``j`` sits in key
+slot ``k_shift[b] + j`` and exists when ``j < k_len[b]`` (left/right padding, chunked prefill).
+
+For a tile of query positions the keys needed come in three groups, computed arithmetically here
+(the host-side statement of the same ranges is :mod:`hf_sparse.layout`):
+
+* global tiles ``[0, g_end)`` (Longformer global tokens, BigBird global blocks),
+* window tiles ``[a, w_end)``, split into a masked leading edge ``[a, e)``, an unmasked interior
+  ``[e, f)`` and a masked trailing part ``[f, w_end)`` (the diagonal for causal patterns),
+* BigBird random blocks, read from a small ``[Hkv, num_q_blocks, R]`` table.
+
+Only tiles on a boundary evaluate the token-level predicate; interior tiles run without a mask.
+The backward has a dK/dV kernel (one program per key tile and KV head, looping over the query heads
+of its GQA group and the query tiles that see the key tile, random blocks through a reverse table)
+and a dQ kernel with the forward's iteration. Exponentials use ``exp2`` with the scale folded in.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _floor_to(x, m: tl.constexpr):
+    return (x // m) * m
+
+
+@triton.jit
+def _ceil_to(x, m: tl.constexpr):
+    return ((x + m - 1) // m) * m
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through exp2, saturating correctly for large |x|
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
+
+
+@triton.jit
+def _visible(qp, kp, k_len, W, G, WB, KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr):
+    """Token-level predicate for window and global keys (random blocks are handled elsewhere)."""
+    qp2 = qp[:, None]
+    kp2 = kp[None, :]
+    if KIND == 0:
+        inwin = kp2 > qp2 - W
+        if not CAUSAL:
+            inwin = inwin & (kp2 < qp2 + W)
+    else:
+        qb = qp2 // BLK
+        kb = kp2 // BLK
+        inwin = kb > qb - WB
+        if not CAUSAL:
+            inwin = inwin & (kb < qb + WB)
+    vis = inwin | (kp2 < G)
+    if CAUSAL:
+        vis = vis & (kp2 <= qp2)
+    else:
+        vis = vis | (qp2 < G)
+    return vis & (kp2 < k_len) & (kp2 >= 0)
+
+
+@triton.jit
+def _query_tile_ranges(m_lo, m_hi, k_len, W, G, WB,
+                       KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key-tile ranges for the query positions ``[m_lo, m_hi)``: globals, then a, e, f, w_end."""
+    if KIND == 0:
+        win_lo = tl.maximum(m_lo - W + 1, 0)
+        if CAUSAL:
+            win_hi = tl.minimum(m_hi, k_len)
+            full_hi = _floor_to(tl.minimum(m_lo + 1, k_len), BLOCK_N)
+        else:
+            win_hi = tl.minimum(m_hi - 1 + W, k_len)
+            full_hi = _floor_to(tl.minimum(m_lo + W, k_len), BLOCK_N)
+        full_lo = _ceil_to(tl.maximum(m_hi - W, 0), BLOCK_N)
+    else:
+        qb = m_lo // BLK
+        win_lo = tl.maximum((qb - WB + 1) * BLK, 0)
+        full_lo = win_lo
+        if CAUSAL:
+            win_hi = tl.minimum(m_hi, k_len)
+            full_hi = _floor_to(tl.minimum(m_lo + 1, k_len), BLOCK_N)
+        else:
+            win_hi = tl.minimum((qb + WB) * BLK, k_len)
+            full_hi = _floor_to(win_hi, BLOCK_N)
+    if not CAUSAL:
+        if m_lo < G:  # global query rows see every key: take all tiles, masked
+            win_lo = 0
+            win_hi = k_len
+            full_lo = _ceil_to(k_len, BLOCK_N)
+            full_hi = full_lo
+    if CAUSAL:
+        g_hi = tl.minimum(tl.minimum(G, k_len), m_hi)
+    else:
+        g_hi = tl.minimum(G, k_len)
+    a = _floor_to(win_lo, BLOCK_N)
+    w_end = _ceil_to(win_hi, BLOCK_N)
+    w_end = tl.maximum(w_end, a)
+    e = tl.minimum(tl.maximum(full_lo, a), w_end)
+    f = tl.minimum(tl.maximum(full_hi, e), w_end)
+    g_full = tl.minimum(_floor_to(g_hi, BLOCK_N), a)
+    g_end = tl.minimum(_ceil_to(g_hi, BLOCK_N), a)
+    return g_full, g_end, a, e, f, w_end
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+               offs_n, offs_d, qp, lo, hi, k_len, W, G, WB, qk_scale, softcap,
+               KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        kp = start_n + offs_n
+        k_ptrs = k_base + kp[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        v_ptrs = v_base + kp[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        if MASKED:
+            k_ok = (kp < k_len) & (kp >= 0)
+            k = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        qk = tl.dot(q, k)
+        if HAS_SOFTCAP:
+            s = softcap * _tanh(qk * (qk_scale / softcap)) * 1.4426950408889634
+        else:
+            s = qk * (qk_scale * 1.4426950408889634)
+        if MASKED:
+            if MASKED == 2:  # a random block: every key of it is visible, if it exists
+                vis = ((kp < k_len) & (kp >= 0))[None, :] & (qp >= 0)[:, None]
+            else:
+                vis = _visible(qp, kp, k_len, W, G, WB, KIND, CAUSAL, BLK)
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        elif EVEN_D:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _tile_setup(pid_m, b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Batch-row geometry and this program's query tile in position space."""
+    if VARLEN:
+        k_shift = tl.load(KSHIFT + b)
+        k_len = tl.load(KLEN + b)
+        q_start = q_offset - k_shift
+        row_hi = tl.minimum(Tq, k_len - q_start)
+    else:
+        k_shift = 0
+        k_len = Tk
+        q_start = q_offset
+        row_hi = Tq
+    row_lo = tl.maximum(0, -q_start)
+    p_first = q_start + row_lo
+    p_end = q_start + row_hi
+    m_lo = (p_first // BLOCK_M + pid_m) * BLOCK_M
+    return k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, m_lo
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, KSHIFT, KLEN, RAND,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_rh, stride_rq,
+    Tq, Tk, q_offset, H, W, G, WB, sm_scale, softcap, TQ_BUCKET,
+    KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, m_lo = _tile_setup(
+        pid_m, b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, BLOCK_M)
+    if m_lo < p_end:
+        m_lo_eff = tl.maximum(m_lo, p_first)
+        m_hi = tl.minimum(m_lo + BLOCK_M, p_end)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+        qp = m_lo + offs_m
+        rows = qp - q_start
+        row_ok = (rows >= row_lo) & (rows < row_hi)
+        d_ok = offs_d < HEAD_DIM
+        q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        k_base = K + b * stride_kb + hk * stride_kh + k_shift * stride_kn
+        v_base = V + b * stride_vb + hk * stride_vh + k_shift * stride_vn
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+        g_full, g_end, a, e, f, w_end = _query_tile_ranges(m_lo_eff, m_hi, k_len, W, G, WB, KIND, CAUSAL, BLK, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   offs_n, offs_d, qp, 0, g_full, k_len, W, G, WB, sm_scale, softcap,
+                                   KIND, CAUSAL, BLK, False, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   offs_n, offs_d, qp, g_full, g_end, k_len, W, G, WB, sm_scale, softcap,
+                                   KIND, CAUSAL, BLK, True, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N)
+        if R > 0:
+            qb = m_lo_eff // BLK
+            for r in range(R):
+                kb = tl.load(RAND + hk * stride_rh + qb * stride_rq + r)
+                if kb >= 0:
+                    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
+                                               stride_vd, offs_n, offs_d, qp, kb * BLK, kb * BLK + BLK, k_len,
+                                               W, G, WB, sm_scale, softcap, KIND, CAUSAL, BLK, 0 if CAUSAL else 2,
+                                               HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   offs_n, offs_d, qp, a, e, k_len, W, G, WB, sm_scale, softcap,
+                                   KIND, CAUSAL, BLK, True, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   offs_n, offs_d, qp, e, f, k_len, W, G, WB, sm_scale, softcap,
+                                   KIND, CAUSAL, BLK, False, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   offs_n, offs_d, qp, f, w_end, k_len, W, G, WB, sm_scale, softcap,
+                                   KIND, CAUSAL, BLK, True, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N)
+
+        has = l_i > 0.0
+        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+        o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + pid_bh * Tq + rows, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+@triton.jit
+def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
+                    stride_dob, stride_doh, stride_dom, stride_dod, Tq, H,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < Tq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh * Tq + rows, tl.sum(o * do, 1), mask=rows < Tq)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                  offs_n, offs_d, qp, lo, hi, k_len, W, G, WB, sm_scale, softcap,
+                  KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        kp = start_n + offs_n
+        k_ok = (kp < k_len) & (kp >= 0)
+        kT = tl.load(k_base + kp[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        vT = tl.load(v_base + kp[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+                     mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        qk = tl.dot(q, kT)
+        if HAS_SOFTCAP:
+            t = _tanh(qk * (sm_scale / softcap))
+            s = softcap * t * 1.4426950408889634
+        else:
+            s = qk * (sm_scale * 1.4426950408889634)
+        p = tl.exp2(s - lse2[:, None])
+        if MASKED:
+            if MASKED == 2:  # a random block: every key of it is visible, if it exists
+                vis = ((kp < k_len) & (kp >= 0))[None, :] & (qp >= 0)[:, None]
+            else:
+                vis = _visible(qp, kp, k_len, W, G, WB, KIND, CAUSAL, BLK)
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, vT)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, KSHIFT, KLEN, RAND,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_rh, stride_rq,
+    Tq, Tk, q_offset, H, W, G, WB, sm_scale, softcap, TQ_BUCKET,
+    KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, m_lo = _tile_setup(
+        pid_m, b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, BLOCK_M)
+    if m_lo < p_end:
+        m_lo_eff = tl.maximum(m_lo, p_first)
+        m_hi = tl.minimum(m_lo + BLOCK_M, p_end)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        qp = m_lo + offs_m
+        rows = qp - q_start
+        row_ok = (rows >= row_lo) & (rows < row_hi)
+        d_ok = offs_d < HEAD_DIM
+        mask_qd = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=mask_qd, other=0.0)
+        do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                     mask=mask_qd, other=0.0)
+        lse = tl.load(LSE + pid_bh * Tq + rows, mask=row_ok, other=float("inf"))
+        lse2 = lse * 1.4426950408889634
+        delta = tl.load(DELTA + pid_bh * Tq + rows, mask=row_ok, other=0.0)
+        k_base = K + b * stride_kb + hk * stride_kh + k_shift * stride_kn
+        v_base = V + b * stride_vb + hk * stride_vh + k_shift * stride_vn
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        g_full, g_end, a, e, f, w_end = _query_tile_ranges(m_lo_eff, m_hi, k_len, W, G, WB, KIND, CAUSAL, BLK, BLOCK_N)
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                           offs_n, offs_d, qp, 0, g_full, k_len, W, G, WB, sm_scale, softcap,
+                           KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_N)
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                           offs_n, offs_d, qp, g_full, g_end, k_len, W, G, WB, sm_scale, softcap,
+                           KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_N)
+        if R > 0:
+            qb = m_lo_eff // BLK
+            for r in range(R):
+                kb = tl.load(RAND + hk * stride_rh + qb * stride_rq + r)
+                if kb >= 0:
+                    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
+                                       stride_vd, offs_n, offs_d, qp, kb * BLK, kb * BLK + BLK, k_len, W, G, WB,
+                                       sm_scale, softcap, KIND, CAUSAL, BLK, 0 if CAUSAL else 2, HAS_SOFTCAP, HEAD_DIM,
+                                       BLOCK_N)
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                           offs_n, offs_d, qp, a, e, k_len, W, G, WB, sm_scale, softcap,
+                           KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_N)
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                           offs_n, offs_d, qp, e, f, k_len, W, G, WB, sm_scale, softcap,
+                           KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_N)
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                           offs_n, offs_d, qp, f, w_end, k_len, W, G, WB, sm_scale, softcap,
+                           KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_N)
+        dq = dq * sm_scale
+        tl.store(DQ + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                 dq.to(DQ.dtype.element_ty), mask=mask_qd)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod,
+                    offs_m, offs_d, kp, lo, hi, q_start, row_lo, row_hi, k_len, W, G, WB, sm_scale, softcap,
+                    KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Accumulate dK, dV of one key tile over query positions ``[lo, hi)`` (tiles of BLOCK_M)."""
+    d_ok = offs_d < HEAD_DIM
+    for start_m in range(lo, hi, BLOCK_M):
+        qp = start_m + offs_m
+        rows = qp - q_start
+        row_ok = (rows >= row_lo) & (rows < row_hi)
+        qT = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                     mask=row_ok[None, :] & d_ok[:, None], other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        qkT = tl.dot(k, qT)  # [BLOCK_N, BLOCK_M]
+        if HAS_SOFTCAP:
+            t = _tanh(qkT * (sm_scale / softcap))
+            sT = softcap * t * 1.4426950408889634
+        else:
+            sT = qkT * (sm_scale * 1.4426950408889634)
+        pT = tl.exp2(sT - lse[None, :])
+        if MASKED:
+            vis = tl.trans(_visible(qp, kp, k_len, W, G, WB, KIND, CAUSAL, BLK))
+            pT = tl.where(vis, pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - delta[None, :])
+        if HAS_SOFTCAP:
+            dsT = dsT * (1.0 - t * t)
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
+    return dk, dv
+
+
+@triton.jit
+def _key_tile_ranges(n_lo, n_hi, q_lo, q_hi, W, G, WB,
+                     KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Query-position ranges that see keys ``[n_lo, n_hi)``, valid queries being ``[q_lo, q_hi)``.
+
+    Returns ``s_end`` (global query rows ``[q_lo_al, s_end)``, non-causal only), then the window part
+    ``a, e, f, w_end`` (masked ``[a, e)``, unmasked ``[e, f)``, masked ``[f, w_end)``).
+    """
+    q_lo_al = _floor_to(q_lo, BLOCK_M)
+    if KIND == 0:
+        if CAUSAL:
+            lo = n_lo
+            full_lo = n_hi - 1
+        else:
+            lo = n_lo - W + 1
+            full_lo = n_hi - W
+        hi = n_hi - 1 + W
+        full_hi = n_lo + W
+    else:
+        kb = n_lo // BLK
+        if CAUSAL:
+            lo = n_lo
+            full_lo = n_hi - 1
+        else:
+            lo = (kb - WB + 1) * BLK
+            full_lo = lo
+        hi = (kb + WB) * BLK
+        full_hi = hi
+    if n_lo < G:  # the tile holds global keys: every later query (every query if non-causal) sees them
+        if not CAUSAL:
+            lo = 0
+        hi = q_hi
+        if n_hi <= G:
+            full_hi = q_hi
+    s_end = q_lo_al
+    if not CAUSAL:
+        if G > 0:  # global query rows see this key tile
+            s_end = tl.minimum(_ceil_to(tl.minimum(G, q_hi), BLOCK_M), _ceil_to(q_hi, BLOCK_M))
+            s_end = tl.maximum(s_end, q_lo_al)
+    lo = tl.maximum(lo, q_lo)
+    hi = tl.minimum(hi, q_hi)
+    a = tl.maximum(_floor_to(lo, BLOCK_M), s_end)
+    w_end = tl.maximum(_ceil_to(hi, BLOCK_M), a)
+    e = tl.minimum(tl.maximum(_ceil_to(full_lo, BLOCK_M), a), w_end)
+    f = tl.minimum(tl.maximum(_floor_to(full_hi, BLOCK_M), e), w_end)
+    return q_lo_al, s_end, a, e, f, w_end
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, KSHIFT, KLEN, REV_PTR, REV_IDX,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_ph, stride_ih,
+    Tq, Tk, q_offset, H, HKV, W, G, WB, sm_scale, softcap, TQ_BUCKET,
+    KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    if VARLEN:
+        k_shift = tl.load(KSHIFT + b)
+        k_len = tl.load(KLEN + b)
+        q_start = q_offset - k_shift
+        row_hi = tl.minimum(Tq, k_len - q_start)
+    else:
+        k_shift = 0
+        k_len = Tk
+        q_start = q_offset
+        row_hi = Tq
+    row_lo = tl.maximum(0, -q_start)
+    n_lo = pid_n * BLOCK_N
+    if n_lo < k_len:
+        n_hi = tl.minimum(n_lo + BLOCK_N, k_len)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        kp = n_lo + offs_n
+        d_ok = offs_d < HEAD_DIM
+        kmask = (kp < k_len)[:, None] & d_ok[None, :]
+        k = tl.load(K + b * stride_kb + hk * stride_kh + (k_shift + kp)[:, None] * stride_kn
+                    + offs_d[None, :] * stride_kd, mask=kmask, other=0.0)
+        v = tl.load(V + b * stride_vb + hk * stride_vh + (k_shift + kp)[:, None] * stride_vn
+                    + offs_d[None, :] * stride_vd, mask=kmask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        q_lo = q_start + row_lo
+        q_hi = q_start + row_hi
+        s_lo, s_end, a, e, f, w_end = _key_tile_ranges(n_lo, n_hi, q_lo, q_hi, W, G, WB, KIND, CAUSAL, BLK, BLOCK_M)
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            q_base = Q + b * stride_qb + h * stride_qh
+            do_base = DO + b * stride_dob + h * stride_doh
+            lse_base = LSE + (b * H + h) * Tq
+            delta_base = DELTA + (b * H + h) * Tq
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
+                                     stride_dom, stride_dod, offs_m, offs_d, kp, s_lo, s_end, q_start, row_lo,
+                                     row_hi, k_len, W, G, WB, sm_scale, softcap, KIND, CAUSAL, BLK, True,
+                                     HAS_SOFTCAP, HEAD_DIM, BLOCK_M)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
+                                     stride_dom, stride_dod, offs_m, offs_d, kp, a, e, q_start, row_lo,
+                                     row_hi, k_len, W, G, WB, sm_scale, softcap, KIND, CAUSAL, BLK, True,
+                                     HAS_SOFTCAP, HEAD_DIM, BLOCK_M)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
+                                     stride_dom, stride_dod, offs_m, offs_d, kp, e, f, q_start, row_lo,
+                                     row_hi, k_len, W, G, WB, sm_scale, softcap, KIND, CAUSAL, BLK, False,
+                                     HAS_SOFTCAP, HEAD_DIM, BLOCK_M)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
+                                     stride_dom, stride_dod, offs_m, offs_d, kp, f, w_end, q_start, row_lo,
+                                     row_hi, k_len, W, G, WB, sm_scale, softcap, KIND, CAUSAL, BLK, True,
+                                     HAS_SOFTCAP, HEAD_DIM, BLOCK_M)
+            if R > 0:
+                kb = n_lo // BLK
+                j0 = tl.load(REV_PTR + hk * stride_ph + kb)
+                j1 = tl.load(REV_PTR + hk * stride_ph + kb + 1)
+                for j in range(j0, j1):
+                    qb = tl.load(REV_IDX + hk * stride_ih + j)
+                    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm,
+                                             stride_qd, stride_dom, stride_dod, offs_m, offs_d, kp,
+                                             tl.maximum(qb * BLK, _floor_to(q_lo, BLOCK_M)),
+                                             tl.minimum(qb * BLK + BLK, q_hi), q_start, row_lo, row_hi, k_len,
+                                             W, G, WB, sm_scale, softcap, KIND, CAUSAL, BLK, False,
+                                             HAS_SOFTCAP, HEAD_DIM, BLOCK_M)
+        dk = dk * sm_scale
+        tl.store(DK + b * stride_dkb + hk * stride_dkh + (k_shift + kp)[:, None] * stride_dkn
+                 + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kmask)
+        tl.store(DV + b * stride_dvb + hk * stride_dvh + (k_shift + kp)[:, None] * stride_dvn
+                 + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kmask)

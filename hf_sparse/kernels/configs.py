@@ -1,0 +1,60 @@
+"""Tile sizes per kernel, head dim and pattern.
+
+A fixed table rather than an autotuner: the first call of a model must not spend minutes timing
+configurations. The table entries come from sweeps on the H200 (``docs/kernel-notes.md``);
+``override`` lets a benchmark try others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# (kernel, head_dim bucket) -> config; head_dim bucket is 64 for <= 64, else 128 (and 256 above)
+_TABLE: dict[tuple[str, int], KernelConfig] = {
+    ("fwd", 64): KernelConfig(128, 64, 4, 3),
+    ("fwd", 128): KernelConfig(128, 64, 8, 3),
+    ("fwd", 256): KernelConfig(64, 32, 4, 2),
+    ("dq", 64): KernelConfig(64, 64, 4, 3),
+    ("dq", 128): KernelConfig(64, 64, 4, 3),
+    ("dq", 256): KernelConfig(32, 32, 4, 2),
+    ("dkdv", 64): KernelConfig(64, 64, 4, 3),
+    ("dkdv", 128): KernelConfig(64, 64, 4, 3),
+    ("dkdv", 256): KernelConfig(32, 32, 4, 2),
+}
+
+_OVERRIDES: dict[str, KernelConfig] = {}
+
+
+def override(kernel: str, config: KernelConfig | None) -> None:
+    """Force a config for ``kernel`` ("fwd", "dq", "dkdv"); ``None`` removes the override."""
+    if config is None:
+        _OVERRIDES.pop(kernel, None)
+    else:
+        _OVERRIDES[kernel] = config
+
+
+def pick_config(kernel: str, *, head_dim: int, kind: int, blk: int, dtype: torch.dtype, seq_bucket: int,
+                interpret: bool) -> KernelConfig:
+    if interpret:
+        # the interpreter runs tiles in numpy: small tiles keep the CPU tests fast
+        return KernelConfig(16, 16, 1, 1)
+    cfg = _OVERRIDES.get(kernel)
+    if cfg is None:
+        bucket = 64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)
+        cfg = _TABLE[(kernel, bucket)]
+        if dtype == torch.float32:  # fp32 tiles take twice the shared memory
+            cfg = KernelConfig(max(cfg.block_m // 2, 16), max(cfg.block_n // 2, 16), cfg.num_warps, 2)
+    if kind == 1:  # BigBird: a tile may not straddle two pattern blocks
+        cfg = KernelConfig(min(cfg.block_m, blk), min(cfg.block_n, blk), cfg.num_warps, cfg.num_stages)
+    return cfg

@@ -1,0 +1,68 @@
+"""The few places where transformers 5.x versions differ, and the version gate.
+
+Checked against transformers 5.17 and 5.24. Everything else in :mod:`hf_sparse.patches` uses public
+or long-stable names (``AttentionInterface``, ``AttentionMaskInterface``, ``set_attn_implementation``,
+``cache_utils.DynamicLayer``).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+try:
+    import transformers
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "hf_sparse.patches needs transformers>=5.0 (pip install 'hf-sparse[hf]'); the core "
+        "(hf_sparse.sparse_attention) works without it"
+    ) from err
+
+from packaging.version import Version
+
+MIN_TRANSFORMERS = "5.0"
+
+if Version(transformers.__version__).release < Version(MIN_TRANSFORMERS).release:
+    raise ImportError(
+        f"hf_sparse.patches needs transformers>={MIN_TRANSFORMERS} (its AttentionInterface/AttentionMaskInterface "
+        f"registries and set_attn_implementation); found transformers {transformers.__version__}. "
+        "Upgrade with: pip install -U 'transformers>=5.0'"
+    )
+
+from transformers import AttentionInterface  # noqa: E402
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface  # noqa: E402
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
+
+__all__ = [
+    "transformers",
+    "AttentionInterface",
+    "AttentionMaskInterface",
+    "ALL_ATTENTION_FUNCTIONS",
+    "ALL_MASK_ATTENTION_FUNCTIONS",
+    "eager_attention_for",
+    "cache_of",
+]
+
+
+@functools.lru_cache(maxsize=64)
+def _eager_in_module(module_name: str):
+    return getattr(sys.modules.get(module_name), "eager_attention_forward", None)
+
+
+def eager_attention_for(module) -> object:
+    """The ``eager_attention_forward`` of ``module``'s own modeling file.
+
+    In 5.17 and 5.24 alike, modeling files look their backend up with
+    ``ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)``: "eager" is not in the
+    registry, each family brings its own eager function (Gemma 2's applies the logit soft-capping).
+    """
+    fn = _eager_in_module(type(module).__module__)
+    if fn is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+    return fn
+
+
+def cache_of(kwargs: dict):
+    """The KV cache an attention module's forward was called with: ``cache=`` (5.24) or ``past_key_values=`` (5.17)."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache

@@ -1,0 +1,266 @@
+"""The ``"hf_sparse"`` attention backend: one attention function and one mask function.
+
+transformers looks both up by the name in ``config._attn_implementation``:
+
+* :func:`hf_sparse_mask` is called by ``create_causal_mask`` / ``create_sliding_window_causal_mask``
+  once per forward and per layer type. Patched layers need only the 2D key padding mask
+  (``[B, past + q]``, True = real token, or ``None`` without padding): ``O(T)``, like the flash-attention
+  masks. It is validated here, once, to be left and/or right padding only (one host sync), so the
+  attention function can skip the check. When only some layers are patched (``layers=``), the other
+  layers still need the mask of the model's own implementation (with its own sliding window): the
+  function then returns a :class:`HybridMask` carrying both, the native one built on first use by
+  ``ALL_MASK_ATTENTION_FUNCTIONS[previous](**same arguments)``.
+* :func:`hf_sparse_attention` is called by every attention module. Patched layers run
+  :func:`hf_sparse.sparse_attention` (the keys already include the cache, so query ``i`` sits at key
+  slot ``Skv - Sq + i``); the others are handed to the previous implementation with the native mask.
+
+Positions count real tokens (padding is not a position), which is what HF's ``generate`` gives as
+``position_ids`` under left padding. The 2D mask is kept unsliced (``past + q`` columns) so the
+attention function can compare it with the number of keys it got: fewer keys than tokens means the
+cache dropped old keys, and the function raises instead of attending to the wrong positions.
+
+The ``sliding_window`` argument that Mistral, Qwen and Gemma pass is ignored on patched layers: the
+pattern replaces the model's attention there.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from hf_sparse.ops import BACKENDS, padding_layout, sparse_attention
+from hf_sparse.patterns import Pattern, parse_pattern
+
+from ._compat import ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS, eager_attention_for
+
+__all__ = ["ATTN_NAME", "HybridMask", "SparseOptions", "hf_sparse_attention", "hf_sparse_mask", "options_of"]
+
+ATTN_NAME = "hf_sparse"
+
+
+# ---------------------------------------------------------------------------------------------
+# options stored in config.hf_sparse
+@dataclass(frozen=True)
+class SparseOptions:
+    """The parsed form of ``config.hf_sparse``."""
+
+    pattern: Pattern
+    layers: frozenset[int] | None  # None: every layer
+    backend: str
+    previous: str
+
+    @property
+    def all_layers(self) -> bool:
+        return self.layers is None
+
+    @property
+    def first_layer(self) -> int:
+        return 0 if self.layers is None else min(self.layers)
+
+    def patches(self, layer_idx: int | None) -> bool:
+        return self.layers is None or layer_idx in self.layers
+
+
+@functools.lru_cache(maxsize=128)
+def _parse_options(pattern_key: tuple, layers: tuple | None, backend: str, previous: str) -> SparseOptions:
+    return SparseOptions(parse_pattern(dict(pattern_key)), None if layers is None else frozenset(layers), backend, previous)
+
+
+def options_of(config) -> SparseOptions:
+    """The options stored in ``config.hf_sparse`` (parsed once per distinct value)."""
+    stored = getattr(config, "hf_sparse", None)
+    if not isinstance(stored, dict) or "pattern" not in stored:
+        raise RuntimeError(
+            f"config._attn_implementation is {ATTN_NAME!r} but config.hf_sparse holds no pattern ({stored!r}); "
+            "call hf_sparse.patch_model(model, pattern) instead of setting the implementation by hand"
+        )
+    layers = stored.get("layers")
+    return _parse_options(
+        tuple(sorted(stored["pattern"].items())),
+        None if layers is None else tuple(layers),
+        stored.get("backend", "auto"),
+        stored.get("previous_attn_implementation", "sdpa"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# mask
+class HybridMask:
+    """What layers get when only some are patched: the 2D key padding mask for patched layers
+    (``padding``, ``None`` without padding) and, built on first use, the mask of the model's own
+    implementation for the others (``native``). The modeling code passes it along untouched."""
+
+    __slots__ = ("padding", "_native", "_build")
+
+    def __init__(self, padding: torch.Tensor | None, build_native):
+        self.padding = padding
+        self._native = None
+        self._build = build_native
+
+    @property
+    def native(self):
+        if self._build is not None:
+            self._native, self._build = self._build(), None
+        return self._native
+
+    def __repr__(self) -> str:
+        pad = None if self.padding is None else tuple(self.padding.shape)
+        return f"HybridMask(padding={pad}, native={'pending' if self._build is not None else type(self._native).__name__})"
+
+
+def _key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``None`` without padding, else the boolean ``[B, past + q]`` mask, checked for holes (one sync)."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(
+            f"hf_sparse takes a 2D attention_mask [batch, tokens] (1 = real token), got {shape}; custom 4D masks "
+            "cannot be honoured by a sparse pattern"
+        )
+    mask = attention_mask.bool()
+    if torch.compiler.is_compiling():
+        return mask  # no data-dependent branch; an all-True mask gives the same result
+    if bool(mask.all()):
+        return None
+    try:
+        padding_layout(mask, check=True)
+    except ValueError as err:
+        raise ValueError(f"hf_sparse: attention_mask: {err}") from err
+    return mask
+
+
+def hf_sparse_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset=0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    config=None,
+    **kwargs,
+):
+    """Mask builder registered as ``"hf_sparse"`` in ``AttentionMaskInterface`` (see the module docstring)."""
+    if config is None:
+        raise ValueError("hf_sparse_mask needs config= (transformers passes the model config)")
+    opts = options_of(config)
+    padding = _key_padding_mask(attention_mask)
+    if opts.all_layers:
+        if isinstance(kv_offset, int) and kv_offset > 0:
+            raise RuntimeError(
+                f"hf_sparse: the cache holds only the last {kv_length - q_length} of {kv_offset + kv_length - q_length} "
+                "past tokens (a sliding-window cache layer); patched layers need every past key. Use the default "
+                "DynamicCache (generate builds one) or let the first forward create the cache"
+            )
+        if attention_mask is not None and attention_mask.shape[-1] < kv_offset + kv_length:
+            raise NotImplementedError(
+                f"hf_sparse: the cache has {kv_offset + kv_length} slots for {attention_mask.shape[-1]} tokens "
+                "(a static cache); patched layers support dynamic caches only for now (cache_implementation=None)"
+            )
+        return padding
+
+    native_kwargs = dict(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+        attention_mask=attention_mask, config=config, **kwargs,
+    )
+    if mask_function is not None:
+        native_kwargs["mask_function"] = mask_function
+    previous = opts.previous
+
+    def build_native():
+        # An implementation without a mask builder gets no mask, as in transformers' _preprocess_mask_arguments.
+        if previous not in ALL_MASK_ATTENTION_FUNCTIONS:
+            return None
+        return ALL_MASK_ATTENTION_FUNCTIONS[previous](**native_kwargs)
+
+    # The padding mask for our layers must span the whole history, not kv_length: with layers=, this
+    # call may be sized on an unpatched sliding-window cache layer.
+    return HybridMask(padding, build_native)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+def _check_not_packed(position_ids: torch.Tensor | None) -> None:
+    if position_ids is None or torch.compiler.is_compiling() or position_ids.shape[-1] < 2:
+        return
+    if bool((position_ids.diff(dim=-1) != 1).any()):
+        raise NotImplementedError(
+            "hf_sparse: position_ids restart inside a row (packed sequences without attention_mask); the sparse "
+            "patterns count positions per row, so pass one sequence per row with a left/right-padding attention_mask"
+        )
+
+
+def hf_sparse_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention function registered as ``"hf_sparse"`` in ``AttentionInterface``.
+
+    ``query [B, Hq, Sq, D]``, ``key, value [B, Hkv, Skv, D]`` (cache included) -> ``([B, Sq, Hq, D], None)``.
+    """
+    opts = options_of(module.config)
+    layer = module.layer_idx
+    if not opts.patches(layer):
+        native_mask = attention_mask.native if isinstance(attention_mask, HybridMask) else attention_mask
+        native = ALL_ATTENTION_FUNCTIONS.get_interface(opts.previous, eager_attention_for(module))
+        return native(module, query, key, value, native_mask, dropout=dropout, scaling=scaling,
+                      sliding_window=sliding_window, softcap=softcap, **kwargs)
+
+    if dropout:
+        raise NotImplementedError(
+            f"hf_sparse: attention dropout ({dropout}) is not supported by the sparse kernels; set "
+            "config.attention_dropout = 0.0 or call model.eval()"
+        )
+    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
+        raise NotImplementedError(
+            "hf_sparse: packed sequences (cu_seq_lens_q/k, e.g. from DataCollatorWithFlattening) are not supported; "
+            "pass one sequence per row with a padding attention_mask"
+        )
+    padding = attention_mask.padding if isinstance(attention_mask, HybridMask) else attention_mask
+    sq, skv = query.shape[2], key.shape[2]
+    if padding is not None:
+        if not isinstance(padding, torch.Tensor) or padding.dim() != 2:
+            raise ValueError(
+                f"hf_sparse layer {layer} got an attention mask of type {type(padding).__name__} "
+                f"{tuple(getattr(padding, 'shape', ()))}; patched layers take the 2D padding mask built by "
+                "hf_sparse_mask (custom 4D masks are not supported)"
+            )
+        tokens = padding.shape[1]
+        if tokens > skv:
+            raise RuntimeError(
+                f"hf_sparse layer {layer}: got {skv} keys for {tokens} tokens, so its cache dropped old keys (a "
+                "sliding-window cache layer). Patched layers need a full-history cache: use the default DynamicCache "
+                "(patch_model makes generate's cache keep every key for patched layers)"
+            )
+        if tokens < skv:
+            raise NotImplementedError(
+                f"hf_sparse layer {layer}: got {skv} key slots for {tokens} tokens (a static cache); patched layers "
+                "support dynamic caches only for now (cache_implementation=None)"
+            )
+    elif layer == opts.first_layer and sq > 1:
+        _check_not_packed(kwargs.get("position_ids"))
+    if scaling is None:
+        scaling = getattr(module, "scaling", None)
+
+    out = sparse_attention(
+        query, key, value, opts.pattern, scale=scaling, key_padding_mask=padding, q_offset=skv - sq, layer=layer,
+        softcap=softcap, backend=opts.backend, check_padding=False,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    return backend

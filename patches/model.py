@@ -1,0 +1,233 @@
+"""``patch_model`` / ``unpatch_model``: switch a pretrained decoder to the ``"hf_sparse"`` backend.
+
+Everything goes through transformers' registries (``AttentionInterface``, ``AttentionMaskInterface``,
+``set_attn_implementation``); no forward method is replaced. What the model carries while patched:
+
+* ``model.config.hf_sparse = {"pattern": {...}, "layers": [...] | None, "backend": ...,
+  "previous_attn_implementation": ...}`` -- saved by ``save_pretrained``; after ``from_pretrained``,
+  ``patch_model(model)`` re-applies it. ``print(model.config)`` shows it.
+* on each patched attention module: a ``hf_sparse_pattern`` string shown by ``print(model)`` (an
+  instance-level ``extra_repr``) and a forward pre-hook that gives it a full-history cache layer
+  (:mod:`hf_sparse.patches.history`).
+
+Layers not in ``layers=`` keep the model's own attention, its sliding window included.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+
+from hf_sparse.patterns import Pattern, parse_pattern
+
+from ._compat import AttentionInterface, AttentionMaskInterface
+from .attention import ATTN_NAME, check_backend, hf_sparse_attention, hf_sparse_mask
+from .history import add_history_hook, remove_history_hook
+
+__all__ = ["patch_model", "unpatch_model", "register", "SUPPORTED_MODEL_TYPES"]
+
+# model_type -> note; each is tested on a tiny model (tests/test_patches.py) with the registry path.
+SUPPORTED_MODEL_TYPES: dict[str, str] = {
+    "llama": "Llama 2/3",
+    "mistral": "Mistral (config.sliding_window)",
+    "qwen2": "Qwen 2 / 2.5",
+    "qwen3": "Qwen 3 (dense)",
+    "gemma": "Gemma",
+    "gemma2": "Gemma 2 (logit soft-capping, local/global layers)",
+    "gemma3_text": "Gemma 3 text-only (Gemma3ForCausalLM)",
+    "phi3": "Phi-3",
+}
+
+
+def register() -> None:
+    """Register the attention and mask functions under ``"hf_sparse"`` (idempotent, global)."""
+    AttentionInterface.register(ATTN_NAME, hf_sparse_attention)
+    AttentionMaskInterface.register(ATTN_NAME, hf_sparse_mask)
+
+
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [
+        m for m in model.modules()
+        if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "layer_idx", None), int)
+        and hasattr(m, "config")
+    ]
+
+
+def _check_model(model) -> Any:
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"patch_model takes a transformers PreTrainedModel, got {type(model).__name__}")
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        hint = ""
+        if model_type == "gemma3":
+            hint = (" For Gemma 3 text-only use Gemma3ForCausalLM (model_type 'gemma3_text'); the multimodal model "
+                    "needs bidirectional attention over image tokens, which a sparse pattern does not express.")
+        raise NotImplementedError(
+            f"hf_sparse does not support model_type {model_type!r} ({type(model).__name__}); supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}.{hint}"
+        )
+    if getattr(config, "use_bidirectional_attention", False) or not getattr(config, "is_causal", True):
+        raise NotImplementedError(
+            f"hf_sparse patches causal decoders; this {model_type} config uses bidirectional attention "
+            "(use_bidirectional_attention / is_causal=False)"
+        )
+    if not model._can_set_attn_implementation():
+        raise NotImplementedError(
+            f"{type(model).__name__} cannot switch its attention implementation at run time (its modeling file does "
+            "not use ALL_ATTENTION_FUNCTIONS.get_interface), so hf_sparse cannot be installed through the registry"
+        )
+    return config
+
+
+def _check_layers(layers, num_layers: int) -> list[int] | None:
+    if layers is None:
+        return None
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    try:
+        items = list(layers)
+    except TypeError:
+        raise ValueError(f"layers must be None (all layers) or a list of layer indices, got {layers!r}") from None
+    bad = [x for x in items if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < num_layers]
+    if bad:
+        raise ValueError(
+            f"layers {bad} are not layer indices of this model (0 .. {num_layers - 1}); e.g. layers=[0, 2] or None for all"
+        )
+    if not items:
+        raise ValueError("layers=[] patches nothing; pass None for all layers or a list of indices")
+    if len(set(items)) != len(items):
+        raise ValueError(f"layers {items} lists a layer twice")
+    return sorted(items)
+
+
+def _extra_repr(self) -> str:
+    base = type(self).extra_repr(self)
+    return f"{base}, hf_sparse={self.hf_sparse_pattern}" if base else f"hf_sparse={self.hf_sparse_pattern}"
+
+
+def _decorate(module: torch.nn.Module, spec: str) -> None:
+    module.hf_sparse_pattern = spec
+    module.extra_repr = types.MethodType(_extra_repr, module)
+    add_history_hook(module)
+
+
+def _undecorate(module: torch.nn.Module) -> None:
+    for name in ("hf_sparse_pattern", "extra_repr"):
+        if name in module.__dict__:
+            delattr(module, name)
+    remove_history_hook(module)
+
+
+def patch_model(
+    model,
+    pattern: Pattern | str | dict | None = None,
+    *,
+    layers: list[int] | None = None,
+    backend: str = "auto",
+):
+    """Make ``model`` attend with a sparse ``pattern``, in place, and return it.
+
+    Args:
+        model: a supported ``*ForCausalLM`` (see ``SUPPORTED_MODEL_TYPES``), transformers >= 5.
+        pattern: anything :func:`hf_sparse.parse_pattern` takes (``"longformer:window=1024,global_tokens=4"``,
+            a dict, a :class:`~hf_sparse.Pattern`); causal patterns only. ``None`` re-applies the pattern
+            stored in ``model.config.hf_sparse`` (e.g. after ``from_pretrained``), with its ``layers`` and
+            ``backend`` unless given here.
+        layers: indices of the layers to patch (``None``: all). The others keep the model's own
+            attention implementation, sliding window included.
+        backend: ``"auto"`` (Triton on CUDA, else the PyTorch reference), ``"triton"``, ``"reference"`` or
+            ``"dense"`` (tests only), see :func:`hf_sparse.sparse_attention`.
+
+    Patching again replaces the pattern; :func:`unpatch_model` restores the previous implementation.
+    Under left padding, pass ``position_ids = attention_mask.cumsum(-1) - 1`` (as ``generate`` does):
+    the patterns count real tokens.
+
+    Example::
+
+        model = AutoModelForCausalLM.from_pretrained("mistralai/Mistral-7B-v0.1", dtype=torch.bfloat16)
+        patch_model(model, "longformer:window=1024,global_tokens=4")
+        print(model.config.hf_sparse)
+    """
+    config = _check_model(model)
+    stored = getattr(config, "hf_sparse", None)
+    if pattern is None:
+        if not isinstance(stored, dict) or "pattern" not in stored:
+            raise ValueError(
+                "patch_model(model) without a pattern re-applies the one stored in model.config.hf_sparse, but this "
+                "model has none; pass a pattern, e.g. patch_model(model, 'sliding_window:window=4096')"
+            )
+        pattern = stored["pattern"]
+        if layers is None:
+            layers = stored.get("layers")
+        if backend == "auto":
+            backend = stored.get("backend", "auto")
+    pat = parse_pattern(pattern)
+    if not pat.causal:
+        raise ValueError(f"pattern {pat.spec()} is non-causal; decoders need causal patterns (causal=true)")
+    check_backend(backend)
+    layer_list = _check_layers(layers, config.num_hidden_layers)
+
+    current = config._attn_implementation
+    if current == ATTN_NAME:
+        previous = stored.get("previous_attn_implementation") if isinstance(stored, dict) else None
+        previous = previous or ("sdpa" if getattr(model, "_supports_sdpa", False) else "eager")
+    else:
+        previous = current or "eager"
+
+    register()
+    modules = _attention_modules(model)
+    if len({m.layer_idx for m in modules}) != config.num_hidden_layers:
+        raise NotImplementedError(
+            f"found {len(modules)} attention modules with a layer_idx in {type(model).__name__} for "
+            f"{config.num_hidden_layers} layers; hf_sparse cannot tell which module is which layer"
+        )
+    config.hf_sparse = {
+        "pattern": pat.to_dict(),
+        "layers": layer_list,
+        "backend": backend,
+        "previous_attn_implementation": previous,
+    }
+    try:
+        model.set_attn_implementation(ATTN_NAME)
+    except Exception:
+        _restore_config(config, stored)
+        raise
+    if config._attn_implementation != ATTN_NAME:
+        _restore_config(config, stored)
+        raise RuntimeError(
+            f"set_attn_implementation({ATTN_NAME!r}) left {type(model).__name__} on {config._attn_implementation!r}"
+        )
+    spec = pat.spec()
+    for module in modules:
+        if layer_list is None or module.layer_idx in layer_list:
+            _decorate(module, spec)
+        else:
+            _undecorate(module)
+    return model
+
+
+def _restore_config(config, stored) -> None:
+    if stored is None:
+        if hasattr(config, "hf_sparse"):
+            del config.hf_sparse
+    else:
+        config.hf_sparse = stored
+
+
+def unpatch_model(model):
+    """Undo :func:`patch_model`: restore the previous attention implementation, drop ``config.hf_sparse``."""
+    config = model.config
+    stored = getattr(config, "hf_sparse", None)
+    if config._attn_implementation == ATTN_NAME:
+        previous = stored.get("previous_attn_implementation") if isinstance(stored, dict) else None
+        model.set_attn_implementation(previous or "eager")
+    for module in _attention_modules(model):
+        _undecorate(module)
+    if hasattr(config, "hf_sparse"):
+        del config.hf_sparse
+    return model
