@@ -151,9 +151,9 @@ def hf_sparse_mask(
     if opts.all_layers:
         if isinstance(kv_offset, int) and kv_offset > 0:
             raise RuntimeError(
-                f"hf_sparse: the cache holds only the last {kv_length - q_length} of {kv_offset + kv_length - q_length} "
-                "past tokens (a sliding-window cache layer); patched layers need every past key. Use the default "
-                "DynamicCache (generate builds one) or let the first forward create the cache"
+                f"hf_sparse: the cache dropped {kv_offset} of {kv_offset + kv_length - q_length} past keys (a "
+                "sliding-window cache layer); patched layers need every past key. Create the cache after patch_model "
+                "(or let generate or the first forward create it) so that patched layers keep every key"
             )
         if attention_mask is not None and attention_mask.shape[-1] < kv_offset + kv_length:
             raise NotImplementedError(
