@@ -85,13 +85,22 @@ class Summary:
 
 
 def _latest_settings(records: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, str]]:
+    """The latest run record (its dataset facts from the latest run that had perplexity) and, per task,
+    the settings hash of the latest run of that task."""
     runs = [r for r in records if r.get("task") == "run"]
     settings: dict[str, str] = {}
     for r in reversed(runs):
         for task, h in r.get("settings", {}).items():
             if task in r.get("tasks", []):
                 settings.setdefault(task, h)
-    return (runs[-1] if runs else None), settings
+    if not runs:
+        return None, settings
+    run = dict(runs[-1])
+    ppl_runs = [r for r in runs if "perplexity" in r.get("tasks", [])]
+    if ppl_runs:
+        for k in ("dataset", "docs", "protocol"):
+            run[k] = ppl_runs[-1].get(k)
+    return run, settings
 
 
 def summarize(records: list[dict[str, Any]]) -> Summary:
