@@ -16,6 +16,15 @@ from hf_sparse import BigBird, Dense, Longformer, SlidingWindow, sparse_attentio
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The tensors here are tiny: on a busy 2-core machine OpenMP threads only spin against each other.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pid(p) -> str:
     if isinstance(p, Dense):
         s = "dense"
@@ -24,7 +33,9 @@ def pid(p) -> str:
     elif isinstance(p, Longformer):
         s = f"lf{p.window}-g{p.global_tokens}"
     else:
-        s = f"bb{p.block}-wb{p.window_blocks}-gb{p.global_blocks}-rb{p.random_blocks}" + (f"-s{p.seed}" if p.seed else "")
+        s = f"bb{p.block}-wb{p.window_blocks}-gb{p.global_blocks}-rb{p.random_blocks}" + (
+            f"-s{p.seed}" if p.seed else ""
+        )
     return s if p.causal else s + "-noncausal"
 
 
@@ -119,7 +130,9 @@ def test_oracle_matches_scratch_attention(shape):
         got = sparse_attention(q, k, v, "dense:causal=false", backend=backend)
         torch.testing.assert_close(got, scratch_attention(q, k, v, torch.ones_like(tril)), atol=1e-12, rtol=1e-10)
         got = sparse_attention(q, k, v, Dense(), backend=backend, scale=0.3, softcap=2.0)
-        torch.testing.assert_close(got, scratch_attention(q, k, v, tril, scale=0.3, softcap=2.0), atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(
+            got, scratch_attention(q, k, v, tril, scale=0.3, softcap=2.0), atol=1e-12, rtol=1e-10
+        )
         # a band from two triangles: i - 5 < j <= i
         band = tril & ~torch.tril(torch.ones(t, t, dtype=torch.bool), diagonal=-5)
         got = sparse_attention(q, k, v, SlidingWindow(window=5), backend=backend)
@@ -182,6 +195,7 @@ PAD_PATTERNS = [
     Longformer(window=7, global_tokens=2, causal=False),
     BigBird(block=16, window_blocks=2, global_blocks=1, random_blocks=2),
     BigBird(block=16, window_blocks=1, global_blocks=1, random_blocks=3, seed=3),
+    BigBird(block=16, window_blocks=1, global_blocks=1, random_blocks=2, causal=False),
 ]
 
 
@@ -224,6 +238,52 @@ def test_reference_matches_oracle_with_q_offset(pattern):
     torch.testing.assert_close(part, full[:, :, off : off + tq], atol=1e-12, rtol=1e-10)
 
 
+def _noncausal_bigbird_batch_bug(request, pattern, backend="reference"):
+    # Core bug: non-causal BigBird draws its random blocks from the number of key blocks, and with a padded
+    # batch both paths take it from the longest row instead of the row itself: dense_attention uses
+    # num_keys = max over rows (reference.py:64), the block-wise path builds the table from max(k_len)
+    # (reference.py:134) but masks with the row's own length (reference.py:152). A row then depends on
+    # the other rows of its batch, and the two paths disagree.
+    if isinstance(pattern, BigBird) and not pattern.causal and pattern.random_blocks:
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason=f"core bug ({backend}): non-causal BigBird random blocks use the longest row's length",
+            )
+        )
+
+
+@pytest.mark.parametrize("backend", ["reference", "dense"])
+@pytest.mark.parametrize("pattern", PAD_PATTERNS, ids=pid)
+def test_batch_rows_are_independent(pattern, backend, request):
+    # each padded row gives what its real tokens give alone: positions, global tokens and random blocks
+    # belong to the row, not to the batch
+    _noncausal_bigbird_batch_bug(request, pattern, backend)
+    t, hq, hkv, d = 16 * 10, 2, 1, 8
+    q, k, v, _ = make_qkv(2, hq, hkv, t, d, seed=21)
+    kpm = torch.ones(2, t, dtype=torch.bool)
+    kpm[1, :40] = False  # left padding
+    kpm[1, -8:] = False  # and right padding: 112 real tokens, 7 key blocks instead of 10
+    both = sparse_attention(q, k, v, pattern, key_padding_mask=kpm, backend=backend)
+    for row in (0, 1):
+        real = kpm[row]
+        alone = sparse_attention(
+            q[row : row + 1, :, real], k[row : row + 1, :, real], v[row : row + 1, :, real], pattern, backend=backend
+        )
+        torch.testing.assert_close(both[row : row + 1, :, real], alone, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("pattern", PAD_PATTERNS, ids=pid)
+def test_reference_matches_oracle_with_uneven_batch(pattern, request):
+    # rows with different numbers of real key blocks (10, 9, 7, 6)
+    _noncausal_bigbird_batch_bug(request, pattern)
+    t = 16 * 10
+    q, k, v, do = make_qkv(4, 2, 1, t, 8, seed=22)
+    kpm = torch.ones(4, t, dtype=torch.bool)
+    kpm[1, :16], kpm[2, :40], kpm[3, -60:] = False, False, False
+    check_reference_vs_oracle(q, k, v, do, pattern, key_padding_mask=kpm)
+
+
 @pytest.mark.parametrize("pattern", PAD_PATTERNS, ids=pid)
 def test_reference_matches_oracle_with_q_offset_and_padding(pattern):
     b, tk, tq, off, hq, hkv, d = 3, 77, 13, 64, 4, 1, 8
@@ -235,10 +295,18 @@ def test_reference_matches_oracle_with_q_offset_and_padding(pattern):
     check_reference_vs_oracle(q, k, v, do, pattern, key_padding_mask=kpm, q_offset=off)
 
 
-@pytest.mark.parametrize("pattern", [Dense(), SlidingWindow(window=9), Longformer(window=7, global_tokens=2),
-                                     BigBird(block=16, window_blocks=2, global_blocks=1, random_blocks=2),
-                                     BigBird(block=16, window_blocks=2, global_blocks=1, random_blocks=2, causal=False),
-                                     SlidingWindow(window=5, causal=False)], ids=pid)
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        Dense(),
+        SlidingWindow(window=9),
+        Longformer(window=7, global_tokens=2),
+        BigBird(block=16, window_blocks=2, global_blocks=1, random_blocks=2),
+        BigBird(block=16, window_blocks=2, global_blocks=1, random_blocks=2, causal=False),
+        SlidingWindow(window=5, causal=False),
+    ],
+    ids=pid,
+)
 def test_reference_matches_oracle_with_softcap_and_scale(pattern):
     q, k, v, do = make_qkv(2, 6, 2, 77, 16, seed=7)
     q = q * 4  # large logits, so the cap matters
@@ -295,6 +363,12 @@ def test_row_without_keys_is_zero_with_finite_gradients():
     check_reference_vs_oracle(q, k, v, do, SlidingWindow(window=3), q_offset=70)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="core bug: blockwise_backward crashes on a batch row with no real token (reference.py:231, "
+    "dv_acc.view(hkv, 0, -1))",
+)
 @pytest.mark.parametrize("pattern", [Dense(), SlidingWindow(window=4), BigBird(block=16, random_blocks=1)], ids=pid)
 def test_fully_padded_row_is_zero_with_finite_gradients(pattern):
     q, k, v, do = make_qkv(2, 4, 2, 40, 8, seed=15)
@@ -306,14 +380,17 @@ def test_fully_padded_row_is_zero_with_finite_gradients(pattern):
         assert torch.isfinite(ref[name]).all() and (ref[name][1] == 0).all(), name
 
 
-@pytest.mark.parametrize("pattern", [SlidingWindow(window=5), Longformer(window=3, global_tokens=2),
-                                     SlidingWindow(window=4, causal=False)], ids=pid)
+@pytest.mark.parametrize(
+    "pattern",
+    [SlidingWindow(window=5), Longformer(window=3, global_tokens=2), SlidingWindow(window=4, causal=False)],
+    ids=pid,
+)
 def test_reference_gradcheck(pattern):
     # finite differences, independent of the oracle
     q, k, v, _ = make_qkv(1, 2, 1, 12, 4, seed=16)
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     for softcap in (None, 1.0):
-        fn = lambda q, k, v: sparse_attention(q, k, v, pattern, backend="reference", softcap=softcap)
+        fn = lambda q, k, v, c=softcap: sparse_attention(q, k, v, pattern, backend="reference", softcap=c)
         assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7)
 
 
@@ -365,7 +442,7 @@ def test_blockwise_reference_handles_32k_tokens_without_quadratic_memory():
     t = 32768
     quadratic_mib = t * t * 4 / 2**20  # one T x T float32 score matrix for one head: 4096 MiB
     budget_mib = 256  # far below it: not even a T x T bool mask (1024 MiB) fits
-    assert quadratic_mib == 4096 and budget_mib < t * t / 2**20 / 4
+    assert quadratic_mib == 4096 and budget_mib < t * t / 2**20
     proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
