@@ -140,5 +140,5 @@ class RunOptions:
                 raise EvalError(f"--{name.replace('_', '-')} must be >= 0 (0 = no limit), got {value}")
         if self.protocol not in ("first", "windows"):
             raise EvalError(f"--protocol {self.protocol!r}: use 'first' or 'windows'")
-        if self.backend not in BACKENDS or self.backend == "dense":
-            raise EvalError(f"--backend {self.backend!r}: use auto, triton or reference")
+        if self.backend not in BACKENDS:
+            raise EvalError(f"--backend {self.backend!r}: use auto, triton or reference (dense: the O(T^2) oracle)")

