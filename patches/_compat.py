@@ -7,7 +7,6 @@ or long-stable names (``AttentionInterface``, ``AttentionMaskInterface``, ``set_
 
 from __future__ import annotations
 
-import functools
 import sys
 
 try:
@@ -22,12 +21,18 @@ from packaging.version import Version
 
 MIN_TRANSFORMERS = "5.0"
 
-if Version(transformers.__version__).release < Version(MIN_TRANSFORMERS).release:
-    raise ImportError(
-        f"hf_sparse.patches needs transformers>={MIN_TRANSFORMERS} (its AttentionInterface/AttentionMaskInterface "
-        f"registries and set_attn_implementation); found transformers {transformers.__version__}. "
-        "Upgrade with: pip install -U 'transformers>=5.0'"
-    )
+
+def check_transformers_version(version: str) -> None:
+    """Raise a clear ``ImportError`` for transformers older than 5.0 (no registries to hook into)."""
+    if Version(version).release < Version(MIN_TRANSFORMERS).release:
+        raise ImportError(
+            f"hf_sparse.patches needs transformers>={MIN_TRANSFORMERS} (its AttentionInterface/AttentionMaskInterface "
+            f"registries and set_attn_implementation); found transformers {version}. "
+            "Upgrade with: pip install -U 'transformers>=5.0'"
+        )
+
+
+check_transformers_version(transformers.__version__)
 
 from transformers import AttentionInterface  # noqa: E402
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface  # noqa: E402
@@ -35,6 +40,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
 __all__ = [
     "transformers",
+    "check_transformers_version",
     "AttentionInterface",
     "AttentionMaskInterface",
     "ALL_ATTENTION_FUNCTIONS",
@@ -44,11 +50,6 @@ __all__ = [
 ]
 
 
-@functools.lru_cache(maxsize=64)
-def _eager_in_module(module_name: str):
-    return getattr(sys.modules.get(module_name), "eager_attention_forward", None)
-
-
 def eager_attention_for(module) -> object:
     """The ``eager_attention_forward`` of ``module``'s own modeling file.
 
@@ -56,7 +57,7 @@ def eager_attention_for(module) -> object:
     ``ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)``: "eager" is not in the
     registry, each family brings its own eager function (Gemma 2's applies the logit soft-capping).
     """
-    fn = _eager_in_module(type(module).__module__)
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if fn is None:
         from transformers.models.llama.modeling_llama import eager_attention_forward as fn
     return fn

@@ -25,7 +25,6 @@ pattern replaces the model's attention there.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +62,10 @@ class SparseOptions:
         return self.layers is None or layer_idx in self.layers
 
 
-@functools.lru_cache(maxsize=128)
-def _parse_options(pattern_key: tuple, layers: tuple | None, backend: str, previous: str) -> SparseOptions:
-    return SparseOptions(parse_pattern(dict(pattern_key)), None if layers is None else frozenset(layers), backend, previous)
+# Parsed options by value of config.hf_sparse. A plain dict rather than functools.lru_cache: under
+# torch.compile, dynamo reads a global dict (and guards on the config values that make the key), while
+# it would trace through an lru_cache wrapper into the pattern parser, which it cannot compile.
+_OPTIONS: dict[tuple, SparseOptions] = {}
 
 
 def options_of(config) -> SparseOptions:
@@ -77,12 +77,21 @@ def options_of(config) -> SparseOptions:
             "call hf_sparse.patch_model(model, pattern) instead of setting the implementation by hand"
         )
     layers = stored.get("layers")
-    return _parse_options(
+    key = (
         tuple(sorted(stored["pattern"].items())),
         None if layers is None else tuple(layers),
         stored.get("backend", "auto"),
         stored.get("previous_attn_implementation", "sdpa"),
     )
+    opts = _OPTIONS.get(key)
+    if opts is None:
+        if len(_OPTIONS) >= 256:
+            _OPTIONS.clear()
+        pattern_items, layer_tuple, backend, previous = key
+        opts = SparseOptions(parse_pattern(dict(pattern_items)), None if layer_tuple is None else frozenset(layer_tuple),
+                             backend, previous)
+        _OPTIONS[key] = opts
+    return opts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,6 +156,13 @@ def hf_sparse_mask(
     if config is None:
         raise ValueError("hf_sparse_mask needs config= (transformers passes the model config)")
     opts = options_of(config)
+    if kwargs.get("use_vmap"):
+        # transformers sets use_vmap only for custom or/and mask functions (e.g. image tokens that attend
+        # bidirectionally): a sparse pattern cannot honour them.
+        raise NotImplementedError(
+            "hf_sparse: this model combines the causal mask with a custom mask function (or_mask_function / "
+            "and_mask_function), which a sparse pattern cannot express"
+        )
     padding = _key_padding_mask(attention_mask)
     if opts.all_layers:
         if isinstance(kv_offset, int) and kv_offset > 0:

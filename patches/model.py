@@ -23,7 +23,7 @@ import torch
 from hf_sparse.patterns import Pattern, parse_pattern
 
 from ._compat import AttentionInterface, AttentionMaskInterface
-from .attention import ATTN_NAME, check_backend, hf_sparse_attention, hf_sparse_mask
+from .attention import ATTN_NAME, check_backend, hf_sparse_attention, hf_sparse_mask, options_of
 from .history import add_history_hook, remove_history_hook
 
 __all__ = ["patch_model", "unpatch_model", "register", "SUPPORTED_MODEL_TYPES"]
@@ -193,6 +193,7 @@ def patch_model(
         "previous_attn_implementation": previous,
     }
     try:
+        options_of(config)  # parse once, outside any torch.compile trace
         model.set_attn_implementation(ATTN_NAME)
     except Exception:
         _restore_config(config, stored)

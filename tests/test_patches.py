@@ -78,8 +78,8 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
-def explicit_mask_logits(model, layer_patterns: dict, input_ids, attention_mask=None):
-    """Logits of the unpatched model with HF eager attention under per-layer, per-head 4D masks."""
+def explicit_masks(model, layer_patterns: dict, input_ids, attention_mask=None) -> dict:
+    """Per-layer ``[B, Hq, T, T]`` float masks from ``Pattern.allowed`` (per KV head, expanded over its group)."""
     b, t = input_ids.shape
     real = torch.ones(b, t, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     pos = real.long().cumsum(-1) - 1
@@ -91,22 +91,37 @@ def explicit_mask_logits(model, layer_patterns: dict, input_ids, attention_mask=
                          kv_head=torch.arange(hkv).view(1, hkv, 1, 1), num_keys=t)
         ok = (ok & real.view(b, 1, 1, t)).expand(b, hkv, t, t).repeat_interleave(group, dim=1)
         masks[layer] = torch.zeros(ok.shape).masked_fill(~ok, torch.finfo(torch.float32).min)
+    return masks
 
-    def inject(module, args, kwargs):
-        kwargs["attention_mask"] = masks[module.layer_idx]
-        return args, kwargs
+
+def explicit_mask_forward(model, layer_patterns: dict, input_ids, attention_mask=None, **kwargs):
+    """The unpatched model with HF's eager attention, each layer given its own explicit 4D mask.
+
+    The model forward gets a 4D mask (transformers passes 4D masks through untouched) and a forward
+    pre-hook on each attention module swaps in that layer's mask.
+    """
+    masks = explicit_masks(model, layer_patterns, input_ids, attention_mask)
+
+    def inject(module, args, kw):
+        kw["attention_mask"] = masks[module.layer_idx]
+        return args, kw
 
     assert model.config._attn_implementation == "eager"
     attn_modules = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
     assert sorted(m.layer_idx for m in attn_modules) == sorted(layer_patterns)
     handles = [m.register_forward_pre_hook(inject, with_kwargs=True) for m in attn_modules]
+    real = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     try:
-        with torch.no_grad():
-            return model(input_ids, attention_mask=masks[0][:, :1], position_ids=positions(real.long()),
-                         use_cache=False).logits
+        return model(input_ids, attention_mask=masks[0][:, :1], position_ids=positions(real), use_cache=False,
+                     **kwargs)
     finally:
         for h in handles:
             h.remove()
+
+
+def explicit_mask_logits(model, layer_patterns: dict, input_ids, attention_mask=None):
+    with torch.no_grad():
+        return explicit_mask_forward(model, layer_patterns, input_ids, attention_mask).logits
 
 
 def run(model, input_ids, attention_mask=None):
@@ -173,6 +188,27 @@ def test_pattern_equals_explicit_mask(name):
         assert (refs[0] - dense).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("name", ["longformer", "bigbird"])
+def test_gradients_equal_explicit_mask(name):
+    """Training through the adapter: loss and every parameter gradient match the explicit-mask model."""
+    model = tiny("llama")
+    ids = tokens(2, T)
+    mask = left_padding([T, 40], T)
+    # No label may be predicted from a padding slot (its logits are arbitrary in both models).
+    predicted_from_padding = torch.nn.functional.pad(mask[:, :-1], (1, 0)) == 0
+    labels = ids.masked_fill((mask == 0) | predicted_from_padding, -100)
+    ref = explicit_mask_forward(model, all_layers(model, PATTERNS[name]), ids, mask, labels=labels)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    patch_model(model, PATTERNS[name], backend="reference")
+    out = model(ids, attention_mask=mask, position_ids=positions(mask), labels=labels, use_cache=False)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+
+
 def test_bigbird_masks_differ_per_layer_and_head():
     """The comparison above is only honest if BigBird's random blocks really vary with layer and KV head."""
     pat = parse_pattern(PATTERNS["bigbird"])
@@ -197,6 +233,18 @@ def test_padded_batch_equals_one_by_one(name):
             real = mask[row].bool()
             alone = run(model, ids[row : row + 1, real])
             torch.testing.assert_close(batch[row, real], alone[0], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph():
+    """The registered functions trace without graph breaks (aot_eager: no C++ compiler needed)."""
+    model = patch_model(tiny("mistral", sliding_window=5), PATTERNS["longformer"], layers=[1], backend="reference")
+    ids = tokens(2, 30)
+    mask = left_padding([30, 19], 30)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        out = compiled(ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
+    assert_real_close(out, run(model, ids, mask), mask)
 
 
 def _generate(model, ids, mask, use_cache: bool, new: int = 6):
@@ -245,6 +293,14 @@ def test_truncated_cache_is_refused():
         patch_model(model, PATTERNS["longformer"], backend="reference")
         with pytest.raises(RuntimeError, match="dropped"):
             model(tokens(1, 1), use_cache=True, **cache_kwargs(cache))
+
+
+def test_static_cache_is_refused():
+    model = patch_model(tiny("llama"), PATTERNS["longformer"], backend="reference")
+    ids = tokens(1, 12)
+    with pytest.raises(NotImplementedError, match="static cache"):
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                       cache_implementation="static", pad_token_id=0)
 
 
 def test_layers_keep_native_attention_in_generate():
@@ -350,10 +406,11 @@ def test_lazy_entry_point_and_dict_or_object_patterns():
 def test_families(model_type):
     """Dense patched == unpatched eager; a pattern == explicit-mask eager (scaling, softcap, GQA, padding)."""
     model = tiny(model_type, **FAMILIES[model_type])
-    ids = tokens(2, T)
-    mask = left_padding([T, 33], T)
-    plain = run(model, ids, mask)
     name = "bigbird" if model_type in ("gemma2", "qwen3") else "longformer"
+    t = T if name == "bigbird" else 40
+    ids = tokens(2, t)
+    mask = left_padding([t, 33], t)
+    plain = run(model, ids, mask)
     ref = explicit_mask_logits(model, all_layers(model, PATTERNS[name]), ids, mask)
     patch_model(model, "dense", backend="reference")
     assert_real_close(run(model, ids, mask), plain, mask)
@@ -400,6 +457,15 @@ def test_unsupported_model_type():
     model = tiny("starcoder2")
     with pytest.raises(NotImplementedError, match="does not support model_type 'starcoder2'.*llama"):
         patch_model(model, "dense")
+
+
+def test_old_transformers_is_refused():
+    from hf_sparse.patches._compat import check_transformers_version
+
+    with pytest.raises(ImportError, match=r"transformers>=5\.0.*4\.57\.1"):
+        check_transformers_version("4.57.1")
+    check_transformers_version("5.0.0rc1")
+    check_transformers_version(transformers.__version__)
 
 
 def test_bidirectional_gemma3_is_refused():
