@@ -17,6 +17,15 @@ from hf_sparse import BigBird, Dense, Longformer, SlidingWindow, parse_pattern
 from hf_sparse.patterns import bigbird_random_blocks
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The tensors here are tiny: on a busy 2-core machine OpenMP threads only spin against each other.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pid(p) -> str:
     """Short readable test id: ``sw3``, ``lf4-g2-noncausal``, ``bb16-wb2-gb1-rb2`` ..."""
     if isinstance(p, Dense):
