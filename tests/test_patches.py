@@ -15,6 +15,9 @@ Everything runs on the CPU in float32 with ``backend="reference"``.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
@@ -207,6 +210,61 @@ def test_gradients_equal_explicit_mask(name):
     torch.testing.assert_close(out.loss, ref.loss)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def _triton_device() -> str | None:
+    """Where backend="triton" can run: CUDA, or the CPU under Triton's interpreter (as in CI)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+        return "cpu"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["longformer", "bigbird"])
+def test_triton_backend_through_the_adapter(name):
+    """backend="triton" equals the explicit-mask model (fp32; TF32 on CUDA); on CUDA also cached generation."""
+    device = _triton_device()
+    if device is None:
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1 with triton installed")
+    on_gpu = device == "cuda"
+    # head dims in multiples of 16 for the kernels; one layer and a short sequence for the slow interpreter
+    model = tiny("llama", head_dim=16, hidden_size=64, num_hidden_layers=2 if on_gpu else 1).to(device)
+    t = 200 if on_gpu else T
+    ids = tokens(2, t).to(device)
+    mask = left_padding([t, t - 37], t).to(device)
+    ref = explicit_mask_logits(model, all_layers(model, PATTERNS[name]), ids, mask)
+    patch_model(model, PATTERNS[name], backend="triton")
+    tol = 1e-2 if on_gpu else 1e-4
+    assert_real_close(run(model, ids, mask), ref, mask, atol=tol, rtol=tol)
+    if on_gpu:
+        seq_cached, scores_cached = _generate(model, ids[:, :150], mask[:, :150], use_cache=True, new=8)
+        seq_full, scores_full = _generate(model, ids[:, :150], mask[:, :150], use_cache=False, new=8)
+        torch.testing.assert_close(scores_cached, scores_full, atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_triton_bf16_error_at_most_twice_eager(model_type):
+    """flash-attention's rule: against a float32 reference, the bf16 kernel errs at most about twice as much
+    as HF's own bf16 eager attention under the same explicit mask."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    extra = FAMILIES[model_type] if model_type == "gemma2" else {}
+    model = tiny(model_type, head_dim=64, hidden_size=128, **extra).cuda()
+    ids = tokens(2, 300).cuda()
+    mask = left_padding([300, 211], 300).cuda()
+    layers = all_layers(model, PATTERNS["bigbird"])
+    ref = explicit_mask_logits(model, layers, ids, mask)
+    eager_bf16 = explicit_mask_logits(model.to(torch.bfloat16), layers, ids, mask).float()
+    patch_model(model, PATTERNS["bigbird"], backend="triton")
+    ours = run(model, ids, mask).float()
+    keep = mask.bool()
+    err_ours = (ours - ref)[keep].abs().max().item()
+    err_eager = (eager_bf16 - ref)[keep].abs().max().item()
+    print(f"{model_type}: max |bf16 triton - fp32| = {err_ours:.4g}, max |bf16 eager - fp32| = {err_eager:.4g}")
+    assert err_ours <= 2 * err_eager + 1e-3
 
 
 def test_bigbird_masks_differ_per_layer_and_head():
