@@ -28,12 +28,13 @@ def _interpret() -> bool:
 
 def kernel_params(pattern: Pattern) -> dict:
     """Map a pattern onto the kernel's arguments (KIND 0: token window + globals, 1: BigBird)."""
+    # KIND 0 ignores BLK; it only has to be a multiple of every tile size
     if isinstance(pattern, Dense):
-        return dict(KIND=0, W=_BIG, G=0, WB=0, BLK=16, R=0)
+        return dict(KIND=0, W=_BIG, G=0, WB=0, BLK=256, R=0)
     if isinstance(pattern, SlidingWindow):
-        return dict(KIND=0, W=pattern.window, G=0, WB=0, BLK=16, R=0)
+        return dict(KIND=0, W=pattern.window, G=0, WB=0, BLK=256, R=0)
     if isinstance(pattern, Longformer):
-        return dict(KIND=0, W=pattern.window, G=pattern.global_tokens, WB=0, BLK=16, R=0)
+        return dict(KIND=0, W=pattern.window, G=pattern.global_tokens, WB=0, BLK=256, R=0)
     if isinstance(pattern, BigBird):
         return dict(KIND=1, W=_BIG, G=pattern.global_blocks * pattern.block, WB=pattern.window_blocks,
                     BLK=pattern.block, R=pattern.random_blocks)

@@ -110,14 +110,45 @@ def _query_tile_ranges(m_lo, m_hi, k_len, W, G, WB,
 
 
 # ----------------------------------------------------------------------------------------------
+# iteration: every kernel runs two loops, one over tiles that need no mask and one over boundary
+# tiles. Each loop walks up to three contiguous tile ranges and a list of random blocks through a
+# single index, so the compiler sees one loop body (one software pipeline, one register budget).
+@triton.jit
+def _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0,
+                TPB: tl.constexpr, BLK: tl.constexpr, TILE: tl.constexpr):
+    """Start position of tile ``it`` of the sequence A (``na`` tiles from ``a0``), random blocks
+    (``n_rand`` tiles, ``TPB`` per block, block ids at ``RPTR``), B (``nb`` from ``b0``), C (from ``c0``)."""
+    j = it - na
+    is_rand = (j >= 0) & (j < n_rand)
+    blk_id = tl.load(RPTR + tl.where(is_rand, j // TPB, 0), mask=is_rand, other=0)
+    r_start = blk_id * BLK + (j % TPB) * TILE
+    j2 = j - n_rand
+    start = tl.where(it < na, a0 + it * TILE,
+                     tl.where(is_rand, r_start, tl.where(j2 < nb, b0 + j2 * TILE, c0 + (j2 - nb) * TILE)))
+    return start, is_rand
+
+
+@triton.jit
+def _count_valid(RPTR, R: tl.constexpr):
+    """Number of valid (>= 0) entries of a random-block row (the valid ones come first)."""
+    n = 0
+    for r in tl.static_range(R):
+        n += (tl.load(RPTR + r) >= 0).to(tl.int32)
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
 # forward
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-               offs_n, offs_d, qp, lo, hi, k_len, W, G, WB, qk_scale, softcap,
-               KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
-               HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+              offs_n, offs_d, qp, k_len, W, G, WB, qk_scale, softcap,
+              a0, na, RPTR, n_rand, b0, nb, c0, n_total,
+              KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+              TPB: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
-    for start_n in range(lo, hi, BLOCK_N):
+    for it in range(0, n_total):
+        start_n, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_N)
         kp = start_n + offs_n
         k_ptrs = k_base + kp[None, :] * stride_kn + offs_d[:, None] * stride_kd
         v_ptrs = v_base + kp[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -134,10 +165,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
         else:
             s = qk * (qk_scale * 1.4426950408889634)
         if MASKED:
-            if MASKED == 2:  # a random block: every key of it is visible, if it exists
-                vis = ((kp < k_len) & (kp >= 0))[None, :] & (qp >= 0)[:, None]
-            else:
-                vis = _visible(qp, kp, k_len, W, G, WB, KIND, CAUSAL, BLK)
+            vis = _visible(qp, kp, k_len, W, G, WB, KIND, CAUSAL, BLK)
+            vis = vis | (is_rand & k_ok[None, :])  # a random block is visible whole (non-causal tiles)
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -180,6 +209,32 @@ def _tile_setup(pid_m, b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN: tl.constexpr, 
 
 
 @triton.jit
+def _query_side_plan(m_lo_eff, m_hi, k_len, W, G, WB, RAND, hk, stride_rh, stride_rq,
+                     KIND: tl.constexpr, CAUSAL: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """Tile ranges of the two loops for one query tile (shared by the forward and dQ kernels)."""
+    g_full, g_end, a, e, f, w_end = _query_tile_ranges(m_lo_eff, m_hi, k_len, W, G, WB, KIND, CAUSAL, BLK, BLOCK_N)
+    TPB: tl.constexpr = BLK // BLOCK_N
+    if R > 0:
+        rptr = RAND + hk * stride_rh + (m_lo_eff // BLK) * stride_rq
+        n_rand = _count_valid(rptr, R) * TPB
+    else:
+        rptr = RAND
+        n_rand = 0
+    # unmasked: [0, g_full), random blocks (causal), [e, f)
+    u_rand = n_rand if CAUSAL else 0
+    nu_a = g_full // BLOCK_N
+    nu_b = (f - e) // BLOCK_N
+    # masked: [g_full, g_end), random blocks (non-causal), [a, e), [f, w_end)
+    m_rand = 0 if CAUSAL else n_rand
+    nm_a = (g_end - g_full) // BLOCK_N
+    nm_b = (e - a) // BLOCK_N
+    nm_c = (w_end - f) // BLOCK_N
+    return (rptr, nu_a, u_rand, e, nu_b, nu_a + u_rand + nu_b,
+            g_full, nm_a, m_rand, a, nm_b, f, nm_a + m_rand + nm_b + nm_c)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, KSHIFT, KLEN, RAND,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -206,6 +261,7 @@ def _fwd_kernel(
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+        TPB: tl.constexpr = BLK // BLOCK_N
         qp = m_lo + offs_m
         rows = qp - q_start
         row_ok = (rows >= row_lo) & (rows < row_hi)
@@ -218,33 +274,16 @@ def _fwd_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-        g_full, g_end, a, e, f, w_end = _query_tile_ranges(m_lo_eff, m_hi, k_len, W, G, WB, KIND, CAUSAL, BLK, BLOCK_N)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                   offs_n, offs_d, qp, 0, g_full, k_len, W, G, WB, sm_scale, softcap,
-                                   KIND, CAUSAL, BLK, False, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                   offs_n, offs_d, qp, g_full, g_end, k_len, W, G, WB, sm_scale, softcap,
-                                   KIND, CAUSAL, BLK, True, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N)
-        if R > 0:
-            qb = m_lo_eff // BLK
-            for r in range(R):
-                kb = tl.load(RAND + hk * stride_rh + qb * stride_rq + r)
-                if kb >= 0:
-                    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                                               stride_vd, offs_n, offs_d, qp, kb * BLK, kb * BLK + BLK, k_len,
-                                               W, G, WB, sm_scale, softcap, KIND, CAUSAL, BLK, 0 if CAUSAL else 2,
-                                               HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                   offs_n, offs_d, qp, a, e, k_len, W, G, WB, sm_scale, softcap,
-                                   KIND, CAUSAL, BLK, True, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                   offs_n, offs_d, qp, e, f, k_len, W, G, WB, sm_scale, softcap,
-                                   KIND, CAUSAL, BLK, False, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                   offs_n, offs_d, qp, f, w_end, k_len, W, G, WB, sm_scale, softcap,
-                                   KIND, CAUSAL, BLK, True, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N)
-
+        (rptr, nu_a, u_rand, ub0, nu_b, nu, ma0, nm_a, m_rand, mb0, nm_b, mc0, nm) = _query_side_plan(
+            m_lo_eff, m_hi, k_len, W, G, WB, RAND, hk, stride_rh, stride_rq, KIND, CAUSAL, R, BLK, BLOCK_N)
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                  offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
+                                  0, nu_a, rptr, u_rand, ub0, nu_b, ub0, nu,
+                                  KIND, CAUSAL, BLK, False, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB)
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                  offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
+                                  ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, nm,
+                                  KIND, CAUSAL, BLK, True, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB)
         has = l_i > 0.0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
@@ -274,12 +313,14 @@ def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                  offs_n, offs_d, qp, lo, hi, k_len, W, G, WB, sm_scale, softcap,
-                  KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
-                  HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+             offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
+             a0, na, RPTR, n_rand, b0, nb, c0, n_total,
+             KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
+             HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TPB: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
-    for start_n in range(lo, hi, BLOCK_N):
+    for it in range(0, n_total):
+        start_n, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_N)
         kp = start_n + offs_n
         k_ok = (kp < k_len) & (kp >= 0)
         kT = tl.load(k_base + kp[None, :] * stride_kn + offs_d[:, None] * stride_kd,
@@ -294,10 +335,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, 
             s = qk * (sm_scale * 1.4426950408889634)
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
-            if MASKED == 2:  # a random block: every key of it is visible, if it exists
-                vis = ((kp < k_len) & (kp >= 0))[None, :] & (qp >= 0)[:, None]
-            else:
-                vis = _visible(qp, kp, k_len, W, G, WB, KIND, CAUSAL, BLK)
+            vis = _visible(qp, kp, k_len, W, G, WB, KIND, CAUSAL, BLK)
+            vis = vis | (is_rand & k_ok[None, :])
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, vT)
         ds = p * (dp - delta[:, None])
@@ -333,6 +372,7 @@ def _bwd_dq_kernel(
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
+        TPB: tl.constexpr = BLK // BLOCK_N
         qp = m_lo + offs_m
         rows = qp - q_start
         row_ok = (rows >= row_lo) & (rows < row_hi)
@@ -348,44 +388,31 @@ def _bwd_dq_kernel(
         k_base = K + b * stride_kb + hk * stride_kh + k_shift * stride_kn
         v_base = V + b * stride_vb + hk * stride_vh + k_shift * stride_vn
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        g_full, g_end, a, e, f, w_end = _query_tile_ranges(m_lo_eff, m_hi, k_len, W, G, WB, KIND, CAUSAL, BLK, BLOCK_N)
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                           offs_n, offs_d, qp, 0, g_full, k_len, W, G, WB, sm_scale, softcap,
-                           KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_N)
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                           offs_n, offs_d, qp, g_full, g_end, k_len, W, G, WB, sm_scale, softcap,
-                           KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_N)
-        if R > 0:
-            qb = m_lo_eff // BLK
-            for r in range(R):
-                kb = tl.load(RAND + hk * stride_rh + qb * stride_rq + r)
-                if kb >= 0:
-                    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                                       stride_vd, offs_n, offs_d, qp, kb * BLK, kb * BLK + BLK, k_len, W, G, WB,
-                                       sm_scale, softcap, KIND, CAUSAL, BLK, 0 if CAUSAL else 2, HAS_SOFTCAP, HEAD_DIM,
-                                       BLOCK_N)
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                           offs_n, offs_d, qp, a, e, k_len, W, G, WB, sm_scale, softcap,
-                           KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_N)
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                           offs_n, offs_d, qp, e, f, k_len, W, G, WB, sm_scale, softcap,
-                           KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_N)
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                           offs_n, offs_d, qp, f, w_end, k_len, W, G, WB, sm_scale, softcap,
-                           KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_N)
+        (rptr, nu_a, u_rand, ub0, nu_b, nu, ma0, nm_a, m_rand, mb0, nm_b, mc0, nm) = _query_side_plan(
+            m_lo_eff, m_hi, k_len, W, G, WB, RAND, hk, stride_rh, stride_rq, KIND, CAUSAL, R, BLK, BLOCK_N)
+        dq = _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                      offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
+                      0, nu_a, rptr, u_rand, ub0, nu_b, ub0, nu,
+                      KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB)
+        dq = _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                      offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
+                      ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, nm,
+                      KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB)
         dq = dq * sm_scale
         tl.store(DQ + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                  dq.to(DQ.dtype.element_ty), mask=mask_qd)
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod,
-                    offs_m, offs_d, kp, lo, hi, q_start, row_lo, row_hi, k_len, W, G, WB, sm_scale, softcap,
-                    KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
-                    HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Accumulate dK, dV of one key tile over query positions ``[lo, hi)`` (tiles of BLOCK_M)."""
+def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod,
+               offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len, W, G, WB, sm_scale, softcap,
+               a0, na, RPTR, n_rand, b0, nb, c0, n_total,
+               KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TPB: tl.constexpr):
+    """Accumulate dK, dV of one key tile over the query tiles of the plan (tiles of BLOCK_M rows)."""
     d_ok = offs_d < HEAD_DIM
-    for start_m in range(lo, hi, BLOCK_M):
+    for it in range(0, n_total):
+        start_m, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_M)
         qp = start_m + offs_m
         rows = qp - q_start
         row_ok = (rows >= row_lo) & (rows < row_hi)
@@ -498,6 +525,7 @@ def _bwd_dkdv_kernel(
         offs_n = tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
+        TPB: tl.constexpr = BLK // BLOCK_M
         kp = n_lo + offs_n
         d_ok = offs_d < HEAD_DIM
         kmask = (kp < k_len)[:, None] & d_ok[None, :]
@@ -510,40 +538,33 @@ def _bwd_dkdv_kernel(
         q_lo = q_start + row_lo
         q_hi = q_start + row_hi
         s_lo, s_end, a, e, f, w_end = _key_tile_ranges(n_lo, n_hi, q_lo, q_hi, W, G, WB, KIND, CAUSAL, BLK, BLOCK_M)
+        if R > 0:  # query blocks that drew this key block at random: a CSR row of the reverse table
+            kb = n_lo // BLK
+            j0 = tl.load(REV_PTR + hk * stride_ph + kb)
+            n_rand = (tl.load(REV_PTR + hk * stride_ph + kb + 1) - j0) * TPB
+            rptr = REV_IDX + hk * stride_ih + j0
+        else:
+            n_rand = 0
+            rptr = REV_IDX
+        nu_a = (f - e) // BLOCK_M
+        nu = nu_a + n_rand
+        nm_a = (s_end - s_lo) // BLOCK_M
+        nm_b = (e - a) // BLOCK_M
+        nm = nm_a + nm_b + (w_end - f) // BLOCK_M
         for g in range(GROUP):
             h = hk * GROUP + g
             q_base = Q + b * stride_qb + h * stride_qh
             do_base = DO + b * stride_dob + h * stride_doh
             lse_base = LSE + (b * H + h) * Tq
             delta_base = DELTA + (b * H + h) * Tq
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-                                     stride_dom, stride_dod, offs_m, offs_d, kp, s_lo, s_end, q_start, row_lo,
-                                     row_hi, k_len, W, G, WB, sm_scale, softcap, KIND, CAUSAL, BLK, True,
-                                     HAS_SOFTCAP, HEAD_DIM, BLOCK_M)
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-                                     stride_dom, stride_dod, offs_m, offs_d, kp, a, e, q_start, row_lo,
-                                     row_hi, k_len, W, G, WB, sm_scale, softcap, KIND, CAUSAL, BLK, True,
-                                     HAS_SOFTCAP, HEAD_DIM, BLOCK_M)
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-                                     stride_dom, stride_dod, offs_m, offs_d, kp, e, f, q_start, row_lo,
-                                     row_hi, k_len, W, G, WB, sm_scale, softcap, KIND, CAUSAL, BLK, False,
-                                     HAS_SOFTCAP, HEAD_DIM, BLOCK_M)
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-                                     stride_dom, stride_dod, offs_m, offs_d, kp, f, w_end, q_start, row_lo,
-                                     row_hi, k_len, W, G, WB, sm_scale, softcap, KIND, CAUSAL, BLK, True,
-                                     HAS_SOFTCAP, HEAD_DIM, BLOCK_M)
-            if R > 0:
-                kb = n_lo // BLK
-                j0 = tl.load(REV_PTR + hk * stride_ph + kb)
-                j1 = tl.load(REV_PTR + hk * stride_ph + kb + 1)
-                for j in range(j0, j1):
-                    qb = tl.load(REV_IDX + hk * stride_ih + j)
-                    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm,
-                                             stride_qd, stride_dom, stride_dod, offs_m, offs_d, kp,
-                                             tl.maximum(qb * BLK, _floor_to(q_lo, BLOCK_M)),
-                                             tl.minimum(qb * BLK + BLK, q_hi), q_start, row_lo, row_hi, k_len,
-                                             W, G, WB, sm_scale, softcap, KIND, CAUSAL, BLK, False,
-                                             HAS_SOFTCAP, HEAD_DIM, BLOCK_M)
+            dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
+                                stride_dom, stride_dod, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len,
+                                W, G, WB, sm_scale, softcap, e, nu_a, rptr, n_rand, f, 0, f, nu,
+                                KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB)
+            dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
+                                stride_dom, stride_dod, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len,
+                                W, G, WB, sm_scale, softcap, s_lo, nm_a, rptr, 0, a, nm_b, f, nm,
+                                KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB)
         dk = dk * sm_scale
         tl.store(DK + b * stride_dkb + hk * stride_dkh + (k_shift + kp)[:, None] * stride_dkn
                  + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kmask)
