@@ -517,6 +517,14 @@ def test_unsupported_model_type():
         patch_model(model, "dense")
 
 
+def test_model_that_cannot_switch_implementation_is_refused(monkeypatch):
+    model = tiny("llama")
+    monkeypatch.setattr(type(model), "_can_set_attn_implementation", classmethod(lambda cls: False))
+    with pytest.raises(NotImplementedError, match="cannot switch its attention implementation"):
+        patch_model(model, "dense")
+    assert not hasattr(model.config, "hf_sparse")
+
+
 def test_old_transformers_is_refused():
     from hf_sparse.patches._compat import check_transformers_version
 
