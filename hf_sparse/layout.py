@@ -166,8 +166,8 @@ def block_layout(
         ok = pattern.allowed(
             rows.view(1, -1, 1), cols.view(1, 1, -1), layer=layer, kv_head=heads.view(-1, 1, 1), num_keys=num_keys
         )
-        ok = ok & (cols < num_keys).view(1, 1, -1)
-        ok = ok.view(kv_heads, r1 - r0, len(cand), block_n)
+        ok = (ok & (cols < num_keys).view(1, 1, -1)).expand(kv_heads, r1 - r0, cols.numel())
+        ok = ok.reshape(kv_heads, r1 - r0, len(cand), block_n)
         cnt = ok.sum(dim=(1, 3))  # [H, ncand]
         full = ok.all(dim=3).all(dim=1) & (cand * block_n + block_n <= num_keys) & (r1 - r0 == block_m)
         pairs += cnt.sum(1)

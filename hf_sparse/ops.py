@@ -201,11 +201,6 @@ def sparse_attention(
     _validate(q, k, v, key_padding_mask, q_offset, layer, backend, softcap)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     softcap = float(softcap or 0.0)
-    if backend == "dense":
-        return dense_attention(q, k, v, pat, scale=scale, softcap=softcap, key_padding_mask=key_padding_mask,
-                               q_offset=q_offset, layer=layer)
-    chosen = _resolve_backend(backend, q, k)
-    k_shift = k_len = None
     if key_padding_mask is not None:
         if key_padding_mask.shape[1] != k.shape[2]:
             raise ValueError(f"key_padding_mask has {key_padding_mask.shape[1]} columns but keys have Tk={k.shape[2]}")
@@ -214,6 +209,12 @@ def sparse_attention(
                 f"with key_padding_mask the queries must be key slots: q_offset ({q_offset}) + Tq ({q.shape[2]}) "
                 f"must be <= Tk ({k.shape[2]})"
             )
+    if backend == "dense":
+        return dense_attention(q, k, v, pat, scale=scale, softcap=softcap, key_padding_mask=key_padding_mask,
+                               q_offset=q_offset, layer=layer)
+    chosen = _resolve_backend(backend, q, k)
+    k_shift = k_len = None
+    if key_padding_mask is not None:
         k_shift, k_len = padding_layout(key_padding_mask, check=check_padding)
     out, _ = _attn_fwd(q, k, v, k_shift, k_len, pat.spec(), scale, softcap, int(q_offset), int(layer), chosen)
     return out

@@ -308,10 +308,12 @@ PATTERN_NAMES = ("dense", "sliding_window", "longformer", "bigbird")
 
 def _parse_value(owner: str, key: str, raw: str) -> Any:
     low = raw.strip().lower()
-    if low in ("true", "yes", "1") and key == "causal":
-        return True
-    if low in ("false", "no", "0") and key == "causal":
-        return False
+    if key == "causal":
+        if low in ("true", "yes", "1"):
+            return True
+        if low in ("false", "no", "0"):
+            return False
+        raise ValueError(f"{owner}: option causal={raw!r} must be true or false")
     try:
         return int(low)
     except ValueError:
@@ -322,7 +324,7 @@ def _parse_value(owner: str, key: str, raw: str) -> Any:
         raise ValueError(f"{owner}: option {key}={raw!r} is not a number; give an integer, e.g. {key}=4") from None
 
 
-def parse_pattern(spec: Pattern | str | dict | None) -> Pattern:
+def parse_pattern(spec: Pattern | str | dict) -> Pattern:
     """Turn a pattern object, a spec string or a dict into a pattern.
 
     >>> parse_pattern("longformer:window=1024,global_tokens=4")

@@ -63,10 +63,13 @@ def dense_attention(
         qpos = kpos[:, slots]
         qreal = kreal[:, slots]
     heads = torch.arange(hkv, device=dev).view(1, hkv, 1, 1)
-    num_keys = int(kreal.sum(1).max()) if key_padding_mask is not None else tk
-    mask = pattern.allowed(
-        qpos.view(b, 1, tq, 1), kpos.view(b, 1, 1, tk), layer=layer, kv_head=heads, num_keys=num_keys
-    )
+    # num_keys only matters for non-causal BigBird, whose random draw covers each row's own sequence
+    rows = [
+        pattern.allowed(qpos[i].view(1, tq, 1), kpos[i].view(1, 1, tk), layer=layer, kv_head=heads[0],
+                        num_keys=int(kreal[i].sum()))
+        for i in range(b)
+    ]
+    mask = torch.stack([r.expand(hkv, tq, tk) for r in rows])
     mask = mask & kreal.view(b, 1, 1, tk) & qreal.view(b, 1, tq, 1)  # [B, Hkv, Tq, Tk]
     mask = mask.expand(b, hkv, tq, tk).repeat_interleave(group, dim=1)
     kk = k.to(acc).repeat_interleave(group, dim=1)
@@ -127,18 +130,19 @@ def _chunk_keys(pattern: Pattern, c0: int, c1: int, n: int, layer: int, hkv: int
     return kpos
 
 
-def _prepare(pattern, q, k, layer, seq: SeqLayout):
-    hkv = k.shape[1]
-    table = None
-    if isinstance(pattern, BigBird) and pattern.random_blocks:
-        max_pos = max(seq.q_start[b] + q.shape[2] for b in range(q.shape[0]))
-        nkb = ceil_div(max(seq.k_len), pattern.block)
-        table = pattern.random_table(
-            layer=layer, kv_heads=hkv, num_q_blocks=max(ceil_div(max_pos, pattern.block), 1),
-            num_k_blocks=None if pattern.causal else nkb, device=q.device,
-        ).long()
-    chunk = pattern.block if isinstance(pattern, BigBird) else 256
-    return table, chunk
+def _random_table(pattern, q, k, layer, seq: SeqLayout, b: int):
+    """BigBird's random blocks for batch row ``b`` (its own key count when non-causal), or None."""
+    if not (isinstance(pattern, BigBird) and pattern.random_blocks):
+        return None
+    max_pos = seq.q_start[b] + q.shape[2]
+    return pattern.random_table(
+        layer=layer, kv_heads=k.shape[1], num_q_blocks=max(ceil_div(max_pos, pattern.block), 1),
+        num_k_blocks=None if pattern.causal else ceil_div(seq.k_len[b], pattern.block), device=q.device,
+    ).long()
+
+
+def _chunk_size(pattern) -> int:
+    return pattern.block if isinstance(pattern, BigBird) else 256
 
 
 def _chunk_scores(pattern, qc, kb, kpos, c0, c1, n, scale, softcap, layer, acc):
@@ -162,10 +166,13 @@ def blockwise_forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.zeros(bsz, hq, tq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.full((bsz, hq, tq), float("inf"), dtype=acc, device=q.device)
-    table, chunk = _prepare(pattern, q, k, layer, seq)
+    chunk = _chunk_size(pattern)
     for b in range(bsz):
         lo, hi = seq.rows(b, tq)
         s0, n, p0 = seq.k_shift[b], seq.k_len[b], seq.q_start[b]
+        if n == 0:
+            continue
+        table = _random_table(pattern, q, k, layer, seq, b)
         kb, vb = k[b, :, s0 : s0 + n], v[b, :, s0 : s0 + n]
         for c0, c1 in _chunks(p0 + lo, p0 + hi, chunk):
             kpos = _chunk_keys(pattern, c0, c1, n, layer, hkv, q.device, table)
@@ -197,10 +204,13 @@ def blockwise_backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float,
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     delta = (do.to(acc) * out.to(acc)).sum(-1)  # [B, Hq, Tq]
-    table, chunk = _prepare(pattern, q, k, layer, seq)
+    chunk = _chunk_size(pattern)
     for b in range(bsz):
         lo, hi = seq.rows(b, tq)
         s0, n, p0 = seq.k_shift[b], seq.k_len[b], seq.q_start[b]
+        if n == 0:  # nothing to attend to: all gradients of this row stay zero
+            continue
+        table = _random_table(pattern, q, k, layer, seq, b)
         kb, vb = k[b, :, s0 : s0 + n], v[b, :, s0 : s0 + n]
         dk_acc = torch.zeros(hkv * n, d, dtype=acc, device=q.device)  # flat [head * n + position]
         dv_acc = torch.zeros(hkv * n, v.shape[-1], dtype=acc, device=q.device)

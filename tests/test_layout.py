@@ -49,21 +49,6 @@ PATTERNS = [
 ]
 
 
-# Core bug: block_layout(kv_heads > 1) crashes for every pattern whose mask does not depend on the head
-# (all but BigBird with random blocks): Pattern.allowed returns [1, rows, cols] there and
-# hf_sparse/layout.py:170 does ok.view(kv_heads, ...). The cases that hit it are marked strict xfail at
-# run time, so they turn into failures (XPASS) once it is fixed: then delete this function and its calls.
-def xfail_heads_bug(request, pattern, kv_heads: int) -> None:
-    if kv_heads > 1 and not (isinstance(pattern, BigBird) and pattern.random_blocks):
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                raises=RuntimeError,
-                reason="core bug: block_layout(kv_heads > 1) with a head-independent pattern (layout.py:170)",
-            )
-        )
-
-
 def allowed_mask(pattern, t_q: int, t_k: int, *, q_offset: int = 0, kv_heads: int = 1, layer: int = 0):
     """``[H, Tq, Tk]``: the token-level truth."""
     q = q_offset + torch.arange(t_q).view(1, -1, 1)
@@ -141,7 +126,6 @@ def _case_id(c):
 @pytest.mark.parametrize("case", LAYOUT_CASES, ids=_case_id)
 def test_block_layout_matches_allowed(pattern, case, request):
     tq, tk, bm, bn, off, heads = case
-    xfail_heads_bug(request, pattern, heads)
     layer = 1
     lay = block_layout(pattern, tq, tk, block_m=bm, block_n=bn, kv_heads=heads, layer=layer, q_offset=off)
     mask = allowed_mask(pattern, tq, tk, q_offset=off, kv_heads=heads, layer=layer)
@@ -170,7 +154,6 @@ def test_block_layout_matches_allowed(pattern, case, request):
 
 @pytest.mark.parametrize("pattern", PATTERNS, ids=pid)
 def test_block_layout_transpose(pattern, request):
-    xfail_heads_bug(request, pattern, 2)
     tq = tk = 100
     lay = block_layout(pattern, tq, tk, block_m=16, block_n=32, kv_heads=2)
     nkt = -(-tk // 32)
@@ -211,7 +194,6 @@ def test_attended_pairs_of_wide_window_is_dense_causal(t):
 @pytest.mark.parametrize("pattern", PATTERNS, ids=pid)
 def test_attended_pairs_counts_allowed(pattern, request):
     t, heads = 150, 2
-    xfail_heads_bug(request, pattern, heads)
     want = int(allowed_mask(pattern, t, t, kv_heads=heads, layer=2).sum())
     assert attended_pairs(pattern, t, kv_heads=heads, layer=2) == want
     # a chunk of 30 queries after 120 cached keys
@@ -224,13 +206,8 @@ def test_attended_pairs_of_sliding_window_by_formula():
     assert attended_pairs(SlidingWindow(window=w), t) == w * (w + 1) // 2 + (t - w) * w
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="core bug: block_layout(kv_heads > 1) with a head-independent pattern (layout.py:170)",
-)
 def test_block_layout_kv_heads_with_head_free_pattern():
-    """The minimal repro of the kv_heads bug above, as a plain statement of what should work."""
+    """A head-independent pattern gives the same layout for every KV head."""
     lay = block_layout(SlidingWindow(window=8), 64, 64, block_m=32, block_n=16, kv_heads=2)
     one = block_layout(SlidingWindow(window=8), 64, 64, block_m=32, block_n=16, kv_heads=1)
     assert torch.equal(lay.kv_index[0], one.kv_index[0]) and torch.equal(lay.kv_index[1], one.kv_index[0])

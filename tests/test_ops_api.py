@@ -92,14 +92,6 @@ def test_bad_inputs_raise_value_error(args, kwargs, match):
         sparse_attention(*args, **kwargs)
 
 
-_DENSE_SKIPS_CHECKS = pytest.mark.xfail(
-    strict=True,
-    raises=(IndexError, AssertionError),
-    reason="core bug: backend='dense' returns (ops.py:211) before sparse_attention's own key_padding_mask checks "
-    "(ops.py:215-222): a [B, Tk-1] mask raises IndexError, and q_offset + Tq > Tk gets a message without the values",
-)
-
-
 @pytest.mark.parametrize(
     "backend,case",
     [
@@ -107,7 +99,7 @@ _DENSE_SKIPS_CHECKS = pytest.mark.xfail(
             backend,
             case,
             id=f"{case}-{backend}",
-            marks=_DENSE_SKIPS_CHECKS if backend == "dense" and case.startswith(("kpm-cols", "q-offset")) else (),
+            marks=(),
         )
         for backend in ("auto", "reference", "dense")
         for case in ("heads-6-4", "kpm-cols", "q-offset-past-keys", "backend")

@@ -386,7 +386,8 @@ BAD_SPECS = [
     ("sliding_window:window=2.5", r"window must be an integer .*got '2.5'"),
     ({"type": "sliding_window", "window": 2.0}, r"window must be an integer .*got 2.0"),
     ({"type": "sliding_window", "window": True}, r"window must be an integer .*got True"),
-    ("dense:causal=2", r"causal must be True or False, got 2"),
+    ("dense:causal=2", r"causal=.2. must be true or false"),
+    ("dense:causal=maybe", r"causal=.maybe. must be true or false"),
     ({"window": 4}, r"has no 'type'"),
     (42, r"cannot make a pattern from 42"),
 ]

@@ -238,27 +238,11 @@ def test_reference_matches_oracle_with_q_offset(pattern):
     torch.testing.assert_close(part, full[:, :, off : off + tq], atol=1e-12, rtol=1e-10)
 
 
-def _noncausal_bigbird_batch_bug(request, pattern, backend="reference"):
-    # Core bug: non-causal BigBird draws its random blocks from the number of key blocks, and with a padded
-    # batch both paths take it from the longest row instead of the row itself: dense_attention uses
-    # num_keys = max over rows (reference.py:64), the block-wise path builds the table from max(k_len)
-    # (reference.py:134) but masks with the row's own length (reference.py:152). A row then depends on
-    # the other rows of its batch, and the two paths disagree.
-    if isinstance(pattern, BigBird) and not pattern.causal and pattern.random_blocks:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason=f"core bug ({backend}): non-causal BigBird random blocks use the longest row's length",
-            )
-        )
-
-
 @pytest.mark.parametrize("backend", ["reference", "dense"])
 @pytest.mark.parametrize("pattern", PAD_PATTERNS, ids=pid)
 def test_batch_rows_are_independent(pattern, backend, request):
     # each padded row gives what its real tokens give alone: positions, global tokens and random blocks
     # belong to the row, not to the batch
-    _noncausal_bigbird_batch_bug(request, pattern, backend)
     t, hq, hkv, d = 16 * 10, 2, 1, 8
     q, k, v, _ = make_qkv(2, hq, hkv, t, d, seed=21)
     kpm = torch.ones(2, t, dtype=torch.bool)
@@ -276,7 +260,6 @@ def test_batch_rows_are_independent(pattern, backend, request):
 @pytest.mark.parametrize("pattern", PAD_PATTERNS, ids=pid)
 def test_reference_matches_oracle_with_uneven_batch(pattern, request):
     # rows with different numbers of real key blocks (10, 9, 7, 6)
-    _noncausal_bigbird_batch_bug(request, pattern)
     t = 16 * 10
     q, k, v, do = make_qkv(4, 2, 1, t, 8, seed=22)
     kpm = torch.ones(4, t, dtype=torch.bool)
@@ -363,12 +346,6 @@ def test_row_without_keys_is_zero_with_finite_gradients():
     check_reference_vs_oracle(q, k, v, do, SlidingWindow(window=3), q_offset=70)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="core bug: blockwise_backward crashes on a batch row with no real token (reference.py:231, "
-    "dv_acc.view(hkv, 0, -1))",
-)
 @pytest.mark.parametrize("pattern", [Dense(), SlidingWindow(window=4), BigBird(block=16, random_blocks=1)], ids=pid)
 def test_fully_padded_row_is_zero_with_finite_gradients(pattern):
     q, k, v, do = make_qkv(2, 4, 2, 40, 8, seed=15)

@@ -68,17 +68,33 @@ def _random_tables(pattern: BigBird, layer: int, kv_heads: int, nqb: int, nkb: i
     return table, ptr, idx
 
 
+def _tables_for(pattern: BigBird, layer: int, hkv: int, nqb: int, nkb: int, k_len, device: str):
+    """Random tables with a batch dimension: shared (stride 0) unless non-causal BigBird draws per row."""
+    if pattern.causal or k_len is None:
+        table, ptr, idx = _random_tables(pattern, layer, hkv, nqb, nkb, device)
+        return table.unsqueeze(0), ptr.unsqueeze(0), idx.unsqueeze(0)  # stride 0 over the batch
+    # non-causal: each row draws from its own number of key blocks
+    rows = [_random_tables(pattern, layer, hkv, nqb, max(ceil_div(int(n), pattern.block), 1), device)
+            for n in k_len.tolist()]
+    # a row's key blocks past its own length are never visited, so zero padding is never read
+    width = max(r[2].shape[1] for r in rows)
+    table = torch.stack([r[0] for r in rows])
+    ptr = torch.stack([torch.nn.functional.pad(r[1], (0, nkb + 1 - r[1].shape[1])) for r in rows])
+    idx = torch.stack([torch.nn.functional.pad(r[2], (0, width - r[2].shape[1])) for r in rows])
+    return table, ptr, idx
+
+
 def _common(q, k, pattern, layer, q_offset, k_shift, k_len):
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     p = kernel_params(pattern)
     varlen = k_shift is not None
     dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
-    tables = (dummy.view(1, 1, 1), dummy.view(1, 1), dummy.view(1, 1))
+    tables = (dummy.view(1, 1, 1, 1), dummy.view(1, 1, 1), dummy.view(1, 1, 1))
     if p["R"]:
         nqb = max(ceil_div(q_offset + tq, p["BLK"]), 1)
         nkb = max(ceil_div(tk, p["BLK"]), 1)
-        tables = _random_tables(pattern, layer, hkv, nqb, nkb, str(q.device))
+        tables = _tables_for(pattern, layer, hkv, nqb, nkb, k_len, str(q.device))
     return dict(
         b=b, hq=hq, hkv=hkv, tq=tq, tk=tk, d=d, p=p, varlen=varlen,
         k_shift=k_shift if varlen else dummy, k_len=k_len if varlen else dummy,
@@ -109,7 +125,7 @@ def forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_
     _fwd_kernel[grid](
         q, k, v, out, lse, c["k_shift"], c["k_len"], table,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        table.stride(0), table.stride(1),
+        table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), table.stride(2),
         c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap, c["bucket"],
         KIND=p["KIND"], CAUSAL=pattern.causal, VARLEN=c["varlen"], HAS_SOFTCAP=bool(softcap),
         GROUP=c["hq"] // c["hkv"], R=p["R"], BLK=p["BLK"], HEAD_DIM=c["d"], BLOCK_D=c["block_d"],
@@ -141,7 +157,8 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
     cfg = _cfg("dq", c, q.dtype)
     _bwd_dq_kernel[(ceil_div(c["tq"], cfg.block_m) + 1, c["b"] * c["hq"])](
         q, k, v, do, dq, lse, delta, c["k_shift"], c["k_len"], table,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), table.stride(0), table.stride(1),
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+        table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), table.stride(2),
         c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap, c["bucket"],
         **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -149,7 +166,8 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
     _bwd_dkdv_kernel[(ceil_div(c["tk"], cfg.block_n), c["b"] * c["hkv"])](
         q, k, v, do, dk, dv, lse, delta, c["k_shift"], c["k_len"], ptr, idx,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        ptr.stride(0), idx.stride(0),
+        ptr.stride(0) if ptr.shape[0] > 1 else 0, ptr.stride(1), idx.stride(0) if idx.shape[0] > 1 else 0,
+        idx.stride(1),
         c["tq"], c["tk"], q_offset, c["hq"], c["hkv"], p["W"], p["G"], p["WB"], scale, softcap, c["bucket"],
         **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -241,7 +241,7 @@ def _fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    stride_rh, stride_rq,
+    stride_rb, stride_rh, stride_rq,
     Tq, Tk, q_offset, H, W, G, WB, sm_scale, softcap, TQ_BUCKET,
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
@@ -275,7 +275,8 @@ def _fwd_kernel(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         (rptr, nu_a, u_rand, ub0, nu_b, nu, ma0, nm_a, m_rand, mb0, nm_b, mc0, nm) = _query_side_plan(
-            m_lo_eff, m_hi, k_len, W, G, WB, RAND, hk, stride_rh, stride_rq, KIND, CAUSAL, R, BLK, BLOCK_N)
+            m_lo_eff, m_hi, k_len, W, G, WB, RAND + b * stride_rb, hk, stride_rh, stride_rq, KIND, CAUSAL, R, BLK,
+            BLOCK_N)
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
                                   0, nu_a, rptr, u_rand, ub0, nu_b, ub0, nu,
@@ -353,7 +354,7 @@ def _bwd_dq_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_rh, stride_rq,
+    stride_rb, stride_rh, stride_rq,
     Tq, Tk, q_offset, H, W, G, WB, sm_scale, softcap, TQ_BUCKET,
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
@@ -389,7 +390,8 @@ def _bwd_dq_kernel(
         v_base = V + b * stride_vb + hk * stride_vh + k_shift * stride_vn
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         (rptr, nu_a, u_rand, ub0, nu_b, nu, ma0, nm_a, m_rand, mb0, nm_b, mc0, nm) = _query_side_plan(
-            m_lo_eff, m_hi, k_len, W, G, WB, RAND, hk, stride_rh, stride_rq, KIND, CAUSAL, R, BLK, BLOCK_N)
+            m_lo_eff, m_hi, k_len, W, G, WB, RAND + b * stride_rb, hk, stride_rh, stride_rq, KIND, CAUSAL, R, BLK,
+            BLOCK_N)
         dq = _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                       offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
                       0, nu_a, rptr, u_rand, ub0, nu_b, ub0, nu,
@@ -498,7 +500,7 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_ph, stride_ih,
+    stride_pb, stride_ph, stride_ib, stride_ih,
     Tq, Tk, q_offset, H, HKV, W, G, WB, sm_scale, softcap, TQ_BUCKET,
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
@@ -540,9 +542,9 @@ def _bwd_dkdv_kernel(
         s_lo, s_end, a, e, f, w_end = _key_tile_ranges(n_lo, n_hi, q_lo, q_hi, W, G, WB, KIND, CAUSAL, BLK, BLOCK_M)
         if R > 0:  # query blocks that drew this key block at random: a CSR row of the reverse table
             kb = n_lo // BLK
-            j0 = tl.load(REV_PTR + hk * stride_ph + kb)
-            n_rand = (tl.load(REV_PTR + hk * stride_ph + kb + 1) - j0) * TPB
-            rptr = REV_IDX + hk * stride_ih + j0
+            j0 = tl.load(REV_PTR + b * stride_pb + hk * stride_ph + kb)
+            n_rand = (tl.load(REV_PTR + b * stride_pb + hk * stride_ph + kb + 1) - j0) * TPB
+            rptr = REV_IDX + b * stride_ib + hk * stride_ih + j0
         else:
             n_rand = 0
             rptr = REV_IDX
