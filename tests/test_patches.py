@@ -412,6 +412,35 @@ def test_layers_on_mixed_layer_types():
     assert_real_close(run(model, ids, mask), ref, mask)
 
 
+HYBRID = {
+    "qwen2": (dict(use_sliding_window=True, sliding_window=5, max_window_layers=1, num_hidden_layers=3), [0, 2]),
+    "gemma3_text": (dict(sliding_window=5, num_hidden_layers=3, query_pre_attn_scalar=12,
+                         layer_types=["sliding_attention", "full_attention", "sliding_attention"]), [1, 2]),
+}
+
+
+@pytest.mark.parametrize("model_type", list(HYBRID))
+def test_layers_with_mixed_native_layer_types(model_type):
+    """Three layers of mixed types, some patched: the rest keep their own full or sliding attention,
+    in a forward (explicit masks) and in cached generation (sliding cache layers only where unpatched)."""
+    extra, layers = HYBRID[model_type]
+    model = tiny(model_type, **extra)
+    types = model.config.layer_types
+    assert "sliding_attention" in types and "full_attention" in types
+    ids = tokens(2, 24, seed=9)
+    mask = left_padding([24, 15], 24)
+    native = {"sliding_attention": SlidingWindow(5), "full_attention": Dense()}
+    expected = {i: parse_pattern(PATTERNS["longformer"]) if i in layers else native[types[i]] for i in range(3)}
+    ref = explicit_mask_logits(model, expected, ids, mask)
+    model.set_attn_implementation("sdpa")
+    patch_model(model, PATTERNS["longformer"], layers=layers, backend="reference")
+    assert_real_close(run(model, ids, mask), ref, mask, atol=1e-4, rtol=1e-4)
+    seq_cached, scores_cached = _generate(model, ids, mask, use_cache=True)
+    seq_full, scores_full = _generate(model, ids, mask, use_cache=False)
+    torch.testing.assert_close(scores_cached, scores_full, atol=2e-5, rtol=2e-5)
+    assert torch.equal(seq_cached, seq_full)
+
+
 # ---------------------------------------------------------------------------------------------
 # state: config, save/load, unpatch, repr
 def test_config_save_load_and_repatch(tmp_path):
