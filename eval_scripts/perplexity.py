@@ -93,7 +93,9 @@ def token_nll(model, input_ids: torch.Tensor, *, chunk: int = LOGIT_CHUNK) -> to
         lg = (head(hidden[:, s:e]) if head is not None else logits[:, s:e]).float()
         if cap is not None and parts is not None:
             lg = torch.tanh(lg / cap) * cap
-        out[:, s:e] = F.cross_entropy(lg.transpose(1, 2), targets[:, s:e], reduction="none")
+        # [B * chunk, vocab] rows: cross_entropy over a transposed [B, vocab, chunk] view is ~20x slower on CUDA
+        nll = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets[:, s:e].reshape(-1), reduction="none")
+        out[:, s:e] = nll.view(targets.shape[0], e - s)
     return out
 
 
