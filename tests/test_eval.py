@@ -310,3 +310,23 @@ def test_stdlib_corpus_is_offline_and_long():
     first = [next(docs) for _ in range(3)]
     assert all(d.doc_id.endswith(".py") and len(d.text) > 50_000 for d in first)
     assert len(first[0].text) >= len(first[1].text) >= len(first[2].text)
+
+
+def test_hub_dataset_goes_through_datasets_load_dataset(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from hf_sparse.eval.data import DataSpec, iter_documents
+
+    calls = []
+
+    def fake_load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return [{"text": " = A = \n"}, {"text": "first line\n"}, {"text": "second line\n"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    docs = list(iter_documents(DataSpec("wikitext", "wikitext-103-raw-v1", "test")))
+    assert calls == [("wikitext", "wikitext-103-raw-v1", "test", True)]
+    assert [d.text for d in docs] == [" = A = \n", "first line\n", "second line\n"]
+    joined = list(iter_documents(DataSpec("hf:wikitext", "wikitext-103-raw-v1", "test", join_rows=True)))
+    assert len(joined) == 1 and joined[0].text == " = A = \nfirst line\nsecond line\n"
+    with pytest.raises(EvalError, match="no column 'article'"):
+        list(iter_documents(DataSpec("wikitext", text_column="article")))
