@@ -84,16 +84,17 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 def explicit_masks(model, layer_patterns: dict, input_ids, attention_mask=None) -> dict:
     """Per-layer ``[B, Hq, T, T]`` float masks from ``Pattern.allowed`` (per KV head, expanded over its group)."""
     b, t = input_ids.shape
-    real = torch.ones(b, t, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    dev = input_ids.device
+    real = torch.ones(b, t, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
     pos = real.long().cumsum(-1) - 1
     cfg = model.config
     hkv, group = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
     masks = {}
     for layer, pat in layer_patterns.items():
         ok = pat.allowed(pos.view(b, 1, t, 1), pos.view(b, 1, 1, t), layer=layer,
-                         kv_head=torch.arange(hkv).view(1, hkv, 1, 1), num_keys=t)
+                         kv_head=torch.arange(hkv, device=dev).view(1, hkv, 1, 1), num_keys=t)
         ok = (ok & real.view(b, 1, 1, t)).expand(b, hkv, t, t).repeat_interleave(group, dim=1)
-        masks[layer] = torch.zeros(ok.shape).masked_fill(~ok, torch.finfo(torch.float32).min)
+        masks[layer] = torch.zeros(ok.shape, device=dev).masked_fill(~ok, torch.finfo(torch.float32).min)
     return masks
 
 
@@ -221,27 +222,60 @@ def _triton_device() -> str | None:
     return None
 
 
+def decode_logits(model, ids, mask, prompt: int) -> torch.Tensor:
+    """Prefill ``prompt`` tokens into a DynamicCache, then feed the rest one token at a time (teacher
+    forcing, no argmax involved); the logits at positions ``prompt - 1 .. T - 1``."""
+    cache = DynamicCache(config=model.config)
+    pos = positions(mask)
+    with torch.no_grad():
+        out = [model(ids[:, :prompt], attention_mask=mask[:, :prompt], position_ids=pos[:, :prompt], use_cache=True,
+                     **cache_kwargs(cache)).logits[:, -1:]]
+        for s in range(prompt, ids.shape[1]):
+            out.append(model(ids[:, s : s + 1], attention_mask=mask[:, : s + 1], position_ids=pos[:, s : s + 1],
+                             use_cache=True, **cache_kwargs(cache)).logits)
+    return torch.cat(out, 1)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["longformer", "bigbird"])
 def test_triton_backend_through_the_adapter(name):
-    """backend="triton" equals the explicit-mask model (fp32; TF32 on CUDA); on CUDA also cached generation."""
+    """backend="triton" through the adapter, prefill and cached decode, against the explicit-mask model.
+
+    Under Triton's CPU interpreter the kernels compute in float32: compared tightly. On CUDA, float32 inputs
+    use TF32 inside the kernels, so the error is bounded by twice that of HF eager attention with TF32
+    matrix products (flash-attention's rule), for the full forward and for token-by-token decoding.
+    """
     device = _triton_device()
     if device is None:
         pytest.skip("needs CUDA or TRITON_INTERPRET=1 with triton installed")
     on_gpu = device == "cuda"
     # head dims in multiples of 16 for the kernels; one layer and a short sequence for the slow interpreter
-    model = tiny("llama", head_dim=16, hidden_size=64, num_hidden_layers=2 if on_gpu else 1).to(device)
+    model = tiny("llama", head_dim=16, hidden_size=64, num_hidden_layers=2 if on_gpu else 1,
+                 initializer_range=0.1 if on_gpu else 0.3).to(device)
     t = 200 if on_gpu else T
     ids = tokens(2, t).to(device)
     mask = left_padding([t, t - 37], t).to(device)
-    ref = explicit_mask_logits(model, all_layers(model, PATTERNS[name]), ids, mask)
-    patch_model(model, PATTERNS[name], backend="triton")
-    tol = 1e-2 if on_gpu else 1e-4
-    assert_real_close(run(model, ids, mask), ref, mask, atol=tol, rtol=tol)
+    layers = all_layers(model, PATTERNS[name])
+    ref = explicit_mask_logits(model, layers, ids, mask)
     if on_gpu:
-        seq_cached, scores_cached = _generate(model, ids[:, :150], mask[:, :150], use_cache=True, new=8)
-        seq_full, scores_full = _generate(model, ids[:, :150], mask[:, :150], use_cache=False, new=8)
-        torch.testing.assert_close(scores_cached, scores_full, atol=tol, rtol=tol)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            ref_tf32 = explicit_mask_logits(model, layers, ids, mask)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = False
+    patch_model(model, PATTERNS[name], backend="triton")
+    out = run(model, ids, mask)
+    if not on_gpu:
+        assert_real_close(out, ref, mask, atol=1e-4, rtol=1e-4)
+        return
+    keep = mask.bool()
+    bound = 2 * (ref_tf32 - ref)[keep].abs().max().item() + 1e-4
+    err_full = (out - ref)[keep].abs().max().item()
+    prompt = 150
+    dec = decode_logits(model, ids, mask, prompt)
+    err_decode = (dec - ref[:, prompt - 1 :])[keep[:, prompt - 1 :]].abs().max().item()
+    print(f"{name}: prefill err {err_full:.3g}, decode err {err_decode:.3g}, bound (2 x eager TF32) {bound:.3g}")
+    assert err_full <= bound and err_decode <= bound
 
 
 @pytest.mark.gpu
@@ -252,7 +286,7 @@ def test_triton_bf16_error_at_most_twice_eager(model_type):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     extra = FAMILIES[model_type] if model_type == "gemma2" else {}
-    model = tiny(model_type, head_dim=64, hidden_size=128, **extra).cuda()
+    model = tiny(model_type, head_dim=64, hidden_size=128, initializer_range=0.1, **extra).cuda()
     ids = tokens(2, 300).cuda()
     mask = left_padding([300, 211], 300).cuda()
     layers = all_layers(model, PATTERNS["bigbird"])
