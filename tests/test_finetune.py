@@ -1,0 +1,289 @@
+"""examples/finetune.py on a tiny random Llama and a small local text (CPU, offline, in-process).
+
+The model and a byte-level BPE tokenizer are built here and saved into a temporary folder, so the
+script loads them the way it loads any local model. ``finetune.main([...])`` runs in this process:
+accelerate's ``Accelerator`` works single-process on the CPU without ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+pytest.importorskip("tokenizers")
+
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SEQ = 64
+# every pattern is sparse at SEQ = 64 tokens (none of them reduces to dense causal attention)
+PATTERNS = {
+    "sliding_window": "sliding_window:window=16",
+    "longformer": "longformer:window=16,global_tokens=2",
+    "bigbird": "bigbird:block=16,window_blocks=1,global_blocks=1,random_blocks=1",
+    "dense": "dense",
+}
+WORDS = ("the river ran past old stone walls while merchants argued about prices and weather in a town where "
+         "every street had a name and every name had a story that children learned before they could read").split()
+
+
+def _load_finetune():
+    spec = importlib.util.spec_from_file_location("hf_sparse_finetune_example", ROOT / "examples" / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+finetune = _load_finetune()
+
+
+def _text(seed: int, sentences: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
+                    for _ in range(sentences))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Three documents for training (the last one is held out by default) and one for --eval-dataset."""
+    root = tmp_path_factory.mktemp("corpus")
+    train = root / "train"
+    train.mkdir()
+    for i in range(3):
+        (train / f"doc{i}.txt").write_text(_text(i, 60))
+    (root / "heldout.txt").write_text(_text(99, 40))
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, corpus) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([p.read_text() for p in sorted(corpus.rglob("*.txt"))], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(folder)
+    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny tensors: thread hand-offs cost more than they save on a small shared CPU
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    # Accelerator keeps process-wide singletons; each in-process run starts from a clean slate.
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def run(model_dir: Path, data: Path, out: Path, *extra: str, pattern: str = PATTERNS["sliding_window"]) -> int:
+    return finetune.main(["--model", str(model_dir), "--pattern", pattern, "--dataset", str(data),
+                          "--seq-len", str(SEQ), "--output-dir", str(out), "--backend", "reference",
+                          "--no-progress", *extra])
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def reload_patched(folder: Path):
+    from hf_sparse.patches import patch_model
+
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert model.config._attn_implementation != "hf_sparse"  # not saved: patch_model re-applies it
+    patch_model(model)
+    return model
+
+
+# -- units ----------------------------------------------------------------------------------------------------
+def test_packing_and_data_order_are_deterministic():
+    chunks = finetune.pack_documents([[5, 6, 7], [8, 9]], 4, prefix=[1], eos=2)
+    assert chunks.tolist() == [[1, 5, 6, 7], [2, 1, 8, 9]]  # the trailing EOS does not fill a chunk
+    data = finetune.PackedData(torch.arange(10).view(5, 2), seed=3)
+    first = data.indices(0, 12)
+    assert sorted(first[:5]) == list(range(5)) and sorted(first[5:10]) == list(range(5))  # each epoch once
+    assert first[:5] != first[5:10]  # a new order each epoch
+    assert finetune.PackedData(torch.arange(10).view(5, 2), seed=3).indices(7, 5) == first[7:12]
+    # the sample numbering does not depend on how steps are split between processes and micro steps
+    one = finetune.Layout(batch_size=2, grad_accum=2, processes=1, rank=0)
+    two = [finetune.Layout(batch_size=1, grad_accum=2, processes=2, rank=r) for r in range(2)]
+    assert one.global_batch == two[0].global_batch == 4
+    assert one.first_sample(3, 1) == 14 and [lay.first_sample(3, 1) for lay in two] == [14, 15]
+
+
+def test_heldout_split_by_documents_and_within_one_document():
+    docs = [finetune.Document(f"d{i}", f"text {i}") for i in range(20)]
+    train, held = finetune.split_heldout(docs, 0.1)
+    assert [d.doc_id for d in held] == ["d18", "d19"] and len(train) == 18
+    one = finetune.Document("book", "line one\n" * 50)
+    (train,), (held,) = finetune.split_heldout([one], 0.1)
+    assert train.text + held.text == one.text and held.text.startswith("line") and 0 < len(held.text) < 60
+
+
+# -- end to end ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_loss_goes_down_with_each_pattern(model_dir, corpus, tmp_path, name):
+    out = tmp_path / name
+    assert run(model_dir, corpus / "train", out, "--max-steps", "12", "--learning-rate", "1e-2",
+               "--warmup-steps", "2", "--batch-size", "2", "--save-every", "0", "--no-eval",
+               pattern=PATTERNS[name]) == 0
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    for r in rows:
+        assert set(r) >= {"step", "loss", "lr", "tokens_per_s", "elapsed_s", "peak_mem_gb"}
+        assert r["tokens_per_s"] > 0 and r["peak_mem_gb"] is None  # CPU
+    first = sum(r["loss"] for r in rows[:3]) / 3
+    last = sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < first - 0.5, f"{name}: loss {first:.3f} -> {last:.3f}"
+    assert rows[0]["lr"] == 0.0 and rows[2]["lr"] == pytest.approx(1e-2)  # warmup, then cosine down
+    assert rows[-1]["lr"] < rows[3]["lr"]
+    model = reload_patched(out / "final")
+    assert model.config.hf_sparse["pattern"] == finetune.parse_pattern(PATTERNS[name]).to_dict()
+    assert model.config._attn_implementation == "hf_sparse"
+    assert "hf_sparse=" in repr(model.model.layers[0].self_attn)
+
+
+@pytest.mark.parametrize("name", ["sliding_window", "bigbird"])
+def test_first_step_trains_the_patched_model_on_the_first_batch(model_dir, corpus, tmp_path, name):
+    from hf_sparse.patches import patch_model
+
+    out = tmp_path / name
+    assert run(model_dir, corpus / "train", out, "--max-steps", "1", "--batch-size", "3", "--save-every", "0",
+               "--no-eval", "--seed", "7", pattern=PATTERNS[name]) == 0
+    logged = metrics(out)[0]["loss"]
+    # the batch, rebuilt: doc0 and doc1 (doc2 is held out), BOS + text + EOS each, packed, seed 7's order
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    docs = [tok((corpus / "train" / f"doc{i}.txt").read_text(), add_special_tokens=False)["input_ids"]
+            for i in range(2)]
+    chunks = finetune.pack_documents(docs, SEQ, prefix=[tok.bos_token_id], eos=tok.eos_token_id)
+    assert chunks.shape[0] == sum(len(d) + 2 for d in docs) // SEQ
+    batch = finetune.PackedData(chunks, seed=7).batch(0, 3)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        full = model(input_ids=batch, labels=batch).loss.item()
+        patch_model(model, PATTERNS[name], backend="reference")
+        sparse = model(input_ids=batch, labels=batch).loss.item()
+    # near-uniform attention of a random model: the pattern moves the loss a little, but 20x the tolerance
+    assert logged == pytest.approx(sparse, rel=0, abs=1e-5)
+    assert abs(sparse - full) > 2e-4, (sparse, full)
+
+
+def test_eval_before_and_after_and_reload(model_dir, corpus, tmp_path):
+    out = tmp_path / "run"
+    assert run(model_dir, corpus / "train", out, "--max-steps", "10", "--learning-rate", "1e-2",
+               "--batch-size", "2", "--grad-accum", "2", "--save-every", "0", "--eval-seq-len", "128") == 0
+    heldout = [json.loads(line) for line in (out / "eval_data" / "heldout.jsonl").read_text().splitlines()]
+    assert [d["id"] for d in heldout] == ["doc2.txt"]  # the last of three documents, not trained on
+    before = json.loads((out / "eval_before.json").read_text())
+    after = json.loads((out / "eval_after.json").read_text())
+    spec = finetune.parse_pattern(PATTERNS["sliding_window"]).spec()
+    for e in (before, after):
+        assert set(e["ppl"]) == {"full", spec} and e["eval_seq_len"] == 128 and e["units"] >= 1
+        assert e["gap_pct"] == pytest.approx((e["ppl"][spec] / e["ppl"]["full"] - 1) * 100)
+        assert (Path(e["results"]).parent / "summary.md").exists()
+    assert after["ppl_before"] == before["ppl"]
+    assert after["ppl"][spec] < before["ppl"][spec]  # it learned the text's words
+    # the eval pipeline's own numbers: the fine-tuned model as saved, patched again, on the held-out windows
+    model = reload_patched(out / "final").eval()
+    from hf_sparse.eval.perplexity import perplexity, token_nll
+    from hf_sparse.eval.results import read_results
+
+    recs = [r for r in read_results(out / "eval_after" / "results.jsonl")
+            if r.get("task") == "perplexity" and r["pattern_spec"] == spec]
+    tok = transformers.AutoTokenizer.from_pretrained(out / "final")
+    ids = tok(heldout[0]["text"])["input_ids"][:128]
+    nll = token_nll(model, torch.tensor([ids]))
+    w0 = next(r for r in recs if r["item"] == "w0")
+    assert float(nll.sum()) == pytest.approx(w0["nll_sum"], rel=1e-5)
+    assert after["ppl"][spec] == pytest.approx(perplexity(sum(r["nll_sum"] for r in recs),
+                                                          sum(r["tokens"] for r in recs)), rel=1e-9)
+
+
+def test_interrupted_run_resumes_to_the_same_state(model_dir, corpus, tmp_path):
+    common = ("--max-steps", "6", "--learning-rate", "5e-3", "--warmup-steps", "1", "--batch-size", "2",
+              "--grad-accum", "2", "--save-every", "2", "--no-eval")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run(model_dir, corpus / "train", whole, *common) == 0
+    # "killed" after step 5: steps 1-5 logged, last checkpoint at step 4 (step 2 rotated out by the limit of 2)
+    assert run(model_dir, corpus / "train", parts, *common, "--stop-at-step", "5") == 0
+    assert [r["step"] for r in metrics(parts)] == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in (parts / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    assert not (parts / "final").exists()
+    state = json.loads((parts / "checkpoints" / "step_4" / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["data"] == {"next_sample": 16, "global_batch": 4}
+    # without --resume the folder is not silently reused
+    assert run(model_dir, corpus / "train", parts, *common) == 2
+    # with other options it refuses to resume
+    assert run(model_dir, corpus / "train", parts, *common[:-1], "--seed", "1", "--no-eval", "--resume") == 2
+    assert run(model_dir, corpus / "train", parts, *common, "--resume") == 0
+    a, b = metrics(whole), metrics(parts)
+    assert [r["step"] for r in b] == list(range(1, 7))  # step 5 redone, logged once
+    for ra, rb in zip(a, b):
+        assert (ra["step"], ra["loss"], ra["lr"]) == (rb["step"], rb["loss"], rb["lr"])
+    wa, wb = weights(whole / "final"), weights(parts / "final")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=k)
+    assert sorted(p.name for p in (whole / "checkpoints").iterdir()) == ["step_4", "step_6"]
+
+
+def test_lora_merges_and_keeps_the_pattern(model_dir, corpus, tmp_path):
+    pytest.importorskip("peft")
+    out = tmp_path / "lora"
+    pattern = PATTERNS["longformer"]
+    assert run(model_dir, corpus / "train", out, "--lora", "--lora-r", "4", "--max-steps", "4",
+               "--learning-rate", "1e-2", "--save-every", "2", "--no-eval", "--gradient-checkpointing",
+               pattern=pattern) == 0
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["hf_sparse"]["pattern"] == finetune.parse_pattern(pattern).to_dict()
+    merged = weights(out / "final")
+    assert not any("lora" in k for k in merged)  # a plain transformers model
+    base = weights(model_dir)
+    changed = [k for k in base if not torch.equal(base[k], merged[k])]
+    assert changed and all(k.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj") for k in changed)
+    model = reload_patched(out / "final")
+    assert model.config.hf_sparse["pattern"]["type"] == "longformer"
+
+
+def test_errors_are_one_line(model_dir, corpus, tmp_path, capsys):
+    assert run(model_dir, corpus / "train", tmp_path / "x", pattern="sliding_window:window=0") == 2
+    assert "window must be an integer >= 1" in capsys.readouterr().err
+    assert run(model_dir, corpus / "train", tmp_path / "x", "--resume") == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert run(model_dir, corpus / "train", tmp_path / "x", "--seq-len", "100000", "--no-eval") == 2
+    assert "shorter than --seq-len" in capsys.readouterr().err
