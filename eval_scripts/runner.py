@@ -115,8 +115,24 @@ class _Run:
                 warnings.warn(f"context length {length} is beyond the model's trained length "
                               f"(max_position_embeddings={self.max_pos}); full attention may break down there",
                               stacklevel=2)
+        self._check_patchable()
         self.env = environment_info(self.device)
         torch.manual_seed(o.seed)
+
+    def _check_patchable(self) -> None:
+        """Patch and unpatch once per sparse pattern, so an unsupported model stops here, not mid-run."""
+        sparse = [c for c in self.opts.patterns if not c.is_baseline]
+        if not sparse:
+            return
+        patch_model, unpatch_model = _patch_api()
+        for choice in sparse:
+            try:
+                patch_model(self.model, choice.pattern, backend=self.opts.backend)
+            except (ValueError, TypeError, NotImplementedError, RuntimeError) as err:
+                raise EvalError(f"cannot apply {choice.label!r} to {self.source.label}: {err}") from err
+            finally:
+                if getattr(self.model.config, "hf_sparse", None) is not None:
+                    unpatch_model(self.model)
 
     def _prepare_corpus(self) -> None:
         o = self.opts

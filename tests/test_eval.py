@@ -250,6 +250,22 @@ def test_bad_inputs_stop_before_any_work(model_dir, files, tmp_path, capsys, ext
     assert not (tmp_path / "out" / "results.jsonl").exists()
 
 
+def test_unsupported_model_stops_before_any_work(model_dir, files, tmp_path, capsys):
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    cfg = GPT2Config(vocab_size=700, n_embd=32, n_layer=1, n_head=2, n_positions=256)
+    GPT2LMHeadModel(cfg).save_pretrained(gpt2)
+    for f in model_dir.glob("tokenizer*"):
+        shutil.copy(f, gpt2)
+    assert run(gpt2, files, tmp_path / "out", "--patterns", "full,sliding_window:window=8",
+               "--context-lengths", "32") == 2
+    assert "cannot apply 'sliding_window:window=8'" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
 def test_bad_device_and_empty_dataset(model_dir, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["perplexity", "--model", str(model_dir), "--device", "cuda", "--out", str(tmp_path)]) == 2
