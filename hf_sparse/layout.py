@@ -133,7 +133,7 @@ def block_layout(
     ``q_offset + i``). The candidate tiles come from :func:`key_ranges` and the random blocks; each is
     then checked against :meth:`Pattern.allowed`, so the result is exact. Cost ``O(T * visited)``.
     """
-    nqt, nkt = ceil_div(num_queries, block_m), ceil_div(num_keys, block_n)
+    nqt = ceil_div(num_queries, block_m)
     heads = torch.arange(kv_heads, device=device)
     rows_all = torch.arange(block_m, device=device)
     cols_all = torch.arange(block_n, device=device)

@@ -23,7 +23,6 @@ Non-causal (encoder) variants use the symmetric rule ``|i - j| < W``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 

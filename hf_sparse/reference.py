@@ -109,6 +109,8 @@ class SeqLayout:
 
 def _chunks(p_lo: int, p_hi: int, chunk: int):
     """Position chunks ``[c0, c1)`` covering ``[p_lo, p_hi)``, aligned to ``chunk``."""
+    if p_hi <= p_lo:
+        return
     c = (p_lo // chunk) * chunk
     while c < p_hi:
         yield max(c, p_lo), min(c + chunk, p_hi)
@@ -158,12 +160,23 @@ def _chunk_scores(pattern, qc, kb, kpos, c0, c1, n, scale, softcap, layer, acc):
     return raw, mask, safe, ksel
 
 
-def blockwise_forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float, seq: SeqLayout, layer: int = 0):
-    """Returns ``(out [B, Hq, Tq, D] in q.dtype, lse [B, Hq, Tq] float32)``; ``lse = +inf`` on empty rows."""
+def _acc_dtype(q: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
+    if compute_dtype is not None:
+        return compute_dtype
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def blockwise_forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float, seq: SeqLayout, layer: int = 0,
+                      compute_dtype: torch.dtype | None = None):
+    """Returns ``(out [B, Hq, Tq, D] in q.dtype, lse [B, Hq, Tq])``; ``lse = +inf`` on empty rows.
+
+    Arithmetic runs in float32 (float64 for float64 inputs) unless ``compute_dtype`` says otherwise
+    (tests use ``bfloat16`` to measure PyTorch's own error in that dtype).
+    """
     bsz, hq, tq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(q, compute_dtype)
     out = torch.zeros(bsz, hq, tq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.full((bsz, hq, tq), float("inf"), dtype=acc, device=q.device)
     chunk = _chunk_size(pattern)
@@ -194,12 +207,12 @@ def blockwise_forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float
 
 
 def blockwise_backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: float, seq: SeqLayout,
-                       layer: int = 0):
+                       layer: int = 0, compute_dtype: torch.dtype | None = None):
     """Gradients ``(dq, dk, dv)`` by recomputation chunk by chunk (FlashAttention-2 style)."""
     bsz, hq, tq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(q, compute_dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)

@@ -146,9 +146,8 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
         HEAD_DIM=c["d"], BLOCK_D=c["block_d"], BLOCK_M=pre_m,
     )
     # padded query rows are never visited by the dQ kernel: their gradient is zero
-    dq = torch.zeros_like(q) if c["varlen"] else torch.empty_like(q)
-    dk = torch.zeros_like(k) if c["varlen"] else torch.empty_like(k)
-    dv = torch.zeros_like(v) if c["varlen"] else torch.empty_like(v)
+    alloc = torch.zeros if c["varlen"] else torch.empty
+    dq, dk, dv = (alloc(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))  # contiguous
     table, ptr, idx = c["tables"]
     common = dict(
         KIND=p["KIND"], CAUSAL=pattern.causal, VARLEN=c["varlen"], HAS_SOFTCAP=bool(softcap),
@@ -157,7 +156,7 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
     cfg = _cfg("dq", c, q.dtype)
     _bwd_dq_kernel[(ceil_div(c["tq"], cfg.block_m) + 1, c["b"] * c["hq"])](
         q, k, v, do, dq, lse, delta, c["k_shift"], c["k_len"], table,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), table.stride(2),
         c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap, c["bucket"],
         **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -254,7 +254,7 @@ def _fwd_kernel(
     hk = h // GROUP
     k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, m_lo = _tile_setup(
         pid_m, b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, BLOCK_M)
-    if m_lo < p_end:
+    if (m_lo < p_end) & (p_first < p_end):
         m_lo_eff = tl.maximum(m_lo, p_first)
         m_hi = tl.minimum(m_lo + BLOCK_M, p_end)
         offs_m = tl.arange(0, BLOCK_M)
@@ -354,6 +354,7 @@ def _bwd_dq_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_rb, stride_rh, stride_rq,
     Tq, Tk, q_offset, H, W, G, WB, sm_scale, softcap, TQ_BUCKET,
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -367,7 +368,7 @@ def _bwd_dq_kernel(
     hk = h // GROUP
     k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, m_lo = _tile_setup(
         pid_m, b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, BLOCK_M)
-    if m_lo < p_end:
+    if (m_lo < p_end) & (p_first < p_end):
         m_lo_eff = tl.maximum(m_lo, p_first)
         m_hi = tl.minimum(m_lo + BLOCK_M, p_end)
         offs_m = tl.arange(0, BLOCK_M)
@@ -401,7 +402,7 @@ def _bwd_dq_kernel(
                       ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, nm,
                       KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB)
         dq = dq * sm_scale
-        tl.store(DQ + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
                  dq.to(DQ.dtype.element_ty), mask=mask_qd)
 
 

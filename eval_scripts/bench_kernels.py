@@ -1,0 +1,266 @@
+"""Kernel benchmark: hf_sparse's Triton kernels against SDPA (dense causal) and FlexAttention.
+
+    hf-sparse-eval bench-kernels [--shapes 32/8/128,9/3/64] [--seq-lens 8192,32768,65536]
+                                 [--fwd-only-seq-lens 131072] [--out results/kernels.jsonl]
+    python -m hf_sparse.eval.bench_kernels ...
+
+For each head shape, length and pattern it times, in one process: our kernels, FlexAttention
+compiled with the same pattern as a ``BlockMask`` (built from :func:`hf_sparse.block_layout`, so the
+same tiles are full or partial), and ``F.scaled_dot_product_attention`` with ``is_causal=True``
+(cuDNN/flash, the dense baseline). Forward and forward+backward. FLOPs count only attended pairs:
+``4 * D * Hq * pairs`` forward and 2.5x that backward. Each measured row is appended to the JSONL
+file with the GPU, versions and commit; a table is printed at the end. Outputs of ours and Flex are
+compared on every measured configuration (a wrong fast kernel is not a result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hf_sparse import BigBird, Dense, Pattern, block_layout, parse_pattern, sparse_attention
+
+DEFAULT_PATTERNS = "sliding_window:window=4096;longformer:window=4096,global_tokens=4;bigbird;dense"
+
+
+def _env() -> dict[str, Any]:
+    from .results import environment_info
+
+    env = environment_info(torch.device("cuda"))
+    if os.environ.get("HF_SPARSE_COMMIT"):  # the GPU machine gets a copy of the tree without .git
+        env["commit"] = os.environ["HF_SPARSE_COMMIT"]
+    return env
+
+
+def _bench(fn, *, grad_to_none=None) -> tuple[float, float, float]:
+    import triton
+
+    q = triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
+    return tuple(float(x) for x in q)  # median, p20, p80 in ms
+
+
+def pattern_layout(pattern: Pattern, t: int, hkv: int, device):
+    """``(layout or None, attended pairs per query head)``; Dense skips the O(T^2) layout walk."""
+    if isinstance(pattern, Dense):
+        pairs = t * (t + 1) // 2 if pattern.causal else t * t
+        return None, pairs
+    tile = pattern.block if isinstance(pattern, BigBird) else 128
+    heads = hkv if isinstance(pattern, BigBird) and pattern.random_blocks else 1
+    lay = block_layout(pattern, t, t, block_m=tile, block_n=tile, kv_heads=heads, device=device)
+    return lay, int(lay.pairs.sum()) // heads
+
+
+def flex_block_mask(pattern: Pattern, lay, t: int, hq: int, hkv: int, device) -> Any:
+    """A FlexAttention ``BlockMask`` with exactly our tile layout (full tiles need no mask_mod)."""
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+    if lay is None:  # dense causal
+        return create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx, None, None, t, t, device=device)
+    tile = lay.block_m
+    nkt = -(-t // tile)
+    idx, full = lay.kv_index.long(), lay.kv_full
+    valid = idx >= 0
+
+    def dense_order(sel):
+        count = sel.sum(-1).to(torch.int32)
+        key = torch.where(sel, idx, torch.full_like(idx, nkt + 1))
+        order, _ = key.sort(-1)
+        out = torch.zeros(*idx.shape[:-1], nkt, dtype=torch.int32, device=device)
+        width = min(order.shape[-1], nkt)
+        out[..., :width] = order[..., :width].clamp_max(nkt - 1).to(torch.int32)
+        return count, out
+
+    part_n, part_i = dense_order(valid & ~full)
+    full_n, full_i = dense_order(valid & full)
+    if idx.shape[0] > 1:  # per KV head -> per query head
+        rep = hq // hkv
+        part_n, part_i, full_n, full_i = (x.repeat_interleave(rep, 0) for x in (part_n, part_i, full_n, full_i))
+    w = getattr(pattern, "window", None) or t + 1
+    w_t = torch.tensor(w, device=device)
+    g_t = torch.tensor(pattern.global_tokens_total, device=device)
+
+    def mask_mod(b, h, q_idx, kv_idx):  # only partial tiles evaluate it: the window edge and the diagonal
+        return (kv_idx <= q_idx) & ((q_idx - kv_idx < w_t) | (kv_idx < g_t))
+
+    return BlockMask.from_kv_blocks(part_n[None], part_i[None], full_n[None], full_i[None], BLOCK_SIZE=tile,
+                                    mask_mod=mask_mod, seq_lengths=(t, t))
+
+
+def run(args) -> list[dict[str, Any]]:
+    if not torch.cuda.is_available():
+        raise SystemExit("bench-kernels needs a CUDA GPU")
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch._dynamo.config.cache_size_limit = 256
+    flex = torch.compile(flex_attention)
+    dev = torch.device("cuda")
+    env = _env()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    patterns = [parse_pattern(p) for p in args.patterns.split(";")]
+    shapes = [tuple(int(x) for x in s.split("/")) for s in args.shapes.split(",")]
+    lens = [int(x) for x in args.seq_lens.split(",") if x]
+    fwd_only = [int(x) for x in args.fwd_only_seq_lens.split(",") if x]
+    impls = args.impls.split(",")
+    flex_lens = {int(x) for x in args.flex_seq_lens.split(",") if x} if args.flex_seq_lens else None
+    rows: list[dict[str, Any]] = []
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    command = "hf-sparse-eval bench-kernels " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    t_start = time.monotonic()
+    order = list(dict.fromkeys(lens + fwd_only))  # the order given: put the lengths that matter first
+    for hq, hkv, d in shapes:
+        for t in order:
+            passes = ["fwd"] if t in fwd_only and t not in lens else ["fwd", "fwd_bwd"]
+            passes = [p for p in passes if p in args.passes.split(",")]
+            gen = torch.Generator(device=dev).manual_seed(t)
+            q = torch.randn(1, hq, t, d, device=dev, dtype=dtype, generator=gen)
+            k = torch.randn(1, hkv, t, d, device=dev, dtype=dtype, generator=gen)
+            v = torch.randn(1, hkv, t, d, device=dev, dtype=dtype, generator=gen)
+            do = torch.randn(1, hq, t, d, device=dev, dtype=dtype, generator=gen)
+            dense_pairs = t * (t + 1) // 2
+            cases: list[tuple[str, Pattern | None]] = []
+            if "sdpa" in impls:
+                cases.append(("sdpa", None))
+            for pat in patterns:
+                for impl in ("hf_sparse", "flex"):
+                    if impl in impls and not (impl == "flex" and flex_lens is not None and t not in flex_lens):
+                        cases.append((impl, pat))
+            ref_out: dict[str, torch.Tensor] = {}
+            layouts: dict[str, Any] = {}
+            for impl, pat in cases:
+                if args.deadline_s and time.monotonic() - t_start > args.deadline_s and impl == "flex":
+                    print(f"deadline: flex {pat.spec()} T={t} {hq}/{hkv}/{d} not run", flush=True)
+                    continue
+                if impl == "sdpa":
+                    fn = lambda q_, k_, v_: F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, enable_gqa=True)
+                    pairs = dense_pairs
+                    spec = "dense_causal"
+                else:
+                    spec = pat.spec()
+                    if spec not in layouts:
+                        layouts[spec] = pattern_layout(pat, t, hkv, dev)
+                    lay, pairs = layouts[spec]
+                    if impl == "hf_sparse":
+                        fn = lambda q_, k_, v_, p=pat: sparse_attention(q_, k_, v_, p, backend="triton")
+                    else:
+                        bm = flex_block_mask(pat, lay, t, hq, hkv, dev)
+                        fn = lambda q_, k_, v_, bm=bm: flex(q_, k_, v_, block_mask=bm, enable_gqa=True)
+                for ps in passes:
+                    torch.cuda.synchronize()
+                    try:
+                        if ps == "fwd":
+                            with torch.no_grad():
+                                o = fn(q, k, v)
+                                if impl != "sdpa":
+                                    ref_out.setdefault(spec, o.float())
+                                    err = float((o.float() - ref_out[spec]).abs().max())
+                                else:
+                                    err = None
+                                torch.cuda.synchronize()
+                                base = torch.cuda.memory_allocated()
+                                torch.cuda.reset_peak_memory_stats()
+                                fn(q, k, v)
+                                torch.cuda.synchronize()
+                                peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+                                med, p20, p80 = _bench(lambda: fn(q, k, v))  # noqa: B023 (called at once)
+                            flops = 4 * d * hq * pairs
+                        else:
+                            qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+
+                            def step():
+                                fn(qg, kg, vg).backward(do)  # noqa: B023 (called at once)
+
+                            step()
+                            torch.cuda.synchronize()
+                            base = torch.cuda.memory_allocated()
+                            torch.cuda.reset_peak_memory_stats()
+                            step()
+                            torch.cuda.synchronize()
+                            peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+                            med, p20, p80 = _bench(step, grad_to_none=[qg, kg, vg])
+                            flops = 3.5 * 4 * d * hq * pairs
+                            err = None
+                    except torch.OutOfMemoryError:
+                        print(f"OOM: {impl} {spec} T={t} {ps}", flush=True)
+                        torch.cuda.empty_cache()
+                        continue
+                    row = dict(
+                        impl=impl, pattern=spec, **{"pass": ps}, seq_len=t, head_dim=d, q_heads=hq, kv_heads=hkv,
+                        batch=1, dtype=args.dtype, median_ms=med, p20_ms=p20, p80_ms=p80,
+                        tflops=flops / (med * 1e-3) / 1e12, attended_pairs=pairs, density=pairs / dense_pairs,
+                        peak_mem_gb=peak, max_abs_diff_vs_first_impl=err, gpu=env["device_name"],
+                        torch=env["torch"], triton=env["triton"], commit=env["commit"], command=command,
+                        time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    )
+                    rows.append(row)
+                    with out_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(f"{impl:>9} {spec[:40]:<40} T={t:>6} {hq}/{hkv}/{d} {ps:<7} {med:8.3f} ms "
+                          f"{row['tflops']:6.1f} TF/s mem {peak:6.2f} GB"
+                          + (f" diff {err:.2e}" if err is not None else ""), flush=True)
+            q = k = v = do = None  # free before the next length
+            torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table: ours vs Flex vs SDPA per (shape, length, pattern, pass)."""
+    idx = {(r["impl"], r["pattern"], r["pass"], r["seq_len"], r["q_heads"], r["kv_heads"], r["head_dim"]): r
+           for r in rows}
+    lines = ["| heads q/kv/D | T | pattern | pass | ours ms | ours TF/s | flex ms | vs flex | sdpa ms | vs sdpa "
+             "| ours peak GB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["impl"] != "hf_sparse":
+            continue
+        key = (r["pattern"], r["pass"], r["seq_len"], r["q_heads"], r["kv_heads"], r["head_dim"])
+        fx = idx.get(("flex", *key))
+        sd = idx.get(("sdpa", "dense_causal", *key[1:]))
+        lines.append(
+            f"| {r['q_heads']}/{r['kv_heads']}/{r['head_dim']} | {r['seq_len']} | {r['pattern']} | {r['pass']} | "
+            f"{r['median_ms']:.3f} | {r['tflops']:.0f} | {fx['median_ms'] if fx else float('nan'):.3f} | "
+            f"{(fx['median_ms'] / r['median_ms']) if fx else float('nan'):.2f}x | "
+            f"{sd['median_ms'] if sd else float('nan'):.3f} | "
+            f"{(sd['median_ms'] / r['median_ms']) if sd else float('nan'):.2f}x | {r['peak_mem_gb']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hf-sparse-eval bench-kernels", description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="32/8/128,9/3/64", help="q_heads/kv_heads/head_dim list [%(default)s]")
+    p.add_argument("--seq-lens", default="65536,32768,8192",
+                   help="forward and forward+backward, run in this order [%(default)s]")
+    p.add_argument("--fwd-only-seq-lens", default="131072", help="forward only [%(default)s]")
+    p.add_argument("--flex-seq-lens", default="", help="time FlexAttention only at these lengths (default: all)")
+    p.add_argument("--patterns", default=DEFAULT_PATTERNS, help="';'-separated pattern strings [%(default)s]")
+    p.add_argument("--impls", default="hf_sparse,flex,sdpa", help="[%(default)s]")
+    p.add_argument("--passes", default="fwd,fwd_bwd", help="[%(default)s]")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--out", default="results/kernels.jsonl", help="rows are appended here [%(default)s]")
+    p.add_argument("--markdown", default=None, help="also write the table to this file")
+    p.add_argument("--deadline-s", type=float, default=0,
+                   help="after this many seconds, skip the remaining FlexAttention runs (compiles are slow) [off]")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    rows = run(args)
+    md = table(rows)
+    print(md)
+    if args.markdown:
+        Path(args.markdown).write_text(md + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
