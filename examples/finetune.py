@@ -472,8 +472,10 @@ def train(args) -> int:
     layout = Layout(args.batch_size, args.grad_accum, accelerator.num_processes, accelerator.process_index)
     tokens_per_step = layout.global_batch * args.seq_len
     epochs = args.max_steps * layout.global_batch / len(data)
-    _log(accelerator, f"training data: {len(corpus.docs)} documents, {len(data)} sequences of {args.seq_len} tokens; "
-                      f"{args.max_steps} steps x {layout.global_batch} sequences = {epochs:.2f} epochs")
+    _log(accelerator, f"{accelerator.distributed_type.value} on {accelerator.num_processes} process(es), mixed precision "
+                      f"{accelerator.mixed_precision}; training data: {len(corpus.docs)} documents, {len(data)} "
+                      f"sequences of {args.seq_len} tokens; {args.max_steps} steps x {layout.global_batch} sequences "
+                      f"= {epochs:.2f} epochs")
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
         if saved_state is None:

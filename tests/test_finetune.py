@@ -262,6 +262,32 @@ def test_interrupted_run_resumes_to_the_same_state(model_dir, corpus, tmp_path):
     assert sorted(p.name for p in (whole / "checkpoints").iterdir()) == ["step_4", "step_6"]
 
 
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_the_same_global_batch(model_dir, corpus, tmp_path):
+    """DDP through accelerate (gloo, 2 CPU processes, launched by torchrun) against one process with the
+    same global batch: same samples per step, same losses, same weights up to float summation order."""
+    import os
+    import subprocess
+
+    common = ["--model", str(model_dir), "--pattern", PATTERNS["bigbird"], "--dataset", str(corpus / "train"),
+              "--seq-len", str(SEQ), "--backend", "reference", "--no-progress", "--no-eval", "--max-steps", "4",
+              "--learning-rate", "1e-2", "--grad-accum", "2", "--save-every", "0"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "examples" / "finetune.py"), *common, "--batch-size", "1", "--output-dir", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on 2 process(es)" in proc.stderr
+    assert finetune.main([*common, "--batch-size", "2", "--output-dir", str(tmp_path / "one")]) == 0
+    ddp, one = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
+    assert [r["step"] for r in ddp] == [1, 2, 3, 4]
+    for a, b in zip(ddp, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == b["lr"]
+    wa, wb = weights(tmp_path / "ddp" / "final"), weights(tmp_path / "one" / "final")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_lora_merges_and_keeps_the_pattern(model_dir, corpus, tmp_path):
     pytest.importorskip("peft")
     out = tmp_path / "lora"
