@@ -94,9 +94,60 @@ def flex_block_mask(pattern: Pattern, lay, t: int, hq: int, hkv: int, device) ->
                                     mask_mod=mask_mod, seq_lengths=(t, t))
 
 
+def sweep(args, dev, shape: tuple[int, int, int]) -> dict[str, str]:
+    """Time fwd / fwd+bwd for candidate tile configs on one head shape; keep the fastest per (kernel,
+    kind) as the override for the runs of that shape."""
+    from hf_sparse.kernels import configs
+
+    chosen: dict[str, str] = {}
+    t = args.sweep_seq_len
+    for hq, hkv, d in [shape]:
+        q = torch.randn(1, hq, t, d, device=dev, dtype=torch.bfloat16)
+        k = torch.randn(1, hkv, t, d, device=dev, dtype=torch.bfloat16)
+        v = torch.randn(1, hkv, t, d, device=dev, dtype=torch.bfloat16)
+        do = torch.randn_like(q)
+        for spec in args.sweep_patterns.split(";"):
+            pat = parse_pattern(spec)
+            kind = 1 if isinstance(pat, BigBird) else 0
+            for item in args.sweep.split(";"):
+                kernel = item.partition("=")[0].partition("@")[0]
+                cands = [configs.parse_override(f"{kernel}={c}")[2] for c in item.partition("=")[2].split("|")]
+                best = None
+                for cfg in cands:
+                    if kind == 1 and (cfg.block_m > pat.block or cfg.block_n > pat.block):
+                        continue
+                    configs.override(kernel, cfg, kind=kind)
+                    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+                    try:
+                        if kernel == "fwd":
+                            with torch.no_grad():
+                                ms = _bench(lambda: sparse_attention(q, k, v, pat, backend="triton"))[0]  # noqa: B023
+                        else:
+                            ms = _bench(lambda: sparse_attention(qg, kg, vg, pat, backend="triton").backward(do),  # noqa: B023
+                                        grad_to_none=[qg, kg, vg])[0]
+                    except Exception as err_:
+                        print(f"sweep {kernel} {cfg} failed: {type(err_).__name__}", flush=True)
+                        continue
+                    print(f"sweep {hq}/{hkv}/{d} {spec} T={t} {kernel} {cfg}: {ms:.3f} ms", flush=True)
+                    if best is None or ms < best[0]:
+                        best = (ms, cfg)
+                if best is not None:
+                    configs.override(kernel, best[1], kind=kind)
+                    c = best[1]
+                    chosen[f"{kernel}@{kind}"] = f"{c.block_m},{c.block_n},{c.num_warps},{c.num_stages}"
+        q = k = v = do = None
+        torch.cuda.empty_cache()
+    return chosen
+
+
 def run(args) -> list[dict[str, Any]]:
     if not torch.cuda.is_available():
         raise SystemExit("bench-kernels needs a CUDA GPU")
+    from hf_sparse.kernels import configs
+
+    for item in args.config:
+        kernel, kind, cfg = configs.parse_override(item)
+        configs.override(kernel, cfg, kind=kind)
     from torch.nn.attention.flex_attention import flex_attention
 
     torch._dynamo.config.cache_size_limit = 256
@@ -117,6 +168,10 @@ def run(args) -> list[dict[str, Any]]:
     t_start = time.monotonic()
     order = list(dict.fromkeys(lens + fwd_only))  # the order given: put the lengths that matter first
     for hq, hkv, d in shapes:
+        sweep_here = args.sweep and (not args.sweep_shapes or f"{hq}/{hkv}/{d}" in args.sweep_shapes.split(","))
+        chosen = sweep(args, dev, (hq, hkv, d)) if sweep_here else {}
+        if chosen:
+            print(f"configs for {hq}/{hkv}/{d}: {chosen}", flush=True)
         for t in order:
             passes = ["fwd"] if t in fwd_only and t not in lens else ["fwd", "fwd_bwd"]
             passes = [p for p in passes if p in args.passes.split(",")]
@@ -152,7 +207,13 @@ def run(args) -> list[dict[str, Any]]:
                         fn = lambda q_, k_, v_, p=pat: sparse_attention(q_, k_, v_, p, backend="triton")
                     else:
                         bm = flex_block_mask(pat, lay, t, hq, hkv, dev)
-                        fn = lambda q_, k_, v_, bm=bm: flex(q_, k_, v_, block_mask=bm, enable_gqa=True)
+                        opts = None
+                        if lay is not None and lay.block_m < 128:  # flex tiles must divide the sparse block
+                            b_ = lay.block_m
+                            opts = dict(BLOCK_M=b_, BLOCK_N=b_, BLOCK_M1=b_ // 2, BLOCK_N1=b_, BLOCK_M2=b_,
+                                        BLOCK_N2=b_ // 2)
+                        fn = lambda q_, k_, v_, bm=bm, o=opts: flex(q_, k_, v_, block_mask=bm, enable_gqa=True,
+                                                                    kernel_options=o)
                 for ps in passes:
                     torch.cuda.synchronize()
                     try:
@@ -188,8 +249,9 @@ def run(args) -> list[dict[str, Any]]:
                             med, p20, p80 = _bench(step, grad_to_none=[qg, kg, vg])
                             flops = 3.5 * 4 * d * hq * pairs
                             err = None
-                    except torch.OutOfMemoryError:
-                        print(f"OOM: {impl} {spec} T={t} {ps}", flush=True)
+                    except Exception as err_:  # one failing case (OOM, a compile error) must not end the run
+                        print(f"FAILED: {impl} {spec} T={t} {hq}/{hkv}/{d} {ps}: {type(err_).__name__}: "
+                              f"{str(err_).splitlines()[0][:300] if str(err_) else ''}", flush=True)
                         torch.cuda.empty_cache()
                         continue
                     row = dict(
@@ -197,6 +259,7 @@ def run(args) -> list[dict[str, Any]]:
                         batch=1, dtype=args.dtype, median_ms=med, p20_ms=p20, p80_ms=p80,
                         tflops=flops / (med * 1e-3) / 1e12, attended_pairs=pairs, density=pairs / dense_pairs,
                         peak_mem_gb=peak, max_abs_diff_vs_first_impl=err, gpu=env["device_name"],
+                        tile_configs=chosen or None,
                         torch=env["torch"], triton=env["triton"], commit=env["commit"], command=command,
                         time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     )
@@ -246,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--out", default="results/kernels.jsonl", help="rows are appended here [%(default)s]")
     p.add_argument("--markdown", default=None, help="also write the table to this file")
+    p.add_argument("--config", action="append", default=[],
+                   help="tile config override, e.g. dkdv=64,128,8,2 or dkdv@1=32,64,4,2 (BigBird only); repeatable")
+    p.add_argument("--sweep", default="", help="candidates per kernel before the run, e.g. "
+                   "'dq=64,64,4,3|128,64,8,2;dkdv=32,64,8,2|64,128,8,2' (timed at --sweep-seq-len)")
+    p.add_argument("--sweep-seq-len", type=int, default=65536)
+    p.add_argument("--sweep-shapes", default="", help="sweep only these q/kv/D shapes (default: all)")
+    p.add_argument("--sweep-patterns", default="sliding_window:window=4096;bigbird")
     p.add_argument("--deadline-s", type=float, default=0,
                    help="after this many seconds, skip the remaining FlexAttention runs (compiles are slow) [off]")
     return p

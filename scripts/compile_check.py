@@ -89,8 +89,8 @@ def main(argv=None) -> int:
     from hf_sparse import parse_pattern
     from hf_sparse.kernels import configs
     for item in args.config:
-        kern, _, vals = item.partition("=")
-        configs.override(kern, configs.KernelConfig(*map(int, vals.split(","))))
+        kern, kind, cfg = configs.parse_override(item)
+        configs.override(kern, cfg, kind=kind)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     os.environ.pop("TRITON_INTERPRET", None)
     sink = []

@@ -26,23 +26,34 @@ _TABLE: dict[tuple[str, int], KernelConfig] = {
     ("fwd", 64): KernelConfig(128, 64, 8, 3),
     ("fwd", 128): KernelConfig(128, 64, 8, 3),
     ("fwd", 256): KernelConfig(64, 32, 4, 2),
-    ("dq", 64): KernelConfig(64, 64, 4, 3),
+    ("dq", 64): KernelConfig(128, 64, 8, 2),
     ("dq", 128): KernelConfig(64, 64, 4, 3),
     ("dq", 256): KernelConfig(32, 32, 4, 2),
-    ("dkdv", 64): KernelConfig(64, 64, 8, 2),
+    ("dkdv", 64): KernelConfig(64, 128, 8, 2),
     ("dkdv", 128): KernelConfig(32, 64, 8, 2),
     ("dkdv", 256): KernelConfig(16, 32, 4, 2),
 }
 
-_OVERRIDES: dict[str, KernelConfig] = {}
+_OVERRIDES: dict[tuple[str, int | None], KernelConfig] = {}
 
 
-def override(kernel: str, config: KernelConfig | None) -> None:
-    """Force a config for ``kernel`` ("fwd", "dq", "dkdv"); ``None`` removes the override."""
+def override(kernel: str, config: KernelConfig | None, *, kind: int | None = None) -> None:
+    """Force a config for ``kernel`` ("fwd", "dq", "dkdv"), for one pattern kind (0: window/dense,
+    1: BigBird) or all; ``None`` removes the override."""
     if config is None:
-        _OVERRIDES.pop(kernel, None)
+        _OVERRIDES.pop((kernel, kind), None)
     else:
-        _OVERRIDES[kernel] = config
+        _OVERRIDES[(kernel, kind)] = config
+
+
+def parse_override(text: str) -> tuple[str, int | None, KernelConfig]:
+    """``"dkdv=64,128,8,2"`` or ``"dkdv@1=32,64,4,2"`` (kind 1 only) -> (kernel, kind, config)."""
+    name, _, vals = text.partition("=")
+    kernel, _, kind = name.partition("@")
+    nums = [int(x) for x in vals.split(",")]
+    if kernel not in ("fwd", "dq", "dkdv") or len(nums) != 4:
+        raise ValueError(f"bad kernel config {text!r}; use e.g. dkdv=64,128,8,2 (block_m,block_n,warps,stages)")
+    return kernel, int(kind) if kind else None, KernelConfig(*nums)
 
 
 def pick_config(kernel: str, *, head_dim: int, kind: int, blk: int, dtype: torch.dtype, seq_bucket: int,
@@ -50,12 +61,14 @@ def pick_config(kernel: str, *, head_dim: int, kind: int, blk: int, dtype: torch
     if interpret:
         # the interpreter runs tiles in numpy: small tiles keep the CPU tests fast
         return KernelConfig(16, 16, 1, 1)
-    cfg = _OVERRIDES.get(kernel)
+    cfg = _OVERRIDES.get((kernel, kind), _OVERRIDES.get((kernel, None)))
     if cfg is None:
         bucket = 64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)
         cfg = _TABLE[(kernel, bucket)]
         if dtype == torch.float32:  # fp32 tiles take twice the shared memory
             cfg = KernelConfig(max(cfg.block_m // 2, 16), max(cfg.block_n // 2, 16), cfg.num_warps, 2)
-    if kind == 1:  # BigBird: a tile may not straddle two pattern blocks
-        cfg = KernelConfig(min(cfg.block_m, blk), min(cfg.block_n, blk), cfg.num_warps, cfg.num_stages)
+    if kind == 1 and (cfg.block_m > blk or cfg.block_n > blk):  # BigBird: a tile may not straddle two blocks
+        bm, bn = min(cfg.block_m, blk), min(cfg.block_n, blk)
+        rows = bn if kernel == "dkdv" else bm  # the M side of the kernel's matrix products
+        cfg = KernelConfig(bm, bn, min(cfg.num_warps, 4 * max(rows // 64, 1)), cfg.num_stages)
     return cfg
