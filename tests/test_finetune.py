@@ -203,6 +203,16 @@ def test_first_step_trains_the_patched_model_on_the_first_batch(model_dir, corpu
     assert abs(sparse - full) > 2e-4, (sparse, full)
 
 
+def test_bf16_mixed_precision(model_dir, corpus, tmp_path):
+    # accelerate's autocast hands the attention function float32 query/key and a bfloat16 value
+    out = tmp_path / "bf16"
+    assert run(model_dir, corpus / "train", out, "--max-steps", "8", "--learning-rate", "1e-2", "--batch-size", "2",
+               "--save-every", "0", "--no-eval", "--mixed-precision", "bf16") == 0
+    rows = metrics(out)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+    assert json.loads((out / "run_config.json").read_text())["args"]["mixed_precision"] == "bf16"
+
+
 def test_eval_before_and_after_and_reload(model_dir, corpus, tmp_path):
     out = tmp_path / "run"
     assert run(model_dir, corpus / "train", out, "--max-steps", "10", "--learning-rate", "1e-2",
