@@ -104,6 +104,13 @@ class _Run:
                 raise EvalError(f"--context-lengths {o.lengths[0]} is too short for a passkey prompt "
                                 f"(at least {need} tokens with this tokenizer)")
         self.store = ResultStore(o.out)
+        self.hashes = self.settings()
+        self.todo = {c.spec: (self._ppl_todo(c) if "perplexity" in self.tasks else {},
+                              self._pk_todo(c) if "passkey" in self.tasks else {}) for c in o.patterns}
+        self.nothing_to_do = not any(any(v.values()) for pair in self.todo.values() for v in pair)
+        if self.nothing_to_do:
+            _log(f"nothing to compute: every unit is already in {self.store.path}")
+            return
         _log(f"loading {self.source.label} on {self.device} ({str(self.dtype).removeprefix('torch.')})")
         self.model = load_model(self.source, self.device, self.dtype)
         self.max_pos = max_positions(self.model.config)
@@ -180,7 +187,8 @@ class _Run:
     # -- the work ---------------------------------------------------------------------------------
     def execute(self) -> RunStats:
         o = self.opts
-        self.hashes = self.settings()
+        if self.nothing_to_do:
+            return self.stats
         self.store.append({
             "task": "run", "time": _now(), "tasks": list(self.tasks), "settings": self.hashes,
             "model": self.source.label, "dataset": self.data.describe() if self.corpus else None,
@@ -194,8 +202,7 @@ class _Run:
                 "per_length": {str(L): self.corpus.count_at(L, len(self.prefix)) for L in o.lengths}},
         })
         for choice in o.patterns:
-            ppl_todo = self._ppl_todo(choice) if "perplexity" in self.tasks else {}
-            pk_todo = self._pk_todo(choice) if "passkey" in self.tasks else {}
+            ppl_todo, pk_todo = self.todo[choice.spec]
             if not any(ppl_todo.values()) and not any(pk_todo.values()):
                 continue
             with applied(self.model, choice, o.backend):
