@@ -94,6 +94,14 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **source.kwargs())
     except Exception as err:
         raise EvalError(f"cannot load the model {source.label!r}: {err}") from err
+    if source.gguf_file:
+        # transformers dequantizes GGUF weights into ordinary tensors of `dtype` while loading, but keeps the
+        # GGUF "quantizer", which refuses save_pretrained. Nothing is quantized any more: drop it, so a model
+        # loaded from GGUF can be fine-tuned and saved like any other.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     return model.to(device).eval()
 
 
