@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,10 +33,7 @@ DEFAULT_PATTERNS = "sliding_window:window=4096;longformer:window=4096,global_tok
 def _env() -> dict[str, Any]:
     from .results import environment_info
 
-    env = environment_info(torch.device("cuda"))
-    if os.environ.get("HF_SPARSE_COMMIT"):  # the GPU machine gets a copy of the tree without .git
-        env["commit"] = os.environ["HF_SPARSE_COMMIT"]
-    return env
+    return environment_info(torch.device("cuda"))  # commit: HF_SPARSE_COMMIT on a copy without .git
 
 
 def _bench(fn, *, grad_to_none=None) -> tuple[float, float, float]:

@@ -106,8 +106,14 @@ def _version(module: str) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
-    """The commit of the hf_sparse checkout (with ``+dirty`` when it has local changes), or None."""
+    """The commit of the hf_sparse checkout (with ``+dirty`` when it has local changes), or None.
+
+    ``HF_SPARSE_COMMIT`` overrides it: a copy of the tree without ``.git`` (a GPU machine) sets it.
+    """
     import hf_sparse
+
+    if os.environ.get("HF_SPARSE_COMMIT"):
+        return os.environ["HF_SPARSE_COMMIT"]
 
     root = Path(hf_sparse.__file__).resolve().parent.parent
     try:
