@@ -413,10 +413,32 @@ def build_model(source, args, *, training: bool = True):
     return model
 
 
+def on_main(accelerator, fn):
+    """``fn()`` on the main process while the others wait; if it fails, every process stops (none hangs at a
+    barrier): the main process with the original error, the others with a one-line one."""
+    from accelerate.utils import broadcast_object_list
+
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except Exception as err:  # re-raised below, after the others know
+            error = err
+    message = [None if error is None else f"{type(error).__name__}: {error}"]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(message, from_process=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise FinetuneError(f"the main process failed ({message[0]})")
+    return result
+
+
 def save_final(accelerator, model, tokenizer, source, args, final: Path) -> None:
     """``save_pretrained`` of the trained model (LoRA merged) with ``config.hf_sparse``, and the tokenizer."""
     state_dict = accelerator.get_state_dict(model)  # a collective under FSDP: every rank calls it
-    if accelerator.is_main_process:
+
+    def save() -> None:
         if args.lora:
             # A fresh copy on the CPU takes the trained adapters and merges them; this works the same whether
             # the training model is plain, DDP or FSDP-sharded.
@@ -432,8 +454,8 @@ def save_final(accelerator, model, tokenizer, source, args, final: Path) -> None
         if saved.get("hf_sparse", {}).get("pattern") != parse_pattern(args.pattern).to_dict():
             raise FinetuneError(f"{final}/config.json does not carry the pattern {args.pattern} (hf_sparse: "
                                 f"{saved.get('hf_sparse')!r})")
-    del state_dict
-    accelerator.wait_for_everyone()
+
+    on_main(accelerator, save)
 
 
 # -- the run ----------------------------------------------------------------------------------------------
@@ -512,12 +534,14 @@ def train(args) -> int:
     accelerator.wait_for_everyone()
 
     # before: full vs the pattern on the held-out documents (main process only; the others wait)
-    if not args.no_eval and main_proc and not (saved_state and (out / "eval_before.json").exists()):
-        _log(accelerator, "evaluating before training")
-        before = evaluate(args.model, args, eval_data, out / "eval_before", device)
-        (out / "eval_before.json").write_text(json.dumps(before, indent=2), encoding="utf-8")
-        _release(device)
-    accelerator.wait_for_everyone()
+    if not args.no_eval and not (saved_state and (out / "eval_before.json").exists()):
+        def eval_before() -> None:
+            _log(accelerator, "evaluating before training")
+            before = evaluate(args.model, args, eval_data, out / "eval_before", device)
+            (out / "eval_before.json").write_text(json.dumps(before, indent=2), encoding="utf-8")
+            _release(device)
+
+        on_main(accelerator, eval_before)
     set_seed(args.seed)  # the evaluation touched the main process' RNG
 
     model = build_model(source, args)
@@ -589,18 +613,19 @@ def train(args) -> int:
     accelerator.free_memory()  # drops accelerate's references to the model and optimizer
     del model, optimizer, scheduler
     _release(device)
-    if not args.no_eval and main_proc:
-        _log(accelerator, "evaluating after training")
-        after = evaluate(str(final), args, eval_data, out / "eval_after", device)
-        before_path = out / "eval_before.json"
-        if before_path.exists():
-            before = json.loads(before_path.read_text())
-            base = before["ppl"]["full"]
-            after["ppl_before"] = before["ppl"]
-            after["gap_vs_full_before_pct"] = (after["ppl"][after["pattern"]] / base - 1.0) * 100.0
-        (out / "eval_after.json").write_text(json.dumps(after, indent=2), encoding="utf-8")
-        _log(accelerator, _eval_line(out))
-    accelerator.wait_for_everyone()
+    if not args.no_eval:
+        def eval_after() -> None:
+            _log(accelerator, "evaluating after training")
+            after = evaluate(str(final), args, eval_data, out / "eval_after", device)
+            before_path = out / "eval_before.json"
+            if before_path.exists():
+                before = json.loads(before_path.read_text())
+                after["ppl_before"] = before["ppl"]
+                after["gap_vs_full_before_pct"] = (after["ppl"][after["pattern"]] / before["ppl"]["full"] - 1) * 100
+            (out / "eval_after.json").write_text(json.dumps(after, indent=2), encoding="utf-8")
+            _log(accelerator, _eval_line(out))
+
+        on_main(accelerator, eval_after)
     accelerator.end_training()
     return 0
 

@@ -97,12 +97,15 @@ def one_thread():
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    # Accelerator keeps process-wide singletons; each in-process run starts from a clean slate.
+    # Accelerator keeps process-wide singletons; each in-process run starts from a clean slate. Under mixed
+    # precision the script wraps the registered "hf_sparse" attention function: register the adapter's own again.
     from accelerate.state import AcceleratorState, GradientState
+    from hf_sparse.patches import register
 
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+    register()
 
 
 def run(model_dir: Path, data: Path, out: Path, *extra: str, pattern: str = PATTERNS["sliding_window"]) -> int:
@@ -275,7 +278,8 @@ def test_interrupted_run_resumes_to_the_same_state(model_dir, corpus, tmp_path):
 @pytest.mark.slow
 def test_two_processes_train_like_one_with_the_same_global_batch(model_dir, corpus, tmp_path):
     """DDP through accelerate (gloo, 2 CPU processes, launched by torchrun) against one process with the
-    same global batch: same samples per step, same losses, same weights up to float summation order."""
+    same global batch: same samples per step, same losses, same weights up to float summation order.
+    Then a failing evaluation on the main process: both processes stop."""
     import os
     import subprocess
 
@@ -296,6 +300,11 @@ def test_two_processes_train_like_one_with_the_same_global_batch(model_dir, corp
     wa, wb = weights(tmp_path / "ddp" / "final"), weights(tmp_path / "one" / "final")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+    # an error in the main process' evaluation ends both processes instead of leaving one at a barrier
+    cmd = [*cmd[:-2], "--output-dir", str(tmp_path / "fail")]
+    cmd.remove("--no-eval")
+    proc = subprocess.run([*cmd, "--eval-seq-len", "100000"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "the main process failed (EvalError: " in proc.stderr
 
 
 def test_lora_merges_and_keeps_the_pattern(model_dir, corpus, tmp_path):
