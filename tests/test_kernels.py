@@ -221,3 +221,31 @@ def test_gpu_long_sequence_memory_is_linear():
     # out, lse, delta and the three gradients: a few times the inputs, O(T * D); a bf16 T x T matrix is 32 GiB
     assert extra < 3 * inputs, f"peak extra memory {extra / 2**30:.2f} GiB for {inputs / 2**30:.2f} GiB of inputs"
     assert torch.isfinite(q.grad).all()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("pattern", [Dense(), SlidingWindow(window=21), Longformer(window=9, global_tokens=5),
+                                     BigBird(block=32, window_blocks=2, global_blocks=1, random_blocks=1)], ids=pid)
+def test_interpreter_rectangular_tiles(pattern):
+    # the GPU configs use tiles with block_m != block_n (dq 128x64, dkdv 64x64 or 64x128, fwd 64x64): run the
+    # same index arithmetic with rectangular tiles here, forward and both backward kernels
+    from hf_sparse.kernels import configs
+
+    tiles = {"fwd": configs.KernelConfig(32, 16, 4, 2), "dq": configs.KernelConfig(32, 16, 4, 2),
+             "dkdv": configs.KernelConfig(16, 32, 4, 2)}
+    try:
+        for name, cfg in tiles.items():
+            configs.override(name, cfg)
+        b, hq, hkv, t, d = 2, 4, 2, 75, 16
+        q, k, v, do = _qkv(b, hq, hkv, t, d, seed=11)
+        kpm = torch.ones(b, t, dtype=torch.bool)
+        kpm[1, :13] = False
+        for kwargs in (dict(), dict(key_padding_mask=kpm)):
+            outs = []
+            for backend in ("triton", "reference"):
+                o = sparse_attention(q, k, v, pattern, backend=backend, **kwargs)
+                outs.append((o, *_grads(o, (q, k, v), do)))
+            _compare(outs[0], outs[1], atol=2e-5)
+    finally:
+        for name in tiles:
+            configs.override(name, None)
