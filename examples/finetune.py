@@ -371,28 +371,6 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def cast_attention_inputs_under_autocast() -> None:
-    """Put an autocast-aware wrapper in front of the ``"hf_sparse"`` attention function.
-
-    Under autocast (accelerate's bf16/fp16 mixed precision) Llama hands the attention function a query
-    and key in float32 (RoPE multiplies them by float32 cos/sin) and a value in bfloat16. SDPA is on
-    autocast's list and casts them itself; ``sparse_attention`` is a custom op that requires one dtype,
-    so cast the three to the autocast dtype here. A no-op without autocast. Re-registered after each
-    ``patch_model`` (which registers the adapter's own function again).
-    """
-    from hf_sparse.patches import ATTN_NAME, hf_sparse_attention
-    from transformers import AttentionInterface
-
-    def attention(module, query, key, value, *args, **kwargs):
-        device = query.device.type
-        if torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
-            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-        return hf_sparse_attention(module, query, key, value, *args, **kwargs)
-
-    AttentionInterface.register(ATTN_NAME, attention)
-
-
 def build_model(source, args, *, training: bool = True):
     """float32 weights on the CPU, the pattern patched in, then (optionally) LoRA adapters around it."""
     from hf_sparse.patches import patch_model
@@ -400,9 +378,7 @@ def build_model(source, args, *, training: bool = True):
     model = load_model(source, torch.device("cpu"), torch.float32)
     patch_model(model, args.pattern, backend=args.backend)  # before peft and before accelerator.prepare
     if training:
-        if args.mixed_precision != "no":
-            cast_attention_inputs_under_autocast()
-        model.config.use_cache = False
+        model.config.use_cache = False  # (under autocast, sparse_attention casts q/k/v itself, as SDPA does)
         if args.gradient_checkpointing:
             enable_checkpointing(model)
         model.train()

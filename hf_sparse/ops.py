@@ -80,8 +80,9 @@ def _attn_fwd(
 
         return triton_forward(q, k, v, pat, scale=scale, softcap=softcap, k_shift=k_shift, k_len=k_len,
                               q_offset=q_offset, layer=layer)
-    return blockwise_forward(q, k, v, pat, scale=scale, softcap=softcap, seq=_seq(q, k, k_shift, k_len, q_offset),
-                             layer=layer)
+    with torch.autocast(q.device.type, enabled=False):  # the reference keeps its float32 arithmetic
+        return blockwise_forward(q, k, v, pat, scale=scale, softcap=softcap,
+                                 seq=_seq(q, k, k_shift, k_len, q_offset), layer=layer)
 
 
 @_attn_fwd.register_fake
@@ -103,8 +104,9 @@ def _attn_bwd(
 
         return triton_backward(do, q, k, v, out, lse, pat, scale=scale, softcap=softcap, k_shift=k_shift,
                                k_len=k_len, q_offset=q_offset, layer=layer)
-    return blockwise_backward(do, q, k, v, out, lse, pat, scale=scale, softcap=softcap,
-                              seq=_seq(q, k, k_shift, k_len, q_offset), layer=layer)
+    with torch.autocast(q.device.type, enabled=False):
+        return blockwise_backward(do, q, k, v, out, lse, pat, scale=scale, softcap=softcap,
+                                  seq=_seq(q, k, k_shift, k_len, q_offset), layer=layer)
 
 
 @_attn_bwd.register_fake
@@ -189,7 +191,8 @@ def sparse_attention(
         ``[B, Hq, Tq, D]`` in the dtype of ``q``. A query row that sees no key is zero.
 
     Precision: float16/bfloat16 accumulate in float32. float32 inputs on the Triton path use TF32
-    tensor cores for the two matrix products; float64 always runs on the reference path.
+    tensor cores for the two matrix products; float64 always runs on the reference path. Under
+    ``torch.autocast`` the inputs are cast to the autocast dtype first, as SDPA does.
 
     Example::
 
@@ -198,6 +201,10 @@ def sparse_attention(
         out = sparse_attention(q, k, v, "sliding_window:window=1024")
     """
     pat = parse_pattern(pattern)
+    if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
+        # like SDPA under autocast: run in the autocast dtype (RoPE hands us float32 q/k next to a bf16 v)
+        dt = torch.get_autocast_dtype(q.device.type)
+        q, k, v = (x.to(dt) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in (q, k, v))
     _validate(q, k, v, key_padding_mask, q_offset, layer, backend, softcap)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     softcap = float(softcap or 0.0)

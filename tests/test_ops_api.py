@@ -174,3 +174,15 @@ def test_custom_op_registration(padded):
     args = (q, k, v, shift, length, spec, 0.35, 1.0, 0, 2, "reference")
     result = torch.library.opcheck(torch.ops.hf_sparse.attn_fwd.default, args)
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    # under autocast, RoPE leaves q/k in float32 while v is bfloat16: the op casts all three, as SDPA does
+    q = torch.randn(1, 2, 20, 16)
+    k = torch.randn(1, 2, 20, 16)
+    v = torch.randn(1, 2, 20, 16).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sparse_attention(q, k, v, "sliding_window:window=4", backend="reference")
+    assert out.dtype == torch.bfloat16
+    ref = sparse_attention(q.bfloat16(), k.bfloat16(), v, "sliding_window:window=4", backend="reference")
+    assert torch.equal(out, ref)
