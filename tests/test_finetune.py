@@ -34,6 +34,8 @@ PATTERNS = {
 WORDS = ("the river ran past old stone walls while merchants argued about prices and weather in a town where "
          "every street had a name and every name had a story that children learned before they could read").split()
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _load_finetune():
     spec = importlib.util.spec_from_file_location("hf_sparse_finetune_example", ROOT / "examples" / "finetune.py")
@@ -84,15 +86,6 @@ def model_dir(tmp_path_factory, corpus) -> Path:
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     return folder
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors: thread hand-offs cost more than they save on a small shared CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

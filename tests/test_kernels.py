@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+from helpers import pid
 
 from hf_sparse import BigBird, Dense, Longformer, SlidingWindow, sparse_attention
 from hf_sparse.reference import SeqLayout, blockwise_backward, blockwise_forward
@@ -33,10 +34,6 @@ needs_interpreter = pytest.mark.skipif(
 )
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="needs a CUDA GPU and triton")
-
-
-def pid(p) -> str:
-    return p.spec().replace(":", "-").replace(",", "-").replace("=", "")
 
 
 def shape_id(b, hq, hkv, t, d) -> str:

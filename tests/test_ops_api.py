@@ -8,14 +8,7 @@ import torch
 from hf_sparse import SlidingWindow, sparse_attention
 from hf_sparse.ops import padding_layout
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: on a busy 2-core machine OpenMP threads only spin against each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def qkv(b=2, hq=4, hkv=2, t=10, d=8, dtype=torch.float32):

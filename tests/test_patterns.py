@@ -12,33 +12,13 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from helpers import pid
 
 from hf_sparse import BigBird, Dense, Longformer, SlidingWindow, parse_pattern
 from hf_sparse.patterns import bigbird_random_blocks
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: on a busy 2-core machine OpenMP threads only spin against each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def pid(p) -> str:
-    """Short readable test id: ``sw3``, ``lf4-g2-noncausal``, ``bb16-wb2-gb1-rb2`` ..."""
-    if isinstance(p, Dense):
-        s = "dense"
-    elif isinstance(p, SlidingWindow):
-        s = f"sw{p.window}"
-    elif isinstance(p, Longformer):
-        s = f"lf{p.window}-g{p.global_tokens}"
-    else:
-        s = f"bb{p.block}-wb{p.window_blocks}-gb{p.global_blocks}-rb{p.random_blocks}" + (
-            f"-s{p.seed}" if p.seed else ""
-        )
-    return s if p.causal else s + "-noncausal"
 
 
 # ---------------------------------------------------------------------------------------------

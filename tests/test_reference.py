@@ -10,33 +10,15 @@ import textwrap
 
 import pytest
 import torch
+from helpers import pid
 
 from hf_sparse import BigBird, Dense, Longformer, SlidingWindow, sparse_attention
 
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: on a busy 2-core machine OpenMP threads only spin against each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def pid(p) -> str:
-    if isinstance(p, Dense):
-        s = "dense"
-    elif isinstance(p, SlidingWindow):
-        s = f"sw{p.window}"
-    elif isinstance(p, Longformer):
-        s = f"lf{p.window}-g{p.global_tokens}"
-    else:
-        s = f"bb{p.block}-wb{p.window_blocks}-gb{p.global_blocks}-rb{p.random_blocks}" + (
-            f"-s{p.seed}" if p.seed else ""
-        )
-    return s if p.causal else s + "-noncausal"
 
 
 def make_qkv(b, hq, hkv, tq, d, *, tk=None, seed=0, dtype=F64):
