@@ -20,3 +20,39 @@ def pid(p) -> str:
     else:
         s = type(p).__name__
     return s if p.causal else s + "-noncausal"
+
+
+WORDS = ("the river ran past old stone walls while merchants argued about prices and weather in a town where "
+         "every street had a name and every name had a story that children learned before they could read").split()
+
+
+def sentences(seed: int, n: int) -> str:
+    """``n`` random sentences of :data:`WORDS`, reproducible from ``seed``."""
+    import random
+
+    rng = random.Random(seed)
+    return " ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
+                    for _ in range(n))
+
+
+def save_tiny_llama(folder, texts: list[str], *, vocab_size: int, max_positions: int) -> None:
+    """A byte-level BPE tokenizer trained on ``texts`` (BOS in front, like Llama's) and a 2-layer random
+    Llama (4 query / 2 KV heads) saved together in ``folder``: a model source for the commands, offline."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(folder)
+    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)

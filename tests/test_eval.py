@@ -11,7 +11,6 @@ import csv
 import importlib.util
 import json
 import math
-import random
 import sys
 from pathlib import Path
 
@@ -21,57 +20,31 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from helpers import save_tiny_llama, sentences  # noqa: E402
 from hf_sparse.eval import passkey as pk  # noqa: E402
 from hf_sparse.eval.cli import build_parser, main  # noqa: E402
 from hf_sparse.eval.errors import EvalError  # noqa: E402
 from hf_sparse.eval.options import parse_lengths, parse_patterns  # noqa: E402
 from hf_sparse.eval.report import PLOTS  # noqa: E402
 from hf_sparse.eval.results import read_results  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 MAX_POS = 160
-WORDS = ("the river ran past old stone walls while merchants argued about prices and weather in a town "
-         "where every street had a name and every name had a story that children learned before they "
-         "could read letters or count coins on market day").split()
-
-
-def _sentences(seed: int, n: int) -> str:
-    rng = random.Random(seed)
-    return " ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
-                    for _ in range(n))
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("docs")
-    (root / "a.txt").write_text(_sentences(1, 60))
-    (root / "b.txt").write_text(_sentences(2, 60))
+    (root / "a.txt").write_text(sentences(1, 60))
+    (root / "b.txt").write_text(sentences(2, 60))
     (root / "short.txt").write_text("Too short.")
     return root
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, files) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     folder = tmp_path_factory.mktemp("tiny-llama")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     corpus = [p.read_text() for p in sorted(files.glob("*.txt"))]
     corpus += [pk.TASK, pk.FILLER * 4, pk.KEY_LINE.format(key="12345"), pk.QUESTION] * 20
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
-    # a BOS in front of every text, like Llama tokenizers: the command must keep it
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.save_pretrained(folder)
-    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POS,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    save_tiny_llama(folder, corpus, vocab_size=600, max_positions=MAX_POS)
     return folder
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 pytest.importorskip("tokenizers")
 
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQ = 64
@@ -31,8 +30,8 @@ PATTERNS = {
     "bigbird": "bigbird:block=16,window_blocks=1,global_blocks=1,random_blocks=1",
     "dense": "dense",
 }
-WORDS = ("the river ran past old stone walls while merchants argued about prices and weather in a town where "
-         "every street had a name and every name had a story that children learned before they could read").split()
+
+from helpers import save_tiny_llama, sentences  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,12 +47,6 @@ def _load_finetune():
 finetune = _load_finetune()
 
 
-def _text(seed: int, sentences: int) -> str:
-    rng = random.Random(seed)
-    return " ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
-                    for _ in range(sentences))
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """Three documents for training (the last one is held out by default) and one for --eval-dataset."""
@@ -61,30 +54,16 @@ def corpus(tmp_path_factory) -> Path:
     train = root / "train"
     train.mkdir()
     for i in range(3):
-        (train / f"doc{i}.txt").write_text(_text(i, 60))
-    (root / "heldout.txt").write_text(_text(99, 40))
+        (train / f"doc{i}.txt").write_text(sentences(i, 60))
+    (root / "heldout.txt").write_text(sentences(99, 40))
     return root
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, corpus) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     folder = tmp_path_factory.mktemp("tiny-llama")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([p.read_text() for p in sorted(corpus.rglob("*.txt"))], trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            pad_token="<pad>").save_pretrained(folder)
-    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    save_tiny_llama(folder, [p.read_text() for p in sorted(corpus.rglob("*.txt"))], vocab_size=400,
+                    max_positions=256)
     return folder
 
 
