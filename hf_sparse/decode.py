@@ -1,0 +1,132 @@
+"""Attention by absolute positions: the decode path over bounded KV caches.
+
+:func:`hf_sparse.sparse_attention` assumes that key slot ``s`` holds position ``s`` (shifted by the
+padding of its row): keys are a plain prefix of the sequence. A bounded cache breaks that. For
+``Longformer(W, G)`` it keeps, per row, the first ``G`` real tokens (the sinks) and a ring buffer of the
+last tokens, so the slots hold positions such as ``0 1 2 3 | 1029 1030 1023 1024 ...`` with empty slots
+in between. :func:`attention_with_positions` takes the position of every query and key slot
+explicitly and asks :meth:`~hf_sparse.Pattern.allowed` -- the single definition of the pattern --
+which pairs may attend::
+
+    k_pos:  0  1  2  3  9 10  7  8 -1        (-1: empty or padding slot)
+    q_pos 10: x  x  x  x  .  x  x  x  .      Longformer(window=4, global_tokens=4)
+
+Cost: ``O(Tq * Tk)`` scores, computed in chunks of queries, where ``Tk`` is the (bounded) number of
+cache slots; every slot is read, so it fits caches whose slots are mostly visible (a sliding window,
+a window plus sinks), not a long full history -- there the block-sparse kernels of
+:func:`~hf_sparse.sparse_attention` visit only the blocks the pattern needs. Grouped-query attention is
+native: the ``G = Hq // Hkv`` query heads of a group are stacked on the query axis of one matrix
+product with their KV head, nothing is repeated in memory. Softmax in float32 (float64 for float64
+inputs); a query row that sees no key returns zeros. Differentiable through autograd.
+
+No transformers import here: :mod:`hf_sparse.patches.cache` holds the cache that feeds it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .patterns import BigBird, Pattern, parse_pattern
+
+__all__ = ["attention_with_positions"]
+
+_SCORE_BUDGET = 1 << 26  # float32 scores held at once per query chunk (256 MiB)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 4-D tensor [B, H, T, D], got {got}")
+    b, hq, tq, d = q.shape
+    bk, hkv, tk, dk = k.shape
+    if bk != b or dk != d or v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must agree: q [B, Hq, Tq, D], "
+            "k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv]"
+        )
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, pos, n in (("q_pos", q_pos, tq), ("k_pos", k_pos, tk)):
+        if not isinstance(pos, torch.Tensor) or pos.shape != (b, n):
+            got = tuple(pos.shape) if isinstance(pos, torch.Tensor) else type(pos).__name__
+            raise ValueError(f"{name} must be a [B, T] = [{b}, {n}] integer tensor of absolute positions (-1 = empty), got {got}")
+        if pos.is_floating_point() or pos.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integers (absolute positions, -1 = empty), got {pos.dtype}")
+
+
+def attention_with_positions(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern | str | dict,
+    *,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float | None = None,
+    softcap: float | None = None,
+    layer: int = 0,
+    num_keys: int | None = None,
+) -> torch.Tensor:
+    """Attention of queries over key slots whose absolute positions are given.
+
+    Args:
+        q: ``[B, Hq, Tq, D]`` queries (RoPE applied).
+        k, v: ``[B, Hkv, Tk, D]`` keys and values in any slot order, ``Hq % Hkv == 0``.
+        pattern: a :class:`~hf_sparse.Pattern` or anything :func:`~hf_sparse.parse_pattern` takes.
+        q_pos: ``[B, Tq]`` integer positions of the queries (``-1``: padding, the row returns zeros).
+        k_pos: ``[B, Tk]`` integer positions of the key slots (``-1``: empty or padding slot, never seen).
+        scale: softmax scale, default ``D ** -0.5``.
+        softcap: optional logit soft-capping ``softcap * tanh(s / softcap)`` (Gemma 2).
+        layer: layer index (BigBird draws its random blocks per layer and KV head).
+        num_keys: only for non-causal BigBird, whose random draw covers the whole sequence.
+
+    Returns:
+        ``[B, Hq, Tq, Dv]`` in the dtype of ``q``. Equal to :func:`~hf_sparse.sparse_attention` on the
+        full history whenever the slots hold every key the pattern lets the queries see.
+
+    Example (one decode step over a cache of ``S`` slots)::
+
+        out = attention_with_positions(q, k_cache, v_cache, "longformer:window=4096,global_tokens=4",
+                                       q_pos=torch.tensor([[9000]]), k_pos=cache_positions)
+    """
+    pat = parse_pattern(pattern)
+    _check(q, k, v, q_pos, k_pos)
+    b, hq, tq, d = q.shape
+    hkv, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    group = hq // hkv
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = d**-0.5 if scale is None else float(scale)
+    softcap = float(softcap or 0.0)
+    q_pos, k_pos = q_pos.long(), k_pos.long()
+    if tq == 0 or tk == 0:
+        return q.new_zeros((b, hq, tq, dv))
+    per_head = isinstance(pat, BigBird) and pat.random_blocks > 0
+    kv_head = torch.arange(hkv, device=q.device).view(1, hkv, 1, 1) if per_head else 0
+    kt = k.to(acc).transpose(-1, -2)  # [B, Hkv, D, Tk]
+    va = v.to(acc)
+    chunk = max(1, min(tq, _SCORE_BUDGET // max(1, b * hq * tk)))
+    chunks = []
+    for c0 in range(0, tq, chunk):
+        c1 = min(tq, c0 + chunk)
+        n = c1 - c0
+        # [B, Hkv, G * n, D]: the query heads of a group share one product with their KV head
+        qc = q[:, :, c0:c1].to(acc).reshape(b, hkv, group * n, d)
+        s = torch.matmul(qc, kt) * scale
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        s = s.view(b, hkv, group, n, tk)
+        ok = pat.allowed(q_pos[:, None, c0:c1, None], k_pos[:, None, None, :], layer=layer, kv_head=kv_head,
+                         num_keys=num_keys)  # [B, 1 or Hkv, n, Tk]
+        ok = ok.unsqueeze(2)
+        s = s.masked_fill(~ok, float("-inf"))
+        m = s.amax(-1, keepdim=True).detach()
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m)  # masked entries: exp(-inf) = 0
+        denom = p.sum(-1, keepdim=True)
+        p = p / torch.where(denom > 0, denom, torch.ones_like(denom))  # a row with no visible key stays zero
+        o = torch.matmul(p.view(b, hkv, group * n, tk), va)  # [B, Hkv, G * n, Dv]
+        chunks.append(o.view(b, hq, n, dv))
+    return (chunks[0] if len(chunks) == 1 else torch.cat(chunks, 2)).to(q.dtype)
