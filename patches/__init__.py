@@ -4,7 +4,8 @@
 >>> patch_model(model, "longformer:window=1024,global_tokens=4")   # doctest: +SKIP
 
 See :mod:`hf_sparse.patches.model` for what patching does, :mod:`hf_sparse.patches.attention` for the
-registered functions and :mod:`hf_sparse.patches.history` for the KV cache of patched layers.
+registered functions, :mod:`hf_sparse.patches.cache` for the bounded KV cache that ``generate`` uses
+(``SparseCache``) and :mod:`hf_sparse.patches.history` for how patched layers get their cache layers.
 Importing this package needs transformers >= 5.0 and registers the ``"hf_sparse"`` backend.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from ._compat import MIN_TRANSFORMERS  # noqa: F401  (raises a clear ImportError on transformers < 5)
 from .attention import ATTN_NAME, HybridMask, hf_sparse_attention, hf_sparse_mask
+from .cache import SparseCache, SparseWindowLayer
 from .model import SUPPORTED_MODEL_TYPES, patch_model, register, unpatch_model
 
 register()
@@ -25,4 +27,6 @@ __all__ = [
     "HybridMask",
     "hf_sparse_attention",
     "hf_sparse_mask",
+    "SparseCache",
+    "SparseWindowLayer",
 ]

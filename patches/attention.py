@@ -13,6 +13,10 @@ transformers looks both up by the name in ``config._attn_implementation``:
 * :func:`hf_sparse_attention` is called by every attention module. Patched layers run
   :func:`hf_sparse.sparse_attention` (the keys already include the cache, so query ``i`` sits at key
   slot ``Skv - Sq + i``); the others are handed to the previous implementation with the native mask.
+  A patched layer whose cache is bounded (:class:`~hf_sparse.patches.cache.SparseWindowLayer`: sinks
+  plus a ring buffer, slots not in position order) runs :func:`hf_sparse.decode.attention_with_positions`
+  with the query and key positions that the layer's last update recorded -- except on the prefill of an
+  empty cache, where the keys are the prompt itself and the prefill kernels run as usual.
 
 Positions count real tokens (padding is not a position), which is what HF's ``generate`` gives as
 ``position_ids`` under left padding. The 2D mask is kept unsliced (``past + q`` columns) so the
@@ -29,10 +33,12 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_sparse.decode import attention_with_positions
 from hf_sparse.ops import BACKENDS, padding_layout, sparse_attention
 from hf_sparse.patterns import Pattern, parse_pattern
 
 from ._compat import ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS, eager_attention_for
+from .cache import WINDOW_LAYER_ATTR
 
 __all__ = ["ATTN_NAME", "HybridMask", "SparseOptions", "hf_sparse_attention", "hf_sparse_mask", "options_of"]
 
@@ -209,6 +215,23 @@ def _check_not_packed(position_ids: torch.Tensor | None) -> None:
         )
 
 
+def _bounded_cache_inputs(module: torch.nn.Module, key: torch.Tensor):
+    """The positions recorded by the module's bounded cache layer for these keys, or None (full-history cache)."""
+    window_layer = getattr(module, WINDOW_LAYER_ATTR, None)
+    if window_layer is None:
+        return None
+    del module.__dict__[WINDOW_LAYER_ATTR]
+    inputs = window_layer.take_attention_inputs()
+    if inputs is None:
+        return None
+    if inputs.keys is not key and tuple(inputs.k_pos.shape) != (key.shape[0], key.shape[2]):
+        raise RuntimeError(
+            f"hf_sparse layer {module.layer_idx}: its bounded cache returned {inputs.k_pos.shape[1]} key slots but the "
+            f"attention got {key.shape[2]} keys; the modeling code changed the keys between cache.update and attention"
+        )
+    return inputs
+
+
 def hf_sparse_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -245,13 +268,21 @@ def hf_sparse_attention(
         )
     padding = attention_mask.padding if isinstance(attention_mask, HybridMask) else attention_mask
     sq, skv = query.shape[2], key.shape[2]
+    if padding is not None and (not isinstance(padding, torch.Tensor) or padding.dim() != 2):
+        raise ValueError(
+            f"hf_sparse layer {layer} got an attention mask of type {type(padding).__name__} "
+            f"{tuple(getattr(padding, 'shape', ()))}; patched layers take the 2D padding mask built by "
+            "hf_sparse_mask (custom 4D masks are not supported)"
+        )
+    if scaling is None:
+        scaling = getattr(module, "scaling", None)
+    bounded = _bounded_cache_inputs(module, key)
+    if bounded is not None and not bounded.prefix:
+        # keys from a bounded cache: sinks + ring buffer, slots not in position order
+        out = attention_with_positions(query, key, value, opts.pattern, q_pos=bounded.q_pos, k_pos=bounded.k_pos,
+                                       scale=scaling, softcap=softcap, layer=layer)
+        return out.transpose(1, 2).contiguous(), None
     if padding is not None:
-        if not isinstance(padding, torch.Tensor) or padding.dim() != 2:
-            raise ValueError(
-                f"hf_sparse layer {layer} got an attention mask of type {type(padding).__name__} "
-                f"{tuple(getattr(padding, 'shape', ()))}; patched layers take the 2D padding mask built by "
-                "hf_sparse_mask (custom 4D masks are not supported)"
-            )
         tokens = padding.shape[1]
         if tokens > skv:
             raise RuntimeError(
@@ -266,8 +297,6 @@ def hf_sparse_attention(
             )
     elif layer == opts.first_layer and sq > 1:
         _check_not_packed(kwargs.get("position_ids"))
-    if scaling is None:
-        scaling = getattr(module, "scaling", None)
 
     out = sparse_attention(
         query, key, value, opts.pattern, scale=scaling, key_padding_mask=padding, q_offset=skv - sq, layer=layer,

@@ -1,4 +1,4 @@
-"""Full-history KV cache layers for patched layers.
+"""KV cache layers of patched layers: full history where needed, bounded where the pattern allows.
 
 Why: for a config with a sliding window (Mistral, Qwen with ``use_sliding_window``, Gemma 2/3 local
 layers), ``DynamicCache(config=...)`` -- which ``generate`` and the models' own forward build -- gives
@@ -11,15 +11,18 @@ How (checked on transformers 5.17 and 5.24): both versions pick the cache layer 
 ``config.layer_types`` / ``config.sliding_window`` when the cache is created, and the modeling code
 depends on the same fields, so the config cannot be changed. Instead a forward pre-hook on each
 patched attention module looks at the cache it is about to update (``cache=`` in 5.24,
-``past_key_values=`` in 5.17) and, while the sliding layer has not dropped anything, swaps it for a
-plain ``DynamicLayer`` holding the same keys. The swap happens before the first ``update``, so the
-cache ``generate`` builds, the one the model's forward builds, and one the user passes all work.
-``Cache.is_sliding`` is computed from the layers, so transformers then sizes the masks of the
-remaining (unpatched) sliding layers on an unpatched layer. A sliding layer that already dropped keys
-cannot be repaired: that raises. Static caches are not supported yet for patched layers (raise).
+``past_key_values=`` in 5.17) and, before the layer's first update:
 
-A bounded sparse cache (window + global tokens) is planned separately; until then patched layers keep
-every key, like full-attention layers.
+* a :class:`~hf_sparse.patches.cache.SparseWindowLayer` (the bounded layer that ``generate`` and
+  :class:`~hf_sparse.patches.cache.SparseCache` give ``SlidingWindow`` / ``Longformer`` layers) gets
+  the 2D padding mask of this forward, from which it counts positions, and is remembered on the module
+  so that the attention function can read the positions of the slots it returned;
+* a ``DynamicSlidingWindowLayer`` that has not dropped anything is swapped for a plain ``DynamicLayer``
+  holding the same keys (full history: the cache the model's own forward builds, or a
+  ``DynamicCache`` the user passes). The swap happens before the first ``update``. ``Cache.is_sliding``
+  is computed from the layers, so transformers then sizes the masks of the remaining (unpatched)
+  sliding layers on an unpatched layer. A sliding layer that already dropped keys cannot be repaired:
+  that raises. Static caches are not supported for patched layers (raise).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
 
 from ._compat import cache_of
+from .attention import HybridMask
+from .cache import WINDOW_LAYER_ATTR, SparseWindowLayer
 
 __all__ = ["ensure_full_history", "full_history_pre_hook", "add_history_hook", "remove_history_hook"]
 
@@ -64,14 +69,32 @@ def ensure_full_history(cache, layer_idx: int) -> None:
     layers[layer_idx] = full
 
 
+def _cache_layer(cache, layer_idx: int):
+    cache = getattr(cache, "self_attention_cache", cache)
+    layers = getattr(cache, "layers", None)
+    return layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
+
+
 def full_history_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of patched attention modules (see the module docstring)."""
     cache = cache_of(kwargs)
-    if cache is not None:
-        ensure_full_history(cache, module.layer_idx)
+    if cache is None:
+        return None
+    ensure_full_history(cache, module.layer_idx)
+    layer = _cache_layer(cache, module.layer_idx)
+    if isinstance(layer, SparseWindowLayer):
+        mask = kwargs.get("attention_mask")
+        padding = mask.padding if isinstance(mask, HybridMask) else mask
+        # anything but a 2D mask is refused by the attention function with its own message
+        layer.prepare(padding if isinstance(padding, torch.Tensor) and padding.dim() == 2 else None)
+        module.__dict__[WINDOW_LAYER_ATTR] = layer
+    else:
+        module.__dict__.pop(WINDOW_LAYER_ATTR, None)
     return None
 
 
 def remove_history_hook(module: torch.nn.Module) -> None:
+    module.__dict__.pop(WINDOW_LAYER_ATTR, None)
     for key, hook in list(module._forward_pre_hooks.items()):
         if hook is full_history_pre_hook:
             del module._forward_pre_hooks[key]

@@ -7,8 +7,15 @@ Everything goes through transformers' registries (``AttentionInterface``, ``Atte
   "previous_attn_implementation": ...}`` -- saved by ``save_pretrained``; after ``from_pretrained``,
   ``patch_model(model)`` re-applies it. ``print(model.config)`` shows it.
 * on each patched attention module: a ``hf_sparse_pattern`` string shown by ``print(model)`` (an
-  instance-level ``extra_repr``) and a forward pre-hook that gives it a full-history cache layer
+  instance-level ``extra_repr``) and a forward pre-hook that looks after its cache layer
   (:mod:`hf_sparse.patches.history`).
+* on the model: an instance-level ``_prepare_cache_for_generation`` that runs transformers' own and
+  then gives the patched layers of the ``DynamicCache`` it created their sparse cache layers
+  (:func:`hf_sparse.patches.cache.install_sparse_layers`): bounded for ``SlidingWindow`` and
+  ``Longformer``, full history for ``BigBird`` and ``Dense``. So ``generate`` uses a bounded cache by
+  default; a cache the user passes is left as it is (pass ``SparseCache(model)`` for a bounded one).
+  The method is private API of ``GenerationMixin``, with the same signature in 5.17 and 5.24; a model
+  without it keeps full-history caches in ``generate``.
 
 Layers not in ``layers=`` keep the model's own attention, its sliding window included.
 """
@@ -24,6 +31,7 @@ from hf_sparse.patterns import Pattern, parse_pattern
 
 from ._compat import AttentionInterface, AttentionMaskInterface
 from .attention import ATTN_NAME, check_backend, hf_sparse_attention, hf_sparse_mask, options_of
+from .cache import install_sparse_layers
 from .history import add_history_hook, remove_history_hook
 
 __all__ = ["patch_model", "unpatch_model", "register", "SUPPORTED_MODEL_TYPES"]
@@ -123,6 +131,35 @@ def _undecorate(module: torch.nn.Module) -> None:
     remove_history_hook(module)
 
 
+_PREPARE_CACHE = "_prepare_cache_for_generation"
+_CACHE_KWARGS = ("cache", "past_key_values")  # generate's name for the cache: 5.24, 5.17
+
+
+def _prepare_sparse_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+    """``generate``'s own cache preparation, then sparse cache layers for the patched layers of a new cache."""
+    from transformers import DynamicCache
+
+    before = {name: model_kwargs.get(name) for name in _CACHE_KWARGS}
+    result = type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
+    if isinstance(getattr(self.config, "hf_sparse", None), dict):
+        for name in _CACHE_KWARGS:
+            cache = model_kwargs.get(name)
+            # only a plain DynamicCache that generate has just built; offloaded caches keep full history
+            if (cache is not None and cache is not before[name] and type(cache) is DynamicCache
+                    and not getattr(cache, "offloading", False)):
+                install_sparse_layers(cache, self.config)
+    return result
+
+
+def _wrap_generate_cache(model) -> None:
+    if hasattr(type(model), _PREPARE_CACHE):
+        model.__dict__[_PREPARE_CACHE] = types.MethodType(_prepare_sparse_cache_for_generation, model)
+
+
+def _unwrap_generate_cache(model) -> None:
+    model.__dict__.pop(_PREPARE_CACHE, None)
+
+
 def patch_model(
     model,
     pattern: Pattern | str | dict | None = None,
@@ -145,7 +182,8 @@ def patch_model(
 
     Patching again replaces the pattern; :func:`unpatch_model` restores the previous implementation.
     Under left padding, pass ``position_ids = attention_mask.cumsum(-1) - 1`` (as ``generate`` does):
-    the patterns count real tokens.
+    the patterns count real tokens. ``generate`` then keeps a bounded KV cache for ``SlidingWindow`` and
+    ``Longformer`` layers (``G + W`` slots each, see :mod:`hf_sparse.patches.cache` and docs/generation.md).
 
     Example::
 
@@ -209,6 +247,7 @@ def patch_model(
             _decorate(module, spec)
         else:
             _undecorate(module)
+    _wrap_generate_cache(model)
     return model
 
 
@@ -229,6 +268,7 @@ def unpatch_model(model):
         model.set_attn_implementation(previous or "eager")
     for module in _attention_modules(model):
         _undecorate(module)
+    _unwrap_generate_cache(model)
     if hasattr(config, "hf_sparse"):
         del config.hf_sparse
     return model

@@ -1,0 +1,350 @@
+"""Generation with sparse patterns: the positions-based decode attention, the bounded KV cache, generate.
+
+References, from the most to the least independent:
+
+* :func:`hf_sparse.sparse_attention` with ``backend="dense"`` (the ``O(T^2)`` oracle built from
+  :meth:`Pattern.allowed`) on the full history, for :func:`hf_sparse.decode.attention_with_positions`
+  on shuffled, partly empty key slots;
+* the patched model's full forward without cache on the final sequence (teacher forcing), for the
+  logits of every generated step;
+* ``generate(use_cache=False)``: recomputing the whole sequence at every step, for greedy, sampling,
+  beam search and chunked prefill;
+* the same prompts generated one at a time, for left-padded batches.
+
+Tiny models built from configs, float32, ``backend="reference"``, on the CPU.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from hf_sparse.patches import SparseCache, SparseWindowLayer, patch_model, unpatch_model  # noqa: E402
+from hf_sparse.patches.cache import cache_bytes  # noqa: E402
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer  # noqa: E402
+
+import hf_sparse.decode as decode_mod  # noqa: E402
+from hf_sparse import sparse_attention  # noqa: E402
+from hf_sparse.decode import attention_with_positions  # noqa: E402
+
+W, G = 8, 2
+PATTERNS = {
+    "window": f"sliding_window:window={W}",
+    "longformer": f"longformer:window={W},global_tokens={G}",
+    "bigbird": "bigbird:block=16,window_blocks=1,global_blocks=1,random_blocks=1,seed=1",
+    "dense": "dense",
+}
+BOUNDED = {"window": W - 1, "longformer": W - 1 + G}  # live tokens per layer after many steps
+VOCAB = 96
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=8, max_position_embeddings=512, initializer_range=0.3,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+NEW = 40  # generated tokens: many more than W + G
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Tiny tensors: one torch thread (see conftest)."""
+
+
+def tiny(model_type: str = "llama", seed: int = 0, **overrides):
+    cfg = transformers.AutoConfig.for_model(model_type, **{**COMMON, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    return model.float().eval()
+
+
+def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def left_padding(lengths: list[int], total: int) -> torch.Tensor:
+    return torch.stack([torch.arange(total) >= total - n for n in lengths]).long()
+
+
+def cache_kwargs(cache) -> dict:
+    """transformers 5.24 names the argument ``cache``, 5.17 ``past_key_values``."""
+    params = inspect.signature(transformers.LlamaModel.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
+def returned_cache(out):
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
+def generate(model, ids, mask, new: int = NEW, **kwargs):
+    kwargs.setdefault("do_sample", False)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0, **kwargs)
+    return out.sequences, torch.stack(out.logits, 1), returned_cache(out)
+
+
+def full_forward_logits(model, seq, mask):
+    """Teacher forcing: the patched model on the whole final sequence, no cache."""
+    full = torch.cat([mask, torch.ones(seq.shape[0], seq.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        return model(seq, attention_mask=full, position_ids=(full.cumsum(-1) - 1).clamp_min(0), use_cache=False).logits
+
+
+# ---------------------------------------------------------------------------------------------
+# core: attention_with_positions
+def _full_history_case(b=3, hq=4, hkv=2, t=70, d=8, tq=5, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, t, d, generator=g, dtype=dtype)
+    k = torch.randn(b, hkv, t, d, generator=g, dtype=dtype)
+    v = torch.randn(b, hkv, t, d, generator=g, dtype=dtype)
+    mask = left_padding([t, t - 17, 9][:b], t).bool()
+    pos = torch.where(mask, mask.long().cumsum(1) - 1, -1)
+    return q, k, v, mask, pos, tq
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+@pytest.mark.parametrize("hkv", [2, 1], ids=["gqa", "mqa"])
+def test_attention_with_positions_equals_dense_oracle(name, hkv):
+    """Shuffled key slots with empty ones mixed in give the dense oracle's output on the full history."""
+    q, k, v, mask, pos, tq = _full_history_case(hkv=hkv)
+    b, t, d = k.shape[0], k.shape[2], k.shape[-1]
+    layer = 1 if name == "bigbird" else 0
+    ref = sparse_attention(q, k, v, PATTERNS[name], key_padding_mask=mask, backend="dense", scale=0.3, softcap=2.0,
+                           layer=layer)
+    perm = torch.randperm(t, generator=torch.Generator().manual_seed(3))
+    junk = torch.randn(b, hkv, 6, d, dtype=k.dtype) * 50  # empty slots hold garbage that must never be seen
+    kk = torch.cat([k[:, :, perm], junk], 2)
+    vv = torch.cat([v[:, :, perm], junk], 2)
+    kpos = torch.cat([pos[:, perm], torch.full((b, 6), -1)], 1)
+    out = attention_with_positions(q[:, :, -tq:], kk, vv, PATTERNS[name], q_pos=pos[:, -tq:], k_pos=kpos, scale=0.3,
+                                   softcap=2.0, layer=layer)
+    torch.testing.assert_close(out, ref[:, :, -tq:], atol=1e-12, rtol=1e-12)
+
+
+def test_attention_with_positions_chunks_and_gradients(monkeypatch):
+    """Many query chunks (a tiny score budget) give the same output and the oracle's gradients."""
+    q, k, v, mask, pos, _ = _full_history_case(b=2, t=40)
+    spec = PATTERNS["longformer"]
+    monkeypatch.setattr(decode_mod, "_SCORE_BUDGET", 4 * 40 * 3)  # 3 query rows per chunk
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = attention_with_positions(*leaves, spec, q_pos=pos, k_pos=pos)
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = sparse_attention(*ref_leaves, spec, key_padding_mask=mask, backend="dense")
+    real = mask.view(2, 1, -1, 1)
+    torch.testing.assert_close(out * real, ref * real, atol=1e-12, rtol=1e-12)
+    w = torch.randn_like(out) * real
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=1e-10)
+
+
+def test_attention_with_positions_empty_rows_and_bad_inputs():
+    q = torch.randn(1, 2, 2, 4)
+    k = v = torch.randn(1, 1, 3, 4)
+    out = attention_with_positions(q, k, v, "sliding_window:window=2", q_pos=torch.tensor([[-1, 9]]),
+                                   k_pos=torch.tensor([[0, 1, -1]]))
+    assert torch.equal(out, torch.zeros_like(out))  # padding query; query 9 sees neither 0 nor 1
+    with pytest.raises(ValueError, match="k_pos must be"):
+        attention_with_positions(q, k, v, "dense", q_pos=torch.tensor([[0, 1]]), k_pos=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="multiple"):
+        attention_with_positions(torch.randn(1, 3, 2, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), "dense",
+                                 q_pos=torch.zeros(1, 2, dtype=torch.long), k_pos=torch.zeros(1, 3, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------
+# the bounded cache layer on its own
+def test_window_layer_keeps_sinks_and_last_tokens_per_row():
+    """Left padding puts each row's sinks at a different slot index; the layer keeps the first G real
+    tokens and the last W - 1 of every row, with their own keys, after prefill, decode and a chunk."""
+    layer = SparseWindowLayer(window=W, sinks=G)
+    b, h, d = 2, 2, 4
+    lengths, prompt = [13, 5], 13
+    real = left_padding(lengths, prompt).bool()
+    keys_by_pos = [[] for _ in range(b)]
+
+    def feed(n_new: int, mask: torch.Tensor | None):
+        k = torch.randn(b, h, n_new, d)
+        layer.prepare(mask)
+        out_k, _ = layer.update(k, k.clone())
+        rows_real = torch.ones(b, n_new, dtype=torch.bool) if mask is None else mask[:, -n_new:]
+        for r in range(b):
+            keys_by_pos[r] += [k[r, :, i] for i in range(n_new) if rows_real[r, i]]
+        return out_k
+
+    out = feed(prompt, real)
+    assert out.shape[-2] == prompt  # prefill returns the prompt's keys themselves
+    for step in range(30):
+        feed(1, None if step % 2 else torch.cat([real, torch.ones(b, step + 1, dtype=torch.bool)], 1))
+    total = layer.seen
+    feed(5, torch.cat([real, torch.ones(b, total - prompt + 5, dtype=torch.bool)], 1))
+    assert layer.keys.shape[-2] <= W + G and layer.live_tokens() <= W - 1 + G
+    for r in range(b):
+        n = len(keys_by_pos[r])
+        assert int(layer.real_counts[r]) == n
+        expect = sorted(set(range(G)) | set(range(n - W + 1, n)))
+        got = sorted(p for p in layer.positions[r].tolist() if p >= 0)
+        assert got == expect
+        for slot, p in enumerate(layer.positions[r].tolist()):
+            if p >= 0:
+                torch.testing.assert_close(layer.keys[r, :, slot], keys_by_pos[r][p])
+
+
+def test_window_layer_refuses_crop_and_wrong_masks():
+    layer = SparseWindowLayer(window=4)
+    layer.update(torch.randn(1, 1, 6, 2), torch.randn(1, 1, 6, 2))
+    layer.crop(0)
+    with pytest.raises(NotImplementedError, match="rolled back"):
+        layer.crop(-1)
+    layer.prepare(torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="covering past and new tokens"):
+        layer.update(torch.randn(1, 1, 1, 2), torch.randn(1, 1, 1, 2))
+    with pytest.raises(ValueError, match="window"):
+        SparseWindowLayer(window=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+GENERATE_CASES = [(m, n) for m in ("llama", "mistral") for n in PATTERNS]
+
+
+@pytest.mark.parametrize(("model_type", "name"), GENERATE_CASES, ids=[f"{a}-{b}" for a, b in GENERATE_CASES])
+def test_generate_equals_recomputation_with_a_bounded_cache(model_type, name):
+    """Greedy, left-padded batch, 40 new tokens with W = 8: the tokens equal those of recomputing the
+    whole sequence at every step, the logits those of one full forward, and the cache stays bounded.
+    The Mistral config has a native window (5) shorter than the pattern's: its own cache would be wrong."""
+    extra = {"sliding_window": 5} if model_type == "mistral" else {}
+    model = patch_model(tiny(model_type, **extra), PATTERNS[name], backend="reference")
+    prompt = 36 if name == "bigbird" else 20
+    ids = tokens(2, prompt, seed=5)
+    mask = left_padding([prompt, prompt - 7], prompt)
+    seq, logits, cache = generate(model, ids, mask)
+    seq_full, logits_full, _ = generate(model, ids, mask, use_cache=False)
+    assert torch.equal(seq, seq_full)
+    torch.testing.assert_close(logits, logits_full, atol=1e-4, rtol=1e-4)
+    ref = full_forward_logits(model, seq, mask)[:, prompt - 1 : -1]
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+    total = prompt + NEW - 1  # the last token is never fed back
+    for layer in cache.layers:
+        if name in BOUNDED:
+            assert isinstance(layer, SparseWindowLayer)
+            assert layer.get_seq_length() == total
+            assert layer.live_tokens() <= BOUNDED[name] and layer.keys.shape[-2] <= W + G
+        else:
+            assert type(layer) is DynamicLayer and layer.keys.shape[-2] == total
+
+
+def test_gemma2_softcap_with_a_bounded_cache():
+    model = patch_model(tiny("gemma2", sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+                             attn_logit_softcapping=1.5, final_logit_softcapping=5.0, query_pre_attn_scalar=12),
+                        PATTERNS["longformer"], backend="reference")
+    ids = tokens(2, 20, seed=3)
+    mask = left_padding([20, 11], 20)
+    seq, logits, cache = generate(model, ids, mask, new=24)
+    torch.testing.assert_close(logits, full_forward_logits(model, seq, mask)[:, 19:-1], atol=1e-4, rtol=1e-4)
+    assert all(isinstance(layer, SparseWindowLayer) for layer in cache.layers)
+
+
+@pytest.mark.parametrize("name", ["window", "longformer"])
+def test_left_padded_batch_equals_one_by_one(name):
+    model = patch_model(tiny("llama"), PATTERNS[name], backend="reference")
+    lengths, prompt = [20, 13, 4], 20
+    ids = tokens(3, prompt, seed=8)
+    mask = left_padding(lengths, prompt)
+    seq, logits, _ = generate(model, ids, mask, new=24)
+    for row, n in enumerate(lengths):
+        alone_seq, alone_logits, _ = generate(model, ids[row : row + 1, prompt - n :], torch.ones(1, n, dtype=torch.long),
+                                              new=24)
+        assert torch.equal(seq[row, prompt - n :], alone_seq[0])
+        torch.testing.assert_close(logits[row], alone_logits[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["window", "longformer"])
+def test_sampling_beams_and_chunked_prefill_equal_recomputation(name):
+    model = patch_model(tiny("mistral", sliding_window=5), PATTERNS[name], backend="reference")
+    ids = tokens(2, 30, seed=5)
+    mask = left_padding([30, 13], 30)
+    results = {}
+    for use_cache in (True, False):
+        torch.manual_seed(123)
+        results[use_cache] = generate(model, ids, mask, new=24, do_sample=True, top_k=0, use_cache=use_cache)
+    assert torch.equal(results[True][0], results[False][0])
+    beams = generate(model, ids, mask, new=16, num_beams=3)
+    beams_full = generate(model, ids, mask, new=16, num_beams=3, use_cache=False)
+    assert torch.equal(beams[0], beams_full[0])
+    torch.testing.assert_close(beams[1], beams_full[1], atol=1e-4, rtol=1e-4)
+    assert isinstance(beams[2].layers[0], SparseWindowLayer)
+    chunked = generate(model, ids, mask, new=16, prefill_chunk_size=7)  # prompt in chunks over a non-empty cache
+    plain = generate(model, ids, mask, new=16, use_cache=False)
+    assert torch.equal(chunked[0], plain[0])
+    torch.testing.assert_close(chunked[1], plain[1], atol=1e-4, rtol=1e-4)
+
+
+def test_explicit_sparse_cache_and_manual_decode_loop():
+    """SparseCache(model) passed by the user: generate uses it as is; a hand-written loop of prefill, a
+    chunk of several tokens and single-token steps equals one full forward."""
+    model = patch_model(tiny("mistral", sliding_window=5), PATTERNS["longformer"], backend="reference")
+    ids = tokens(2, 20, seed=5)
+    mask = left_padding([20, 13], 20)
+    cache = SparseCache(model)
+    assert all(isinstance(layer, SparseWindowLayer) for layer in cache.layers)
+    seq, logits, returned = generate(model, ids, mask, **cache_kwargs(cache))
+    assert returned is cache and cache.layers[1].live_tokens() <= W - 1 + G
+    torch.testing.assert_close(logits, generate(model, ids, mask)[1], atol=1e-5, rtol=1e-5)
+
+    full_ids = tokens(2, 45, seed=6)
+    full_mask = left_padding([45, 30], 45)
+    ref = full_forward_logits(model, full_ids, full_mask)
+    cache = SparseCache(model)
+    pieces = [(0, 20), (20, 27), *[(i, i + 1) for i in range(27, 45)]]
+    with torch.no_grad():
+        for a, b in pieces:
+            m = full_mask[:, :b]
+            out = model(full_ids[:, a:b], attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp_min(0)[:, a:b],
+                        use_cache=True, **cache_kwargs(cache))
+            real = full_mask[:, a:b].bool()
+            torch.testing.assert_close(out.logits[real], ref[:, a:b][real], atol=1e-4, rtol=1e-4)
+    assert cache.get_seq_length() == 45 and cache_bytes(cache) > 0
+
+
+def test_user_dynamic_cache_keeps_full_history_and_unpatch_removes_everything():
+    model = patch_model(tiny("llama"), PATTERNS["window"], backend="reference")
+    ids = tokens(1, 20)
+    mask = torch.ones_like(ids)
+    cache = transformers.DynamicCache()
+    _, logits, returned = generate(model, ids, mask, new=12, **cache_kwargs(cache))
+    assert type(returned.layers[0]) is DynamicLayer and returned.layers[0].keys.shape[-2] == 31
+    torch.testing.assert_close(logits, generate(model, ids, mask, new=12)[1], atol=1e-5, rtol=1e-5)
+
+    unpatch_model(model)
+    assert "_prepare_cache_for_generation" not in model.__dict__
+    attn = model.model.layers[0].self_attn
+    assert not attn._forward_pre_hooks and not hasattr(attn, "_hf_sparse_window_layer")
+    _, _, cache = generate(model, ids, mask, new=4)
+    assert type(cache.layers[0]) is DynamicLayer
+    with pytest.raises(ValueError, match="patched"):
+        SparseCache(model)
+
+
+def test_layers_subset_keeps_native_cache_layers():
+    """Mistral (native window 5) with only layer 1 patched: layer 0 keeps HF's sliding layer."""
+    model = patch_model(tiny("mistral", sliding_window=5), PATTERNS["longformer"], layers=[1], backend="reference")
+    ids = tokens(2, 20, seed=7)
+    mask = left_padding([20, 14], 20)
+    seq, logits, cache = generate(model, ids, mask)
+    assert isinstance(cache.layers[0], DynamicSlidingWindowLayer) and isinstance(cache.layers[1], SparseWindowLayer)
+    seq_full, logits_full, _ = generate(model, ids, mask, use_cache=False)
+    assert torch.equal(seq, seq_full)
+    torch.testing.assert_close(logits, logits_full, atol=1e-4, rtol=1e-4)
+
+
+def test_assisted_decoding_is_refused():
+    model = patch_model(tiny("llama"), PATTERNS["window"], backend="reference")
+    assistant = tiny("llama", seed=1)
+    ids = tokens(1, 12)
+    with pytest.raises((ValueError, NotImplementedError), match="crop|rolled back"):
+        model.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=assistant, max_new_tokens=4,
+                       do_sample=False, pad_token_id=0)
