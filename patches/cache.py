@@ -58,6 +58,8 @@ from hf_sparse.patterns import Longformer, Pattern, SlidingWindow
 __all__ = ["SparseWindowLayer", "SparseCache", "AttentionInputs", "cache_layer_for", "install_sparse_layers",
            "cache_bytes", "WINDOW_LAYER_ATTR"]
 
+_GROW = 256  # the buffers grow in steps of this many slots, up to sinks + window
+
 # Set on a patched attention module by the forward pre-hook (hf_sparse.patches.history) for the length
 # of one forward: its bounded cache layer, whose last update says where the returned keys sit. The
 # attention function pops it.
@@ -221,7 +223,7 @@ class SparseWindowLayer(CacheLayerMixin):
     def _grow(self, needed: int) -> None:
         if needed <= self._capacity:
             return
-        cap = min(self.max_slots, max(needed, 2 * self._capacity, 16))
+        cap = min(self.max_slots, -(-needed // _GROW) * _GROW)  # at most _GROW - 1 spare slots
         b, h, _, d = self._k.shape
         k = self._k.new_zeros((b, h, cap + 1, d))
         v = self._v.new_zeros((b, self._v.shape[1], cap + 1, self._v.shape[-1]))

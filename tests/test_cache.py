@@ -17,6 +17,7 @@ Tiny models built from configs, float32, ``backend="reference"``, on the CPU.
 from __future__ import annotations
 
 import inspect
+import json
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ from hf_sparse.patches.cache import cache_bytes  # noqa: E402
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer  # noqa: E402
 
 import hf_sparse.decode as decode_mod  # noqa: E402
-from hf_sparse import sparse_attention  # noqa: E402
+from hf_sparse import parse_pattern, sparse_attention  # noqa: E402
 from hf_sparse.decode import attention_with_positions  # noqa: E402
 
 W, G = 8, 2
@@ -348,3 +349,23 @@ def test_assisted_decoding_is_refused():
     with pytest.raises((ValueError, NotImplementedError), match="crop|rolled back"):
         model.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=assistant, max_new_tokens=4,
                        do_sample=False, pad_token_id=0)
+# ---------------------------------------------------------------------------------------------
+# benchmark script
+def test_bench_generate_smoke(tmp_path, capsys):
+    from hf_sparse.eval import bench_generate
+
+    out = tmp_path / "generate.jsonl"
+    rc = bench_generate.main(["--device", "cpu", "--config", "tiny", "--prompt-lens", "96", "--new-tokens", "6",
+                              "--patterns", f"{PATTERNS['window']};{PATTERNS['longformer']}", "--out", str(out)])
+    assert rc == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["impl"] for r in rows} == {"sdpa", "hf_sparse"}
+    assert {r["pattern"] for r in rows} == {"none", parse_pattern(PATTERNS["window"]).spec(),
+                                            parse_pattern(PATTERNS["longformer"]).spec()}
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["prompt_len"] == 96 and r["new_tokens"] == 6 and r["ttft_s"] > 0 and r["decode_tok_s"] > 0
+    sparse = [r for r in rows if r["impl"] == "hf_sparse"]
+    dense = [r for r in rows if r["impl"] == "sdpa"][0]
+    assert all(r["cache_peak_gb"] < dense["cache_peak_gb"] for r in sparse)
+    assert "decode tok/s" in capsys.readouterr().out
