@@ -38,7 +38,7 @@ from hf_sparse.ops import BACKENDS, padding_layout, sparse_attention
 from hf_sparse.patterns import Pattern, parse_pattern
 
 from ._compat import ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS, eager_attention_for
-from .cache import WINDOW_LAYER_ATTR
+from .cache import WINDOW_LAYER_ATTR, window_layer_fits
 
 __all__ = ["ATTN_NAME", "HybridMask", "SparseOptions", "hf_sparse_attention", "hf_sparse_mask", "options_of"]
 
@@ -215,12 +215,18 @@ def _check_not_packed(position_ids: torch.Tensor | None) -> None:
         )
 
 
-def _bounded_cache_inputs(module: torch.nn.Module, key: torch.Tensor):
+def _bounded_cache_inputs(module: torch.nn.Module, key: torch.Tensor, pattern: Pattern):
     """The positions recorded by the module's bounded cache layer for these keys, or None (full-history cache)."""
     window_layer = getattr(module, WINDOW_LAYER_ATTR, None)
     if window_layer is None:
         return None
     del module.__dict__[WINDOW_LAYER_ATTR]
+    if not window_layer_fits(window_layer, pattern):
+        raise RuntimeError(
+            f"hf_sparse layer {module.layer_idx}: its cache layer {window_layer!r} was made for another pattern and "
+            f"dropped keys that {pattern.spec()} needs (the model was patched again after the cache was created); "
+            "create a new cache (SparseCache(model)) or let generate create one"
+        )
     inputs = window_layer.take_attention_inputs()
     if inputs is None:
         return None
@@ -276,7 +282,7 @@ def hf_sparse_attention(
         )
     if scaling is None:
         scaling = getattr(module, "scaling", None)
-    bounded = _bounded_cache_inputs(module, key)
+    bounded = _bounded_cache_inputs(module, key, opts.pattern)
     if bounded is not None and not bounded.prefix:
         # keys from a bounded cache: sinks + ring buffer, slots not in position order
         out = attention_with_positions(query, key, value, opts.pattern, q_pos=bounded.q_pos, k_pos=bounded.k_pos,

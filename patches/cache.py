@@ -56,7 +56,7 @@ from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
 from hf_sparse.patterns import Longformer, Pattern, SlidingWindow
 
 __all__ = ["SparseWindowLayer", "SparseCache", "AttentionInputs", "cache_layer_for", "install_sparse_layers",
-           "cache_bytes", "WINDOW_LAYER_ATTR"]
+           "cache_bytes", "window_layer_fits", "WINDOW_LAYER_ATTR"]
 
 _GROW = 256  # the buffers grow in steps of this many slots, up to sinks + window
 
@@ -274,6 +274,15 @@ def cache_layer_for(pattern: Pattern) -> CacheLayerMixin:
     return DynamicLayer()
 
 
+def window_layer_fits(layer: SparseWindowLayer, pattern: Pattern) -> bool:
+    """Whether ``layer`` keeps every key that ``pattern`` lets a later query see."""
+    if isinstance(pattern, SlidingWindow) and pattern.causal:
+        return layer.window >= pattern.window
+    if isinstance(pattern, Longformer) and pattern.causal:
+        return layer.window >= pattern.window and layer.sinks >= pattern.global_tokens
+    return False
+
+
 def _num_layers(config) -> int:
     return config.get_text_config(decoder=True).num_hidden_layers
 
@@ -314,7 +323,7 @@ class SparseCache(DynamicCache):
     them. ``generate`` builds one by default; pass it explicitly to keep it across calls::
 
         cache = SparseCache(model)
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=256)   # cache= on transformers >= 5.2x
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=256)   # 5.24 also names it cache=
     """
 
     def __init__(self, model_or_config):

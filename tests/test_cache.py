@@ -330,6 +330,17 @@ def test_user_dynamic_cache_keeps_full_history_and_unpatch_removes_everything():
         SparseCache(model)
 
 
+def test_cache_of_another_pattern_is_refused():
+    """A SparseCache made for a window of 8, reused after patching with a window of 12: it dropped keys."""
+    model = patch_model(tiny("llama"), PATTERNS["window"], backend="reference")
+    ids = tokens(1, 20)
+    cache = SparseCache(model)
+    seq = generate(model, ids, torch.ones_like(ids), new=3, **cache_kwargs(cache))[0]
+    patch_model(model, "sliding_window:window=12", backend="reference")
+    with pytest.raises(RuntimeError, match="another pattern"):
+        generate(model, seq, torch.ones_like(seq), new=3, **cache_kwargs(cache))
+
+
 def test_layers_subset_keeps_native_cache_layers():
     """Mistral (native window 5) with only layer 1 patched: layer 0 keeps HF's sliding layer."""
     model = patch_model(tiny("mistral", sliding_window=5), PATTERNS["longformer"], layers=[1], backend="reference")
