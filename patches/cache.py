@@ -244,11 +244,27 @@ class SparseWindowLayer(CacheLayerMixin):
         keep = (q_pos >= 0) & ((q_pos < g) | (q_pos >= n_after.view(-1, 1) - w))
         slot = torch.where(q_pos < g, q_pos, g + (q_pos - g).remainder(w))
         slot = torch.where(keep, slot, torch.full_like(slot, sink))
-        rows = torch.arange(slot.shape[0], device=slot.device).view(-1, 1).expand_as(slot)
-        # kept positions are distinct mod W, so their slots are distinct; only the sink slot is written twice
-        self._k[rows, :, slot] = k_new.transpose(1, 2).to(self._k.dtype)
-        self._v[rows, :, slot] = v_new.transpose(1, 2).to(self._v.dtype)
-        self._pos[rows, slot] = q_pos
+        b, q = slot.shape
+        if q <= self.max_slots:
+            # a few tokens (decode, chunks): write each into its slot. Kept positions are distinct mod W, so
+            # their slots are distinct; only the sink slot is written several times.
+            rows = torch.arange(b, device=slot.device).view(-1, 1).expand_as(slot)
+            self._k[rows, :, slot] = k_new.transpose(1, 2).to(self._k.dtype)
+            self._v[rows, :, slot] = v_new.transpose(1, 2).to(self._v.dtype)
+            self._pos[rows, slot] = q_pos
+        else:
+            # a long prompt: most tokens would go to the sink slot, so gather the kept ones per slot instead
+            # (the racing writes to the sink are then one integer per token, not a key and a value)
+            cap = self._capacity
+            src = torch.full((b, cap + 1), -1, dtype=torch.long, device=slot.device)
+            src.scatter_(1, slot, torch.arange(q, device=slot.device).view(1, q).expand(b, q))
+            src = src[:, :cap]
+            has, idx = src >= 0, src.clamp_min(0)
+            for buf, new in ((self._k, k_new), (self._v, v_new)):
+                h, d = buf.shape[1], buf.shape[-1]
+                got = new.gather(2, idx.view(b, 1, cap, 1).expand(b, h, cap, d)).to(buf.dtype)
+                buf[:, :, :cap] = torch.where(has.view(b, 1, cap, 1), got, buf[:, :, :cap])
+            self._pos[:, :cap] = torch.where(has, q_pos.gather(1, idx), self._pos[:, :cap])
         self._pos[:, sink] = -1
         self._refresh_views(used)
         if mark_dead:
