@@ -16,7 +16,6 @@ Tiny models built from configs, float32, ``backend="reference"``, on the CPU.
 
 from __future__ import annotations
 
-import inspect
 import json
 
 import pytest
@@ -24,6 +23,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf_models import cache_kwargs, left_padding, tiny, tokens  # noqa: E402
 from hf_sparse.patches import SparseCache, SparseWindowLayer, patch_model, unpatch_model  # noqa: E402
 from hf_sparse.patches.cache import cache_bytes  # noqa: E402
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer  # noqa: E402
@@ -40,40 +40,12 @@ PATTERNS = {
     "dense": "dense",
 }
 BOUNDED = {"window": W - 1, "longformer": W - 1 + G}  # live tokens per layer after many steps
-VOCAB = 96
-COMMON = dict(
-    vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=8, max_position_embeddings=512, initializer_range=0.3,
-    pad_token_id=0, bos_token_id=1, eos_token_id=2,
-)
 NEW = 40  # generated tokens: many more than W + G
 
 
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     """Tiny tensors: one torch thread (see conftest)."""
-
-
-def tiny(model_type: str = "llama", seed: int = 0, **overrides):
-    cfg = transformers.AutoConfig.for_model(model_type, **{**COMMON, **overrides})
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    return model.float().eval()
-
-
-def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (batch, length), generator=g)
-
-
-def left_padding(lengths: list[int], total: int) -> torch.Tensor:
-    return torch.stack([torch.arange(total) >= total - n for n in lengths]).long()
-
-
-def cache_kwargs(cache) -> dict:
-    """transformers 5.24 names the argument ``cache``, 5.17 ``past_key_values``."""
-    params = inspect.signature(transformers.LlamaModel.forward).parameters
-    return {"cache" if "cache" in params else "past_key_values": cache}
 
 
 def returned_cache(out):

@@ -23,8 +23,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf_models import cache_kwargs, left_padding, tiny, tokens  # noqa: E402
 from hf_sparse.patches import ATTN_NAME, patch_model, unpatch_model  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache  # noqa: E402
+from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer  # noqa: E402
 
 import hf_sparse  # noqa: E402
@@ -37,14 +38,8 @@ PATTERNS = {
     "dense": "dense",
 }
 SPARSE = ["window", "longformer", "bigbird"]
-VOCAB = 96
 T = 72  # > 3 BigBird blocks of 16, so random blocks exist; > every window
 
-COMMON = dict(
-    vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=8, max_position_embeddings=512, initializer_range=0.3,
-    pad_token_id=0, bos_token_id=1, eos_token_id=2,
-)
 # Large native windows here, so that an unpatched model is plain causal attention over T tokens.
 FAMILIES = {
     "llama": {},
@@ -58,22 +53,6 @@ FAMILIES = {
                     "query_pre_attn_scalar": 12},
     "phi3": {},
 }
-
-
-def tiny(model_type: str = "llama", attn: str = "eager", seed: int = 0, **overrides):
-    cfg = AutoConfig.for_model(model_type, **{**COMMON, **overrides})
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
-    return model.float().eval()
-
-
-def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (batch, length), generator=g)
-
-
-def left_padding(lengths: list[int], total: int) -> torch.Tensor:
-    return torch.stack([torch.arange(total) >= total - n for n in lengths]).long()
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
@@ -404,14 +383,6 @@ def test_layers_keep_native_attention_in_generate():
     seq_full, scores_full = _generate(model, ids, mask, use_cache=False)
     torch.testing.assert_close(scores_cached, scores_full, atol=2e-5, rtol=2e-5)
     assert torch.equal(seq_cached, seq_full)
-
-
-def cache_kwargs(cache) -> dict:
-    """transformers 5.24 names the forward argument ``cache``, 5.17 ``past_key_values``."""
-    import inspect
-
-    name = "cache" if "cache" in inspect.signature(transformers.LlamaModel.forward).parameters else "past_key_values"
-    return {name: cache}
 
 
 # ---------------------------------------------------------------------------------------------
