@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from .ops import validate_qkv
 from .patterns import BigBird, Pattern, parse_pattern
 
 __all__ = ["attention_with_positions"]
@@ -34,21 +35,8 @@ _SCORE_BUDGET = 1 << 26  # float32 scores held at once per query chunk (256 MiB)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be a 4-D tensor [B, H, T, D], got {got}")
-    b, hq, tq, d = q.shape
-    bk, hkv, tk, dk = k.shape
-    if bk != b or dk != d or v.shape[:3] != k.shape[:3]:
-        raise ValueError(
-            f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must agree: q [B, Hq, Tq, D], "
-            "k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv]"
-        )
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    validate_qkv(q, k, v, value_dim_may_differ=True)
+    b, tq, tk = q.shape[0], q.shape[2], k.shape[2]
     for name, pos, n in (("q_pos", q_pos, tq), ("k_pos", k_pos, tk)):
         if not isinstance(pos, torch.Tensor) or pos.shape != (b, n):
             got = tuple(pos.shape) if isinstance(pos, torch.Tensor) else type(pos).__name__

@@ -243,9 +243,8 @@ def _resolve_backend(backend: str, q: torch.Tensor, k: torch.Tensor) -> str:
     return "reference"
 
 
-def _validate(q, k, v, key_padding_mask, q_offset, layer, backend, softcap) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+def validate_qkv(q, k, v, *, value_dim_may_differ: bool = False) -> None:
+    """Shared checks of ``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]``: a ``ValueError`` naming the value."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -257,13 +256,21 @@ def _validate(q, k, v, key_padding_mask, q_offset, layer, backend, softcap) -> N
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     bq, hq, _, d = q.shape
-    bk, hkv, tk, dk = k.shape
-    if k.shape != v.shape:
+    bk, hkv, _, dk = k.shape
+    same = v.shape[:3] == k.shape[:3] if value_dim_may_differ else v.shape == k.shape
+    if not same:
         raise ValueError(f"k and v must have the same shape [B, Hkv, Tk, D], got {tuple(k.shape)} and {tuple(v.shape)}")
     if bq != bk or d != dk:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch size and head dim")
     if hkv == 0 or hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+
+
+def _validate(q, k, v, key_padding_mask, q_offset, layer, backend, softcap) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    validate_qkv(q, k, v)
+    bq, tk = q.shape[0], k.shape[2]
     if isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
         raise ValueError(f"q_offset must be a non-negative int, got {q_offset!r}")
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:

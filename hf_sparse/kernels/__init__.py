@@ -98,14 +98,14 @@ def _common(q, k, pattern, layer, q_offset, k_shift, k_len):
     return dict(
         b=b, hq=hq, hkv=hkv, tq=tq, tk=tk, d=d, p=p, varlen=varlen,
         k_shift=k_shift if varlen else dummy, k_len=k_len if varlen else dummy,
-        tables=tables, bucket=triton.next_power_of_2(max(tq, 16)),
+        tables=tables,
         block_d=max(triton.next_power_of_2(d), 16),
     )
 
 
 def _cfg(kernel: str, c: dict, dtype: torch.dtype) -> KernelConfig:
     return pick_config(kernel, head_dim=c["d"], kind=c["p"]["KIND"], blk=c["p"]["BLK"], dtype=dtype,
-                       seq_bucket=c["bucket"], interpret=_interpret())
+                       interpret=_interpret())
 
 
 def forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_shift=None, k_len=None,
@@ -126,7 +126,7 @@ def forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_
         q, k, v, out, lse, c["k_shift"], c["k_len"], table,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), table.stride(2),
-        c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap, c["bucket"],
+        c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap,
         KIND=p["KIND"], CAUSAL=pattern.causal, VARLEN=c["varlen"], HAS_SOFTCAP=bool(softcap),
         GROUP=c["hq"] // c["hkv"], R=p["R"], BLK=p["BLK"], HEAD_DIM=c["d"], BLOCK_D=c["block_d"],
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -158,7 +158,7 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
         q, k, v, do, dq, lse, delta, c["k_shift"], c["k_len"], table,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), table.stride(2),
-        c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap, c["bucket"],
+        c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap,
         **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     cfg = _cfg("dkdv", c, q.dtype)
@@ -167,7 +167,7 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         ptr.stride(0) if ptr.shape[0] > 1 else 0, ptr.stride(1), idx.stride(0) if idx.shape[0] > 1 else 0,
         idx.stride(1),
-        c["tq"], c["tk"], q_offset, c["hq"], c["hkv"], p["W"], p["G"], p["WB"], scale, softcap, c["bucket"],
+        c["tq"], c["tk"], q_offset, c["hq"], c["hkv"], p["W"], p["G"], p["WB"], scale, softcap,
         **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dq, dk, dv

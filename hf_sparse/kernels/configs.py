@@ -57,7 +57,7 @@ def parse_override(text: str) -> tuple[str, int | None, KernelConfig]:
     return kernel, int(kind) if kind else None, KernelConfig(*nums)
 
 
-def pick_config(kernel: str, *, head_dim: int, kind: int, blk: int, dtype: torch.dtype, seq_bucket: int,
+def pick_config(kernel: str, *, head_dim: int, kind: int, blk: int, dtype: torch.dtype,
                 interpret: bool) -> KernelConfig:
     cfg = _OVERRIDES.get((kernel, kind), _OVERRIDES.get((kernel, None)))
     if interpret and cfg is None:
