@@ -8,6 +8,7 @@ host launchers -> two ``torch.library`` custom ops (forward, backward) with fake
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
 
@@ -207,6 +208,8 @@ def sparse_attention(
         q, k, v = (x.to(dt) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in (q, k, v))
     _validate(q, k, v, key_padding_mask, q_offset, layer, backend, softcap)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not (math.isfinite(scale) and scale > 0):  # the kernels take the row max before scaling
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}; leave it None for D ** -0.5")
     softcap = float(softcap or 0.0)
     if key_padding_mask is not None:
         if key_padding_mask.shape[1] != k.shape[2]:

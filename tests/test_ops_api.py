@@ -71,6 +71,9 @@ def _bad_inputs():
         ("q-offset-past-keys", (q, k, v), {"q_offset": 3, "key_padding_mask": kpm}, r"q_offset \(3\) \+ Tq \(10\)"),
         ("layer-neg", (q, k, v), {"layer": -2}, r"layer must be a non-negative int, got -2"),
         ("softcap-neg", (q, k, v), {"softcap": -1.0}, r"softcap .*got -1.0"),
+        ("scale-zero", (q, k, v), {"scale": 0.0}, r"scale must be a positive finite number, got 0.0"),
+        ("scale-neg", (q, k, v), {"scale": -0.125}, r"scale must be .*got -0.125"),
+        ("scale-nan", (q, k, v), {"scale": float("nan")}, r"scale must be .*got nan"),
         ("backend", (q, k, v), {"backend": "flash"}, r"backend='flash' is not one of auto, triton, reference, dense"),
         ("pattern", (q, k, v), {"pattern": "sliding_window:window=0"}, r"window must be an integer >= 1, got 0"),
     ]

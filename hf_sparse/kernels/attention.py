@@ -25,6 +25,7 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+_BIG_I32 = tl.constexpr(2**30)
 
 
 @triton.jit
@@ -115,16 +116,23 @@ def _query_tile_ranges(m_lo, m_hi, k_len, W, G, WB,
 # single index, so the compiler sees one loop body (one software pipeline, one register budget).
 @triton.jit
 def _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0,
-                TPB: tl.constexpr, BLK: tl.constexpr, TILE: tl.constexpr):
+                TPB: tl.constexpr, BLK: tl.constexpr, TILE: tl.constexpr, HAS_RAND: tl.constexpr):
     """Start position of tile ``it`` of the sequence A (``na`` tiles from ``a0``), random blocks
-    (``n_rand`` tiles, ``TPB`` per block, block ids at ``RPTR``), B (``nb`` from ``b0``), C (from ``c0``)."""
+    (``n_rand`` tiles, ``TPB`` per block, block ids at ``RPTR``), B (``nb`` from ``b0``), C (from ``c0``).
+
+    Without random blocks (``HAS_RAND`` false, ``n_rand`` must be 0) the table read and its index
+    arithmetic are left out of the loop body."""
     j = it - na
-    is_rand = (j >= 0) & (j < n_rand)
-    blk_id = tl.load(RPTR + tl.where(is_rand, j // TPB, 0), mask=is_rand, other=0)
-    r_start = blk_id * BLK + (j % TPB) * TILE
-    j2 = j - n_rand
-    start = tl.where(it < na, a0 + it * TILE,
-                     tl.where(is_rand, r_start, tl.where(j2 < nb, b0 + j2 * TILE, c0 + (j2 - nb) * TILE)))
+    if HAS_RAND:
+        is_rand = (j >= 0) & (j < n_rand)
+        blk_id = tl.load(RPTR + tl.where(is_rand, j // TPB, 0), mask=is_rand, other=0)
+        r_start = blk_id * BLK + (j % TPB) * TILE
+        j2 = j - n_rand
+        start = tl.where(it < na, a0 + it * TILE,
+                         tl.where(is_rand, r_start, tl.where(j2 < nb, b0 + j2 * TILE, c0 + (j2 - nb) * TILE)))
+    else:
+        is_rand = j < -_BIG_I32  # never true; keeps the return type
+        start = tl.where(it < na, a0 + it * TILE, tl.where(j < nb, b0 + j * TILE, c0 + (j - nb) * TILE))
     return start, is_rand
 
 
@@ -145,10 +153,10 @@ def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
               a0, na, RPTR, n_rand, b0, nb, c0, n_total,
               KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-              TPB: tl.constexpr):
+              TPB: tl.constexpr, HAS_RAND: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     for it in range(0, n_total):
-        start_n, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_N)
+        start_n, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_N, HAS_RAND)
         kp = start_n + offs_n
         k_ptrs = k_base + kp[None, :] * stride_kn + offs_d[:, None] * stride_kd
         v_ptrs = v_base + kp[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -162,18 +170,25 @@ def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
         qk = tl.dot(q, k)
         if HAS_SOFTCAP:
             s = softcap * _tanh(qk * (qk_scale / softcap)) * 1.4426950408889634
-        else:
+        elif MASKED:
             s = qk * (qk_scale * 1.4426950408889634)
         if MASKED:
             vis = _visible(qp, kp, k_len, W, G, WB, KIND, CAUSAL, BLK)
-            vis = vis | (is_rand & k_ok[None, :])  # a random block is visible whole (non-causal tiles)
+            if HAS_RAND:
+                vis = vis | (is_rand & k_ok[None, :])  # a random block is visible whole (non-causal tiles)
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
+            p = tl.exp2(s - m_use[:, None])
+        elif HAS_SOFTCAP:
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = m_new
-        p = tl.exp2(s - m_use[:, None])
+            p = tl.exp2(s - m_use[:, None])
+        else:  # interior tile: the scale is positive, so max(qk) * c is the row max; qk * c - m is one FMA
+            c = qk_scale * 1.4426950408889634
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
+            m_use = m_new
+            p = tl.exp2(qk * c - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -280,11 +295,13 @@ def _fwd_kernel(
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
                                   0, nu_a, rptr, u_rand, ub0, nu_b, ub0, nu,
-                                  KIND, CAUSAL, BLK, False, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB)
+                                  KIND, CAUSAL, BLK, False, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB,
+                                  (R > 0) and CAUSAL)
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
                                   ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, nm,
-                                  KIND, CAUSAL, BLK, True, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB)
+                                  KIND, CAUSAL, BLK, True, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB,
+                                  (R > 0) and not CAUSAL)
         has = l_i > 0.0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
@@ -318,10 +335,11 @@ def _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, strid
              offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
              a0, na, RPTR, n_rand, b0, nb, c0, n_total,
              KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
-             HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TPB: tl.constexpr):
+             HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TPB: tl.constexpr,
+             HAS_RAND: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     for it in range(0, n_total):
-        start_n, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_N)
+        start_n, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_N, HAS_RAND)
         kp = start_n + offs_n
         k_ok = (kp < k_len) & (kp >= 0)
         kT = tl.load(k_base + kp[None, :] * stride_kn + offs_d[:, None] * stride_kd,
@@ -337,7 +355,8 @@ def _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, strid
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
             vis = _visible(qp, kp, k_len, W, G, WB, KIND, CAUSAL, BLK)
-            vis = vis | (is_rand & k_ok[None, :])
+            if HAS_RAND:
+                vis = vis | (is_rand & k_ok[None, :])
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, vT)
         ds = p * (dp - delta[:, None])
@@ -396,11 +415,11 @@ def _bwd_dq_kernel(
         dq = _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                       offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
                       0, nu_a, rptr, u_rand, ub0, nu_b, ub0, nu,
-                      KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB)
+                      KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB, (R > 0) and CAUSAL)
         dq = _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                       offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
                       ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, nm,
-                      KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB)
+                      KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB, (R > 0) and not CAUSAL)
         dq = dq * sm_scale
         tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
                  dq.to(DQ.dtype.element_ty), mask=mask_qd)
@@ -411,11 +430,12 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, s
                offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len, W, G, WB, sm_scale, softcap,
                a0, na, RPTR, n_rand, b0, nb, c0, n_total,
                KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
-               HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TPB: tl.constexpr):
+               HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TPB: tl.constexpr,
+               HAS_RAND: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles of the plan (tiles of BLOCK_M rows)."""
     d_ok = offs_d < HEAD_DIM
     for it in range(0, n_total):
-        start_m, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_M)
+        start_m, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_M, HAS_RAND)
         qp = start_m + offs_m
         rows = qp - q_start
         row_ok = (rows >= row_lo) & (rows < row_hi)
@@ -563,11 +583,11 @@ def _bwd_dkdv_kernel(
             dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
                                 stride_dom, stride_dod, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len,
                                 W, G, WB, sm_scale, softcap, e, nu_a, rptr, n_rand, f, 0, f, nu,
-                                KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB)
+                                KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, R > 0)
             dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
                                 stride_dom, stride_dod, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len,
                                 W, G, WB, sm_scale, softcap, s_lo, nm_a, rptr, 0, a, nm_b, f, nm,
-                                KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB)
+                                KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, False)
         dk = dk * sm_scale
         tl.store(DK + b * stride_dkb + hk * stride_dkh + (k_shift + kp)[:, None] * stride_dkn
                  + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kmask)
