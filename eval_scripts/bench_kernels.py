@@ -90,6 +90,16 @@ def flex_block_mask(pattern: Pattern, lay, t: int, hq: int, hkv: int, device) ->
                                     mask_mod=mask_mod, seq_lengths=(t, t))
 
 
+def flex_options(lay) -> dict | None:
+    """Flex's own tiles, except where its defaults (128-row tiles) cannot divide a 64-token sparse
+    block: then 64-row tiles on 4 warps (one warpgroup per 64 rows, the shape that runs best on Hopper)."""
+    if lay is None or lay.block_m >= 128:
+        return None
+    b_ = lay.block_m
+    return dict(BLOCK_M=b_, BLOCK_N=b_, BLOCK_M1=b_, BLOCK_N1=b_, BLOCK_M2=b_, BLOCK_N2=b_, num_warps=4,
+                num_stages=2)
+
+
 def sweep(args, dev, shape: tuple[int, int, int]) -> dict[str, str]:
     """Time fwd / fwd+bwd for candidate tile configs on one head shape; keep the fastest per (kernel,
     kind) as the override for the runs of that shape."""
@@ -144,6 +154,7 @@ def run(args) -> list[dict[str, Any]]:
     for item in args.config:
         kernel, kind, cfg = configs.parse_override(item)
         configs.override(kernel, cfg, kind=kind)
+    configs.set_tma({"auto": None, "on": True, "off": False}[args.tma])
     from torch.nn.attention.flex_attention import flex_attention
 
     torch._dynamo.config.cache_size_limit = 256
@@ -187,6 +198,7 @@ def run(args) -> list[dict[str, Any]]:
             ref_out: dict[str, torch.Tensor] = {}
             layouts: dict[str, Any] = {}
             for impl, pat in cases:
+                opts = None
                 if args.deadline_s and time.monotonic() - t_start > args.deadline_s and impl == "flex":
                     print(f"deadline: flex {pat.spec()} T={t} {hq}/{hkv}/{d} not run", flush=True)
                     continue
@@ -203,13 +215,9 @@ def run(args) -> list[dict[str, Any]]:
                         fn = lambda q_, k_, v_, p=pat: sparse_attention(q_, k_, v_, p, backend="triton")
                     else:
                         bm = flex_block_mask(pat, lay, t, hq, hkv, dev)
-                        opts = None
-                        if lay is not None and lay.block_m < 128:  # flex tiles must divide the sparse block
-                            b_ = lay.block_m
-                            opts = dict(BLOCK_M=b_, BLOCK_N=b_, BLOCK_M1=b_ // 2, BLOCK_N1=b_, BLOCK_M2=b_,
-                                        BLOCK_N2=b_ // 2)
-                        fn = lambda q_, k_, v_, bm=bm, o=opts: flex(q_, k_, v_, block_mask=bm, enable_gqa=True,
-                                                                    kernel_options=o)
+                        opts = flex_options(lay)
+                        fn = lambda q_, k_, v_, bm=bm, o=opts: flex(  # noqa: E731
+                            q_, k_, v_, block_mask=bm, enable_gqa=True, kernel_options=o)
                 for ps in passes:
                     torch.cuda.synchronize()
                     try:
@@ -252,6 +260,8 @@ def run(args) -> list[dict[str, Any]]:
                         continue
                     row = dict(
                         impl=impl, pattern=spec, **{"pass": ps}, seq_len=t, head_dim=d, q_heads=hq, kv_heads=hkv,
+                        tma=args.tma if impl == "hf_sparse" else None,
+                        flex_kernel_options=opts if impl == "flex" else None,
                         batch=1, dtype=args.dtype, median_ms=med, p20_ms=p20, p80_ms=p80,
                         tflops=flops / (med * 1e-3) / 1e12, attended_pairs=pairs, density=pairs / dense_pairs,
                         peak_mem_gb=peak, max_abs_diff_vs_first_impl=err, gpu=env["device_name"],
@@ -307,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     p.add_argument("--config", action="append", default=[],
                    help="tile config override, e.g. dkdv=64,128,8,2 or dkdv@1=32,64,4,2 (BigBird only); repeatable")
+    p.add_argument("--tma", default="auto", choices=["auto", "on", "off"],
+                   help="our interior tiles through tensor descriptors (Hopper TMA) [%(default)s]")
     p.add_argument("--sweep", default="", help="candidates per kernel before the run, e.g. "
                    "'dq=64,64,4,3|128,64,8,2;dkdv=32,64,8,2|64,128,8,2' (timed at --sweep-seq-len)")
     p.add_argument("--sweep-seq-len", type=int, default=65536)

@@ -48,6 +48,9 @@ def compile_one(kernel, args, kwargs, num_warps, num_stages, arch=90):
         if p.is_constexpr:
             sig[n] = "constexpr"
             const[n] = v
+        elif type(v).__name__ == "TensorDescriptor":
+            from triton.runtime.jit import mangle_type
+            sig[n] = mangle_type(v)
         elif isinstance(v, torch.Tensor):
             sig[n] = "*" + _TY[v.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -63,6 +66,9 @@ def compile_one(kernel, args, kwargs, num_warps, num_stages, arch=90):
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps,
                                                                           "num_stages": num_stages})
     ptx = ck.asm["ptx"]
+    if os.environ.get("DUMP_TTGIR"):
+        with open(os.path.join(os.environ["DUMP_TTGIR"], f"{fn.__name__}.ttgir"), "w") as f:
+            f.write(ck.asm["ttgir"])
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -83,11 +89,13 @@ def main(argv=None) -> int:
                     "sliding_window:window=512,causal=false")
     ap.add_argument("--varlen", default="0,1", help="0, 1 or 0,1")
     ap.add_argument("--kernels", default="_fwd_kernel,_bwd_dq_kernel,_bwd_dkdv_kernel")
+    ap.add_argument("--tma", default="on", choices=["on", "off"], help="interior tiles through tensor descriptors")
     ap.add_argument("--config", action="append", default=[],
                     help="override as kernel=BM,BN,warps,stages (e.g. fwd=128,64,8,3); repeatable")
     args = ap.parse_args(argv)
     from hf_sparse import parse_pattern
     from hf_sparse.kernels import configs
+    configs.set_tma(args.tma == "on")
     for item in args.config:
         kern, kind, cfg = configs.parse_override(item)
         configs.override(kern, cfg, kind=kind)

@@ -15,7 +15,12 @@ import triton
 
 from ..patterns import BigBird, Dense, Longformer, Pattern, SlidingWindow, ceil_div
 from .attention import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess, _fwd_kernel
-from .configs import KernelConfig, pick_config
+from .configs import KernelConfig, pick_config, tma_setting
+
+try:  # host-side tensor descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
 
 __all__ = ["forward", "backward", "kernel_params"]
 
@@ -103,6 +108,37 @@ def _common(q, k, pattern, layer, q_offset, k_shift, k_len):
     )
 
 
+def _tma_compatible(x: torch.Tensor) -> bool:
+    """The copy engine needs a 16-byte aligned base, 16-byte aligned strides and a contiguous last dim."""
+    size = x.element_size()
+    return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all((st * size) % 16 == 0 for st in x.stride()[:-1])
+            and all(n > 0 for n in x.shape))
+
+
+def _use_tma(c: dict, *tensors: torch.Tensor) -> bool:
+    """Whether the interior loops load through tensor descriptors (see ``configs.set_tma``)."""
+    setting = tma_setting()
+    if setting is False:
+        return False
+    ok = TensorDescriptor is not None and c["d"] == c["block_d"] and all(_tma_compatible(x) for x in tensors)
+    if setting is True and not ok:
+        raise ValueError("set_tma(True) but these inputs cannot use tensor descriptors (head dim "
+                         f"{c['d']} must be a power of two >= 16, strides 16-byte aligned, last dim contiguous); "
+                         "use set_tma(None)")
+    if not ok:
+        return False
+    if setting is True or _interpret():
+        return True
+    return tensors[0].is_cuda and torch.cuda.get_device_capability(tensors[0].device)[0] >= 9
+
+
+def _descs(use: bool, rows: int, block_d: int, *tensors: torch.Tensor) -> list:
+    """``[B, H, T, D]`` descriptors with ``[1, 1, rows, D]`` boxes, or the tensors themselves (unused)."""
+    if not use:
+        return list(tensors)
+    return [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, block_d]) for x in tensors]
+
+
 def _cfg(kernel: str, c: dict, dtype: torch.dtype) -> KernelConfig:
     return pick_config(kernel, head_dim=c["d"], kind=c["p"]["KIND"], blk=c["p"]["BLK"], dtype=dtype,
                        interpret=_interpret())
@@ -122,14 +158,15 @@ def forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_
     cfg = _cfg("fwd", c, q.dtype)
     table = c["tables"][0]
     grid = (ceil_div(c["tq"], cfg.block_m) + 1, c["b"] * c["hq"])
+    tma = _use_tma(c, k, v)
     _fwd_kernel[grid](
-        q, k, v, out, lse, c["k_shift"], c["k_len"], table,
+        q, k, v, out, lse, c["k_shift"], c["k_len"], table, *_descs(tma, cfg.block_n, c["block_d"], k, v),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), table.stride(2),
         c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap,
         KIND=p["KIND"], CAUSAL=pattern.causal, VARLEN=c["varlen"], HAS_SOFTCAP=bool(softcap),
         GROUP=c["hq"] // c["hkv"], R=p["R"], BLK=p["BLK"], HEAD_DIM=c["d"], BLOCK_D=c["block_d"],
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
 
@@ -154,20 +191,25 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
         GROUP=c["hq"] // c["hkv"], R=p["R"], BLK=p["BLK"], HEAD_DIM=c["d"], BLOCK_D=c["block_d"],
     )
     cfg = _cfg("dq", c, q.dtype)
+    tma = _use_tma(c, k, v)
     _bwd_dq_kernel[(ceil_div(c["tq"], cfg.block_m) + 1, c["b"] * c["hq"])](
-        q, k, v, do, dq, lse, delta, c["k_shift"], c["k_len"], table,
+        q, k, v, do, dq, lse, delta, c["k_shift"], c["k_len"], table, *_descs(tma, cfg.block_n, c["block_d"], k, v),
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), table.stride(2),
         c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap,
-        **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     cfg = _cfg("dkdv", c, q.dtype)
+    tma = _use_tma(c, q, do, k, v) and not c["varlen"]  # padded query rows must not be read unmasked
     _bwd_dkdv_kernel[(ceil_div(c["tk"], cfg.block_n), c["b"] * c["hkv"])](
         q, k, v, do, dk, dv, lse, delta, c["k_shift"], c["k_len"], ptr, idx,
+        *_descs(tma, cfg.block_m, c["block_d"], q, do), *_descs(tma, cfg.block_n, c["block_d"], k, v),
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         ptr.stride(0) if ptr.shape[0] > 1 else 0, ptr.stride(1), idx.stride(0) if idx.shape[0] > 1 else 0,
         idx.stride(1),
         c["tq"], c["tk"], q_offset, c["hq"], c["hkv"], p["W"], p["G"], p["WB"], scale, softcap,
-        **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return dq, dk, dv

@@ -137,6 +137,13 @@ def _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0,
 
 
 @triton.jit
+def _tma_tile(desc, b, h, row0, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``[ROWS, BLOCK_D]`` tile at sequence row ``row0`` of head ``h``, batch ``b``, through a tensor
+    descriptor of the ``[B, H, T, D]`` tensor (Hopper's copy engine; rows outside ``[0, T)`` read as 0)."""
+    return tl.reshape(desc.load([b, h, row0, 0]), (ROWS, BLOCK_D))
+
+
+@triton.jit
 def _count_valid(RPTR, R: tl.constexpr):
     """Number of valid (>= 0) entries of a random-block row (the valid ones come first)."""
     n = 0
@@ -149,18 +156,21 @@ def _count_valid(RPTR, R: tl.constexpr):
 # forward
 @triton.jit
 def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+              desc_k, desc_v, b, hk, k_shift,
               offs_n, offs_d, qp, k_len, W, G, WB, qk_scale, softcap,
               a0, na, RPTR, n_rand, b0, nb, c0, n_total,
               KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-              TPB: tl.constexpr, HAS_RAND: tl.constexpr):
+              TPB: tl.constexpr, HAS_RAND: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     for it in range(0, n_total):
         start_n, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_N, HAS_RAND)
         kp = start_n + offs_n
         k_ptrs = k_base + kp[None, :] * stride_kn + offs_d[:, None] * stride_kd
         v_ptrs = v_base + kp[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        if MASKED:
+        if USE_TMA and not MASKED:  # interior tiles lie inside the keys and need no mask: copy engine
+            k = tl.trans(_tma_tile(desc_k, b, hk, k_shift + start_n, BLOCK_N, BLOCK_D))
+        elif MASKED:
             k_ok = (kp < k_len) & (kp >= 0)
             k = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)
         elif EVEN_D:
@@ -192,7 +202,9 @@ def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if MASKED:
+        if USE_TMA and not MASKED:
+            v = _tma_tile(desc_v, b, hk, k_shift + start_n, BLOCK_N, BLOCK_D)
+        elif MASKED:
             v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         elif EVEN_D:
             v = tl.load(v_ptrs)
@@ -251,7 +263,7 @@ def _query_side_plan(m_lo_eff, m_hi, k_len, W, G, WB, RAND, hk, stride_rh, strid
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, KSHIFT, KLEN, RAND,
+    Q, K, V, O, LSE, KSHIFT, KLEN, RAND, DESC_K, DESC_V,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -261,6 +273,7 @@ def _fwd_kernel(
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -293,15 +306,15 @@ def _fwd_kernel(
             m_lo_eff, m_hi, k_len, W, G, WB, RAND + b * stride_rb, hk, stride_rh, stride_rq, KIND, CAUSAL, R, BLK,
             BLOCK_N)
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                  offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
+                                  DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
                                   0, nu_a, rptr, u_rand, ub0, nu_b, ub0, nu,
                                   KIND, CAUSAL, BLK, False, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB,
-                                  (R > 0) and CAUSAL)
+                                  (R > 0) and CAUSAL, USE_TMA, BLOCK_D)
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                  offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
+                                  DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
                                   ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, nm,
                                   KIND, CAUSAL, BLK, True, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB,
-                                  (R > 0) and not CAUSAL)
+                                  (R > 0) and not CAUSAL, USE_TMA, BLOCK_D)
         has = l_i > 0.0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
@@ -332,20 +345,24 @@ def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
 
 @triton.jit
 def _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-             offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
+             desc_k, desc_v, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
              a0, na, RPTR, n_rand, b0, nb, c0, n_total,
              KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
              HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TPB: tl.constexpr,
-             HAS_RAND: tl.constexpr):
+             HAS_RAND: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     for it in range(0, n_total):
         start_n, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_N, HAS_RAND)
         kp = start_n + offs_n
         k_ok = (kp < k_len) & (kp >= 0)
-        kT = tl.load(k_base + kp[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        vT = tl.load(v_base + kp[None, :] * stride_vn + offs_d[:, None] * stride_vd,
-                     mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        if USE_TMA and not MASKED:
+            kT = tl.trans(_tma_tile(desc_k, b, hk, k_shift + start_n, BLOCK_N, BLOCK_D))
+            vT = tl.trans(_tma_tile(desc_v, b, hk, k_shift + start_n, BLOCK_N, BLOCK_D))
+        else:
+            kT = tl.load(k_base + kp[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+            vT = tl.load(v_base + kp[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+                         mask=k_ok[None, :] & d_ok[:, None], other=0.0)
         qk = tl.dot(q, kT)
         if HAS_SOFTCAP:
             t = _tanh(qk * (sm_scale / softcap))
@@ -368,7 +385,7 @@ def _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, strid
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, KSHIFT, KLEN, RAND,
+    Q, K, V, DO, DQ, LSE, DELTA, KSHIFT, KLEN, RAND, DESC_K, DESC_V,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -379,6 +396,7 @@ def _bwd_dq_kernel(
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -413,13 +431,15 @@ def _bwd_dq_kernel(
             m_lo_eff, m_hi, k_len, W, G, WB, RAND + b * stride_rb, hk, stride_rh, stride_rq, KIND, CAUSAL, R, BLK,
             BLOCK_N)
         dq = _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                      offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
+                      DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
                       0, nu_a, rptr, u_rand, ub0, nu_b, ub0, nu,
-                      KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB, (R > 0) and CAUSAL)
+                      KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB, (R > 0) and CAUSAL,
+                      USE_TMA, BLOCK_D)
         dq = _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                      offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
+                      DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
                       ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, nm,
-                      KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB, (R > 0) and not CAUSAL)
+                      KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB, (R > 0) and not CAUSAL,
+                      USE_TMA, BLOCK_D)
         dq = dq * sm_scale
         tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
                  dq.to(DQ.dtype.element_ty), mask=mask_qd)
@@ -427,11 +447,11 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod,
-               offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len, W, G, WB, sm_scale, softcap,
+               desc_q, desc_do, b, h, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len, W, G, WB, sm_scale, softcap,
                a0, na, RPTR, n_rand, b0, nb, c0, n_total,
                KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TPB: tl.constexpr,
-               HAS_RAND: tl.constexpr):
+               HAS_RAND: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles of the plan (tiles of BLOCK_M rows)."""
     d_ok = offs_d < HEAD_DIM
     for it in range(0, n_total):
@@ -439,10 +459,14 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, s
         qp = start_m + offs_m
         rows = qp - q_start
         row_ok = (rows >= row_lo) & (rows < row_hi)
-        qT = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-                     mask=row_ok[None, :] & d_ok[:, None], other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if USE_TMA and not MASKED:  # (no padding: rows outside [0, Tq) read as 0, their lse as +inf)
+            qT = tl.trans(_tma_tile(desc_q, b, h, start_m - q_start, BLOCK_M, BLOCK_D))
+            do = _tma_tile(desc_do, b, h, start_m - q_start, BLOCK_M, BLOCK_D)
+        else:
+            qT = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                         mask=row_ok[None, :] & d_ok[:, None], other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         qkT = tl.dot(k, qT)  # [BLOCK_N, BLOCK_M]
@@ -514,7 +538,7 @@ def _key_tile_ranges(n_lo, n_hi, q_lo, q_hi, W, G, WB,
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, KSHIFT, KLEN, REV_PTR, REV_IDX,
+    Q, K, V, DO, DK, DV, LSE, DELTA, KSHIFT, KLEN, REV_PTR, REV_IDX, DESC_Q, DESC_DO, DESC_K, DESC_V,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -526,6 +550,7 @@ def _bwd_dkdv_kernel(
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -552,10 +577,14 @@ def _bwd_dkdv_kernel(
         kp = n_lo + offs_n
         d_ok = offs_d < HEAD_DIM
         kmask = (kp < k_len)[:, None] & d_ok[None, :]
-        k = tl.load(K + b * stride_kb + hk * stride_kh + (k_shift + kp)[:, None] * stride_kn
-                    + offs_d[None, :] * stride_kd, mask=kmask, other=0.0)
-        v = tl.load(V + b * stride_vb + hk * stride_vh + (k_shift + kp)[:, None] * stride_vn
-                    + offs_d[None, :] * stride_vd, mask=kmask, other=0.0)
+        if USE_TMA and not VARLEN:  # keys past Tk read as 0, as the masked load would
+            k = _tma_tile(DESC_K, b, hk, n_lo, BLOCK_N, BLOCK_D)
+            v = _tma_tile(DESC_V, b, hk, n_lo, BLOCK_N, BLOCK_D)
+        else:
+            k = tl.load(K + b * stride_kb + hk * stride_kh + (k_shift + kp)[:, None] * stride_kn
+                        + offs_d[None, :] * stride_kd, mask=kmask, other=0.0)
+            v = tl.load(V + b * stride_vb + hk * stride_vh + (k_shift + kp)[:, None] * stride_vn
+                        + offs_d[None, :] * stride_vd, mask=kmask, other=0.0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         q_lo = q_start + row_lo
@@ -581,13 +610,15 @@ def _bwd_dkdv_kernel(
             lse_base = LSE + (b * H + h) * Tq
             delta_base = DELTA + (b * H + h) * Tq
             dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-                                stride_dom, stride_dod, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len,
+                                stride_dom, stride_dod, DESC_Q, DESC_DO, b, h, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len,
                                 W, G, WB, sm_scale, softcap, e, nu_a, rptr, n_rand, f, 0, f, nu,
-                                KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, R > 0)
+                                KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, R > 0,
+                                USE_TMA and not VARLEN, BLOCK_D)
             dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-                                stride_dom, stride_dod, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len,
+                                stride_dom, stride_dod, DESC_Q, DESC_DO, b, h, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len,
                                 W, G, WB, sm_scale, softcap, s_lo, nm_a, rptr, 0, a, nm_b, f, nm,
-                                KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, False)
+                                KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, False,
+                                USE_TMA and not VARLEN, BLOCK_D)
         dk = dk * sm_scale
         tl.store(DK + b * stride_dkb + hk * stride_dkh + (k_shift + kp)[:, None] * stride_dkn
                  + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kmask)

@@ -36,6 +36,20 @@ _TABLE: dict[tuple[str, int], KernelConfig] = {
 }
 
 _OVERRIDES: dict[tuple[str, int | None], KernelConfig] = {}
+_TMA: list[bool | None] = [None]  # None: automatic (Hopper and newer, and the interpreter)
+
+
+def set_tma(enabled: bool | None) -> None:
+    """Load interior tiles through tensor descriptors (Hopper's copy engine, TMA): ``True`` forces it
+    (a ``ValueError`` where the inputs cannot use it), ``False`` uses pointer loads everywhere, ``None``
+    (default) decides per call."""
+    if enabled not in (None, True, False):
+        raise ValueError(f"set_tma takes True, False or None, got {enabled!r}")
+    _TMA[0] = enabled
+
+
+def tma_setting() -> bool | None:
+    return _TMA[0]
 
 
 def override(kernel: str, config: KernelConfig | None, *, kind: int | None = None) -> None:
