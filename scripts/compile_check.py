@@ -89,20 +89,33 @@ def main(argv=None) -> int:
                     "sliding_window:window=512,causal=false")
     ap.add_argument("--varlen", default="0,1", help="0, 1 or 0,1")
     ap.add_argument("--kernels", default="_fwd_kernel,_bwd_dq_kernel,_bwd_dkdv_kernel")
-    ap.add_argument("--tma", default="on", choices=["on", "off"], help="interior tiles through tensor descriptors")
+    ap.add_argument("--tma", default="table", choices=["table", "on", "off"],
+                    help="interior tiles through tensor descriptors: as the tile table says on Hopper, always, never")
     ap.add_argument("--config", action="append", default=[],
                     help="override as kernel=BM,BN,warps,stages (e.g. fwd=128,64,8,3); repeatable")
     args = ap.parse_args(argv)
     from hf_sparse import parse_pattern
     from hf_sparse.kernels import configs
-    configs.set_tma(args.tma == "on")
+    if args.tma == "table":  # decide as on an H200 (the inputs here are CPU tensors)
+        use_tma = K._use_tma
+
+        def as_on_hopper(c, cfg, *tensors):
+            configs.set_tma(cfg.tma)
+            try:
+                return use_tma(c, cfg, *tensors)
+            finally:
+                configs.set_tma(None)
+
+        K._use_tma = as_on_hopper
+    else:
+        configs.set_tma(args.tma == "on")
     for item in args.config:
         kern, kind, cfg = configs.parse_override(item)
         configs.override(kern, cfg, kind=kind)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     os.environ.pop("TRITON_INTERPRET", None)
     sink = []
-    for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_preprocess"):
+    for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_preprocess", "_dkdv_global_finish"):
         setattr(K, name, _Recorder(getattr(K, name), sink))
     patterns = [parse_pattern(p) for p in args.patterns.split(";")] if ";" in args.patterns else None
     if patterns is None:

@@ -272,6 +272,39 @@ def test_interpreter_load_paths_agree(pattern, tma):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("pattern", [Longformer(window=20, global_tokens=3),
+                                     BigBird(block=16, window_blocks=3, global_blocks=2, random_blocks=2),
+                                     Longformer(window=12, global_tokens=20, causal=False)], ids=pid)
+def test_interpreter_global_key_tiles_split_over_programs(pattern, monkeypatch):
+    # dK/dV of the key tiles holding global keys is shared out over several programs (one query tile
+    # each here) and summed by atomics: same gradients as the reference, padded batches included
+    import hf_sparse.kernels as kernels
+
+    monkeypatch.setattr(kernels, "_SPLIT_TILES", 1)
+    b, hq, hkv, t, d = 2, 4, 2, 70, 16
+    q, k, v, do = _qkv(b, hq, hkv, t, d, seed=3)
+    kpm = torch.ones(b, t, dtype=torch.bool)
+    kpm[0, :9] = False
+    kpm[1, 60:] = False
+    for kwargs in (dict(), dict(key_padding_mask=kpm)):
+        outs = []
+        for backend in ("triton", "reference"):
+            o = sparse_attention(q, k, v, pattern, backend=backend, **kwargs)
+            outs.append((o, *_grads(o, (q, k, v), do)))
+        _compare(outs[0], outs[1], atol=2e-5)
+
+
+def test_parse_kernel_config_override():
+    from hf_sparse.kernels.configs import KernelConfig, parse_override
+
+    assert parse_override("dkdv=64,128,8,2") == ("dkdv", None, KernelConfig(64, 128, 8, 2, True))
+    assert parse_override("fwd@1=64,64,4,3,0") == ("fwd", 1, KernelConfig(64, 64, 4, 3, False))
+    for bad in ("dkdv=64,128,8", "attn=64,64,4,3", "fwd@2=64,64,4,3", "fwd=a,b,c,d"):
+        with pytest.raises(ValueError, match="bad kernel config"):
+            parse_override(bad)
+
+
+@needs_interpreter
 def test_forcing_tensor_descriptors_on_unfit_inputs_says_why():
     from hf_sparse.kernels import configs
 

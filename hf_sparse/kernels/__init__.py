@@ -14,7 +14,7 @@ import torch
 import triton
 
 from ..patterns import BigBird, Dense, Longformer, Pattern, SlidingWindow, ceil_div
-from .attention import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess, _fwd_kernel
+from .attention import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess, _dkdv_global_finish, _fwd_kernel
 from .configs import KernelConfig, pick_config, tma_setting
 
 try:  # host-side tensor descriptors (Triton >= 3.4)
@@ -25,6 +25,9 @@ except ImportError:  # pragma: no cover - older Triton: pointer loads only
 __all__ = ["forward", "backward", "kernel_params"]
 
 _BIG = 2**30
+# dK/dV of a key tile with global keys is split over programs of about this many query tiles each
+_SPLIT_TILES = 64
+_MAX_SPLITS = 128
 
 
 def _interpret() -> bool:
@@ -115,10 +118,11 @@ def _tma_compatible(x: torch.Tensor) -> bool:
             and all(n > 0 for n in x.shape))
 
 
-def _use_tma(c: dict, *tensors: torch.Tensor) -> bool:
-    """Whether the interior loops load through tensor descriptors (see ``configs.set_tma``)."""
+def _use_tma(c: dict, cfg: KernelConfig, *tensors: torch.Tensor) -> bool:
+    """Whether the interior loops load through tensor descriptors (``configs.set_tma`` decides, else
+    the config's ``tma`` and whether the GPU and inputs allow it)."""
     setting = tma_setting()
-    if setting is False:
+    if setting is False or (setting is None and not cfg.tma):
         return False
     ok = TensorDescriptor is not None and c["d"] == c["block_d"] and all(_tma_compatible(x) for x in tensors)
     if setting is True and not ok:
@@ -158,7 +162,7 @@ def forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_
     cfg = _cfg("fwd", c, q.dtype)
     table = c["tables"][0]
     grid = (ceil_div(c["tq"], cfg.block_m) + 1, c["b"] * c["hq"])
-    tma = _use_tma(c, k, v)
+    tma = _use_tma(c, cfg, k, v)
     _fwd_kernel[grid](
         q, k, v, out, lse, c["k_shift"], c["k_len"], table, *_descs(tma, cfg.block_n, c["block_d"], k, v),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -191,7 +195,7 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
         GROUP=c["hq"] // c["hkv"], R=p["R"], BLK=p["BLK"], HEAD_DIM=c["d"], BLOCK_D=c["block_d"],
     )
     cfg = _cfg("dq", c, q.dtype)
-    tma = _use_tma(c, k, v)
+    tma = _use_tma(c, cfg, k, v)
     _bwd_dq_kernel[(ceil_div(c["tq"], cfg.block_m) + 1, c["b"] * c["hq"])](
         q, k, v, do, dq, lse, delta, c["k_shift"], c["k_len"], table, *_descs(tma, cfg.block_n, c["block_d"], k, v),
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
@@ -201,15 +205,29 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
         num_stages=cfg.num_stages,
     )
     cfg = _cfg("dkdv", c, q.dtype)
-    tma = _use_tma(c, q, do, k, v) and not c["varlen"]  # padded query rows must not be read unmasked
-    _bwd_dkdv_kernel[(ceil_div(c["tk"], cfg.block_n), c["b"] * c["hkv"])](
+    tma = _use_tma(c, cfg, q, do, k, v) and not c["varlen"]  # padded query rows must not be read unmasked
+    nkt = ceil_div(c["tk"], cfg.block_n)
+    n_global = ceil_div(min(p["G"], c["tk"]), cfg.block_n)  # key tiles holding global keys
+    nsplit = max(1, min(_MAX_SPLITS, ceil_div(ceil_div(c["tq"], cfg.block_m), _SPLIT_TILES)))
+    gp = n_global * cfg.block_n
+    if n_global:
+        dkacc, dvacc = (torch.zeros(c["b"], c["hkv"], gp, c["block_d"], dtype=torch.float32, device=q.device)
+                        for _ in range(2))
+    else:
+        dkacc = dvacc = torch.zeros(1, dtype=torch.float32, device=q.device)  # unused
+    _bwd_dkdv_kernel[(nkt + n_global * nsplit, c["b"] * c["hkv"])](
         q, k, v, do, dk, dv, lse, delta, c["k_shift"], c["k_len"], ptr, idx,
-        *_descs(tma, cfg.block_m, c["block_d"], q, do), *_descs(tma, cfg.block_n, c["block_d"], k, v),
+        *_descs(tma, cfg.block_m, c["block_d"], q, do), *_descs(tma, cfg.block_n, c["block_d"], k, v), dkacc, dvacc,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         ptr.stride(0) if ptr.shape[0] > 1 else 0, ptr.stride(1), idx.stride(0) if idx.shape[0] > 1 else 0,
         idx.stride(1),
-        c["tq"], c["tk"], q_offset, c["hq"], c["hkv"], p["W"], p["G"], p["WB"], scale, softcap,
-        **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        c["tq"], c["tk"], q_offset, c["hq"], c["hkv"], p["W"], p["G"], p["WB"], scale, softcap, nkt, nsplit, gp,
+        **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, SPLIT_GLOBAL=n_global > 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if n_global:
+        _dkdv_global_finish[(n_global, c["b"] * c["hkv"])](
+            dk, dv, dkacc, dvacc, c["k_shift"], c["k_len"], *dk.stride(), *dv.stride(), c["tk"], c["hkv"], gp,
+            VARLEN=c["varlen"], HEAD_DIM=c["d"], BLOCK_D=c["block_d"], BLOCK_N=cfg.block_n,
+        )
     return dq, dk, dv

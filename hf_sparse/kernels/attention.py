@@ -275,7 +275,7 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # last query tiles (most keys when causal) first
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -398,7 +398,7 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # last query tiles (most keys when causal) first
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -448,13 +448,13 @@ def _bwd_dq_kernel(
 @triton.jit
 def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod,
                desc_q, desc_do, b, h, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len, W, G, WB, sm_scale, softcap,
-               a0, na, RPTR, n_rand, b0, nb, c0, n_total,
+               a0, na, RPTR, n_rand, b0, nb, c0, it_lo, it_hi,
                KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TPB: tl.constexpr,
                HAS_RAND: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Accumulate dK, dV of one key tile over the query tiles of the plan (tiles of BLOCK_M rows)."""
+    """Accumulate dK, dV of one key tile over query tiles ``[it_lo, it_hi)`` of the plan (BLOCK_M rows each)."""
     d_ok = offs_d < HEAD_DIM
-    for it in range(0, n_total):
+    for it in range(it_lo, it_hi):
         start_m, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_M, HAS_RAND)
         qp = start_m + offs_m
         rows = qp - q_start
@@ -538,7 +538,7 @@ def _key_tile_ranges(n_lo, n_hi, q_lo, q_hi, W, G, WB,
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, KSHIFT, KLEN, REV_PTR, REV_IDX, DESC_Q, DESC_DO, DESC_K, DESC_V,
+    Q, K, V, DO, DK, DV, LSE, DELTA, KSHIFT, KLEN, REV_PTR, REV_IDX, DESC_Q, DESC_DO, DESC_K, DESC_V, DKACC, DVACC,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -546,14 +546,29 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_pb, stride_ph, stride_ib, stride_ih,
-    Tq, Tk, q_offset, H, HKV, W, G, WB, sm_scale, softcap,
+    Tq, Tk, q_offset, H, HKV, W, G, WB, sm_scale, softcap, NKT, NSPLIT, GP,
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, SPLIT_GLOBAL: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
+    # Key tiles holding global keys are seen by every query: one program each would run T / BLOCK_M
+    # query tiles alone after the others finish. With SPLIT_GLOBAL they get NSPLIT programs each
+    # (program ids from NKT on), every one over a share of the query tiles, summed by fp32 atomics.
+    pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    if SPLIT_GLOBAL:
+        is_extra = pid >= NKT
+        pid_n = tl.where(is_extra, (pid - NKT) // NSPLIT, pid)
+        split = tl.where(is_extra, (pid - NKT) % NSPLIT, 0)
+        nsplit = tl.where(is_extra, NSPLIT, 1)
+        skip = (pid_n * BLOCK_N < G) & (pid < NKT)  # a global tile's own program: the extra ones do it
+    else:
+        is_extra = False
+        pid_n = pid
+        split = 0
+        nsplit = 1
+        skip = False
     b = pid_bh // HKV
     hk = pid_bh % HKV
     if VARLEN:
@@ -568,7 +583,7 @@ def _bwd_dkdv_kernel(
         row_hi = Tq
     row_lo = tl.maximum(0, -q_start)
     n_lo = pid_n * BLOCK_N
-    if n_lo < k_len:
+    if (n_lo < k_len) & (not skip):
         n_hi = tl.minimum(n_lo + BLOCK_N, k_len)
         offs_n = tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
@@ -603,6 +618,8 @@ def _bwd_dkdv_kernel(
         nm_a = (s_end - s_lo) // BLOCK_M
         nm_b = (e - a) // BLOCK_M
         nm = nm_a + nm_b + (w_end - f) // BLOCK_M
+        cu = (nu + nsplit - 1) // nsplit  # this program's share of each loop (all of it unless split)
+        cm = (nm + nsplit - 1) // nsplit
         for g in range(GROUP):
             h = hk * GROUP + g
             q_base = Q + b * stride_qb + h * stride_qh
@@ -611,16 +628,52 @@ def _bwd_dkdv_kernel(
             delta_base = DELTA + (b * H + h) * Tq
             dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
                                 stride_dom, stride_dod, DESC_Q, DESC_DO, b, h, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len,
-                                W, G, WB, sm_scale, softcap, e, nu_a, rptr, n_rand, f, 0, f, nu,
+                                W, G, WB, sm_scale, softcap, e, nu_a, rptr, n_rand, f, 0, f,
+                                split * cu, tl.minimum(nu, split * cu + cu),
                                 KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, R > 0,
                                 USE_TMA and not VARLEN, BLOCK_D)
             dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
                                 stride_dom, stride_dod, DESC_Q, DESC_DO, b, h, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len,
-                                W, G, WB, sm_scale, softcap, s_lo, nm_a, rptr, 0, a, nm_b, f, nm,
+                                W, G, WB, sm_scale, softcap, s_lo, nm_a, rptr, 0, a, nm_b, f,
+                                split * cm, tl.minimum(nm, split * cm + cm),
                                 KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, False,
                                 USE_TMA and not VARLEN, BLOCK_D)
         dk = dk * sm_scale
-        tl.store(DK + b * stride_dkb + hk * stride_dkh + (k_shift + kp)[:, None] * stride_dkn
-                 + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kmask)
-        tl.store(DV + b * stride_dvb + hk * stride_dvh + (k_shift + kp)[:, None] * stride_dvn
-                 + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kmask)
+        if is_extra:  # a share of a global tile: add into the fp32 buffer [B, Hkv, GP, BLOCK_D]
+            acc_off = (pid_bh * GP + kp)[:, None] * BLOCK_D + offs_d[None, :]
+            tl.atomic_add(DKACC + acc_off, dk, mask=kmask, sem="relaxed")
+            tl.atomic_add(DVACC + acc_off, dv, mask=kmask, sem="relaxed")
+        else:
+            tl.store(DK + b * stride_dkb + hk * stride_dkh + (k_shift + kp)[:, None] * stride_dkn
+                     + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kmask)
+            tl.store(DV + b * stride_dvb + hk * stride_dvh + (k_shift + kp)[:, None] * stride_dvn
+                     + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _dkdv_global_finish(DK, DV, DKACC, DVACC, KSHIFT, KLEN,
+                        stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                        stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                        Tk, HKV, GP, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """Write the summed fp32 dK/dV of the global key tiles into their key slots."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    if VARLEN:
+        k_shift = tl.load(KSHIFT + b)
+        k_len = tl.load(KLEN + b)
+    else:
+        k_shift = 0
+        k_len = Tk
+    kp = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (kp < k_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    acc_off = (pid_bh * GP + kp)[:, None] * BLOCK_D + offs_d[None, :]
+    dk = tl.load(DKACC + acc_off, mask=mask, other=0.0)
+    dv = tl.load(DVACC + acc_off, mask=mask, other=0.0)
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + (k_shift + kp)[:, None] * stride_dkn
+             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + (k_shift + kp)[:, None] * stride_dvn
+             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=mask)

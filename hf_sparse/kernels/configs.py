@@ -18,19 +18,20 @@ class KernelConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    tma: bool = True  # interior tiles through tensor descriptors where the GPU and inputs allow it
 
 
 # (kernel, head_dim bucket) -> config; head_dim bucket is 64 for <= 64, else 128 (and 256 above)
 _TABLE: dict[tuple[str, int], KernelConfig] = {
-    # head dim 128: the winners of the H200 sweep in results/kernels.jsonl (docs/kernel-notes.md);
-    # head dim 64: chosen with scripts/compile_check.py (no spills on sm_90), not swept yet
+    # head dims 64 and 128: the winners of the H200 sweeps (docs/kernel-notes.md, results/kernels*.jsonl);
+    # the head-dim-128 forward runs fastest with pointer loads and 64-row tiles, everything else with TMA
     ("fwd", 64): KernelConfig(128, 64, 8, 3),
-    ("fwd", 128): KernelConfig(64, 64, 4, 3),
+    ("fwd", 128): KernelConfig(64, 64, 4, 3, tma=False),
     ("fwd", 256): KernelConfig(64, 32, 4, 2),
-    ("dq", 64): KernelConfig(128, 64, 8, 2),
-    ("dq", 128): KernelConfig(128, 64, 8, 2),
+    ("dq", 64): KernelConfig(128, 64, 8, 3),
+    ("dq", 128): KernelConfig(128, 64, 8, 3),
     ("dq", 256): KernelConfig(32, 32, 4, 2),
-    ("dkdv", 64): KernelConfig(64, 128, 8, 2),
+    ("dkdv", 64): KernelConfig(64, 64, 4, 2),
     ("dkdv", 128): KernelConfig(64, 64, 4, 2),
     ("dkdv", 256): KernelConfig(16, 32, 4, 2),
 }
@@ -62,13 +63,18 @@ def override(kernel: str, config: KernelConfig | None, *, kind: int | None = Non
 
 
 def parse_override(text: str) -> tuple[str, int | None, KernelConfig]:
-    """``"dkdv=64,128,8,2"`` or ``"dkdv@1=32,64,4,2"`` (kind 1 only) -> (kernel, kind, config)."""
+    """``"dkdv=64,128,8,2"``, ``"dkdv@1=32,64,4,2"`` (kind 1 only) or ``"fwd=64,64,4,3,0"`` (a fifth
+    number 0: pointer loads, no tensor descriptors) -> (kernel, kind, config)."""
     name, _, vals = text.partition("=")
     kernel, _, kind = name.partition("@")
-    nums = [int(x) for x in vals.split(",")]
-    if kernel not in ("fwd", "dq", "dkdv") or len(nums) != 4:
-        raise ValueError(f"bad kernel config {text!r}; use e.g. dkdv=64,128,8,2 (block_m,block_n,warps,stages)")
-    return kernel, int(kind) if kind else None, KernelConfig(*nums)
+    try:
+        nums = [int(x) for x in vals.split(",")]
+    except ValueError:
+        nums = []
+    if kernel not in ("fwd", "dq", "dkdv") or len(nums) not in (4, 5) or kind not in ("", "0", "1"):
+        raise ValueError(f"bad kernel config {text!r}; use e.g. dkdv=64,128,8,2 (block_m,block_n,warps,stages"
+                         "[,tma 0/1]), optionally dkdv@1=... for BigBird only")
+    return kernel, int(kind) if kind else None, KernelConfig(*nums[:4], *(bool(n) for n in nums[4:]))
 
 
 def pick_config(kernel: str, *, head_dim: int, kind: int, blk: int, dtype: torch.dtype,
@@ -81,9 +87,9 @@ def pick_config(kernel: str, *, head_dim: int, kind: int, blk: int, dtype: torch
         bucket = 64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)
         cfg = _TABLE[(kernel, bucket)]
         if dtype == torch.float32:  # fp32 tiles take twice the shared memory
-            cfg = KernelConfig(max(cfg.block_m // 2, 16), max(cfg.block_n // 2, 16), cfg.num_warps, 2)
+            cfg = KernelConfig(max(cfg.block_m // 2, 16), max(cfg.block_n // 2, 16), cfg.num_warps, 2, cfg.tma)
     if kind == 1 and (cfg.block_m > blk or cfg.block_n > blk):  # BigBird: a tile may not straddle two blocks
         bm, bn = min(cfg.block_m, blk), min(cfg.block_n, blk)
         rows = bn if kernel == "dkdv" else bm  # the M side of the kernel's matrix products
-        cfg = KernelConfig(bm, bn, min(cfg.num_warps, 4 * max(rows // 64, 1)), cfg.num_stages)
+        cfg = KernelConfig(bm, bn, min(cfg.num_warps, 4 * max(rows // 64, 1)), cfg.num_stages, cfg.tma)
     return cfg
