@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import validate_qkv
+from .ops import triton_supports, validate_qkv
 from .patterns import BigBird, Pattern, parse_pattern
 
 __all__ = ["attention_with_positions"]
@@ -57,6 +57,7 @@ def attention_with_positions(
     softcap: float | None = None,
     layer: int = 0,
     num_keys: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Attention of queries over key slots whose absolute positions are given.
 
@@ -70,6 +71,10 @@ def attention_with_positions(
         softcap: optional logit soft-capping ``softcap * tanh(s / softcap)`` (Gemma 2).
         layer: layer index (BigBird draws its random blocks per layer and KV head).
         num_keys: only for non-causal BigBird, whose random draw covers the whole sequence.
+        backend: ``"triton"`` (the decode kernel of :mod:`hf_sparse.kernels.decode`: one launch, GQA
+            packed, split over the slots; dense, window and Longformer patterns, no autograd),
+            ``"reference"`` (the PyTorch code below, differentiable) or ``"auto"`` (the kernel on CUDA
+            when it applies and no gradient is needed; ``"dense"`` is taken as ``"reference"``).
 
     Returns:
         ``[B, Hq, Tq, Dv]`` in the dtype of ``q``. Equal to :func:`~hf_sparse.sparse_attention` on the
@@ -82,11 +87,16 @@ def attention_with_positions(
     """
     pat = parse_pattern(pattern)
     _check(q, k, v, q_pos, k_pos)
+    scale_ = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if _use_decode_kernel(backend, q, k, v, pat) and q.shape[2] and k.shape[2]:
+        from .kernels import decode_forward
+
+        return decode_forward(q, k, v, q_pos, k_pos, pat, scale=scale_, softcap=float(softcap or 0.0))
     b, hq, tq, d = q.shape
     hkv, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
     group = hq // hkv
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = d**-0.5 if scale is None else float(scale)
+    scale = scale_
     softcap = float(softcap or 0.0)
     q_pos, k_pos = q_pos.long(), k_pos.long()
     if tq == 0 or tk == 0:
@@ -118,3 +128,28 @@ def attention_with_positions(
         o = torch.matmul(p.view(b, hkv, group * n, tk), va)  # [B, Hkv, G * n, Dv]
         chunks.append(o.view(b, hq, n, dv))
     return (chunks[0] if len(chunks) == 1 else torch.cat(chunks, 2)).to(q.dtype)
+
+
+def _decode_kernel_unfit(q, k, v, pat: Pattern) -> str | None:
+    """``None`` when the Triton decode kernel can run these inputs, else why not."""
+    reason = triton_supports(q, k)
+    if reason is not None:
+        return reason
+    if isinstance(pat, BigBird):
+        return "BigBird decodes over its full-history cache with the prefill kernels, not by positions"
+    if v.shape[-1] != q.shape[-1]:
+        return f"value head dim {v.shape[-1]} differs from the query head dim {q.shape[-1]}"
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return "gradients are needed and the decode kernel has no backward"
+    return None
+
+
+def _use_decode_kernel(backend: str, q, k, v, pat: Pattern) -> bool:
+    if backend in ("reference", "dense"):
+        return False
+    if backend not in ("auto", "triton"):
+        raise ValueError(f"backend={backend!r} is not one of auto, triton, reference, dense")
+    reason = _decode_kernel_unfit(q, k, v, pat)
+    if backend == "triton" and reason is not None:
+        raise ValueError(f"backend='triton' cannot run this decode: {reason}. Use backend='auto' or 'reference'.")
+    return reason is None and (backend == "triton" or q.is_cuda)

@@ -286,7 +286,7 @@ def hf_sparse_attention(
     if bounded is not None and not bounded.prefix:
         # keys from a bounded cache: sinks + ring buffer, slots not in position order
         out = attention_with_positions(query, key, value, opts.pattern, q_pos=bounded.q_pos, k_pos=bounded.k_pos,
-                                       scale=scaling, softcap=softcap, layer=layer)
+                                       scale=scaling, softcap=softcap, layer=layer, backend=opts.backend)
         return out.transpose(1, 2).contiguous(), None
     if padding is not None:
         tokens = padding.shape[1]

@@ -88,14 +88,17 @@ class SparseWindowLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, window: int, sinks: int = 0, **kwargs):
+    def __init__(self, window: int, sinks: int = 0, kernel: bool | None = None, **kwargs):
         super().__init__()
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"SparseWindowLayer: window must be an integer >= 1, got {window!r}")
         if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
             raise ValueError(f"SparseWindowLayer: sinks must be an integer >= 0, got {sinks!r}")
+        if kernel not in (None, True, False):
+            raise ValueError(f"SparseWindowLayer: kernel must be True, False or None (automatic), got {kernel!r}")
         self.window, self.sinks = window, sinks
         self.max_slots = sinks + window
+        self.kernel = kernel  # decode steps through one Triton launch (None: on CUDA when Triton is there)
         self._clear()
 
     def _clear(self) -> None:
@@ -131,12 +134,26 @@ class SparseWindowLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
-        q_pos = self._new_positions(q, key_states.device)
-        n_after = self.real_counts + (q_pos >= 0).sum(1)
         seen_after = self.seen + q
+        one_launch = q == 1 and self.seen > 0 and self._use_kernel(key_states)
+        if not one_launch:
+            q_pos = self._new_positions(q, key_states.device)
+            n_after = self.real_counts + (q_pos >= 0).sum(1)
         if self.seen == 0:  # prefill on an empty cache: the keys are the new tokens
             self._store(key_states, value_states, q_pos, n_after, seen_after)
             keys, values, k_pos, prefix = key_states, value_states, q_pos, True
+        elif one_launch:  # decode in one Triton launch: the steps of the branch below
+            from hf_sparse.kernels import ring_append
+
+            padding = self._take_padding(1)
+            used = min(self.max_slots, seen_after)
+            self._grow(used)
+            q_pos, k_pos = ring_append(self._k, self._v, self._pos, self.real_counts, key_states, value_states,
+                                       None if padding is None else padding[:, -1], slots=used, sinks=self.sinks,
+                                       window=self.window)
+            n_after = self.real_counts  # advanced in place
+            self._refresh_views(used)
+            keys, values, prefix = self.keys, self.values, False
         elif q == 1:  # decode: the new token's slot held position n - W, invisible to it
             self._store(key_states, value_states, q_pos, n_after, seen_after, mark_dead=False)
             keys, values, k_pos, prefix = self.keys, self.values, self.positions.clone(), False
@@ -205,17 +222,30 @@ class SparseWindowLayer(CacheLayerMixin):
     def _refresh_views(self, used: int) -> None:
         self.keys, self.values, self.positions = self._k[:, :, :used], self._v[:, :, :used], self._pos[:, :used]
 
-    def _new_positions(self, q: int, device: torch.device) -> torch.Tensor:
-        """``[B, q]`` positions of the new tokens (real tokens counted per row), ``-1`` for padding."""
+    def _use_kernel(self, t: torch.Tensor) -> bool:
+        if self.kernel is not None:
+            return self.kernel
+        from hf_sparse.ops import triton_supports
+
+        return t.is_cuda and triton_supports(t, t) is None
+
+    def _take_padding(self, q: int) -> torch.Tensor | None:
+        """The ``[B, seen + q]`` padding mask the pre-hook handed over (checked), or None."""
         padding, self._padding = self._padding, None
-        base = self.real_counts.view(-1, 1)
-        if padding is None:
-            return base + torch.arange(q, device=device).view(1, q)
-        if padding.dim() != 2 or padding.shape[0] != base.shape[0] or padding.shape[1] != self.seen + q:
+        if padding is not None and (padding.dim() != 2 or padding.shape[0] != self.real_counts.shape[0]
+                                    or padding.shape[1] != self.seen + q):
             raise ValueError(
                 f"hf_sparse: the attention mask has shape {tuple(padding.shape)} but the cache has seen {self.seen} "
                 f"tokens and {q} arrive: pass a 2D mask covering past and new tokens ([batch, {self.seen + q}])"
             )
+        return padding
+
+    def _new_positions(self, q: int, device: torch.device) -> torch.Tensor:
+        """``[B, q]`` positions of the new tokens (real tokens counted per row), ``-1`` for padding."""
+        padding = self._take_padding(q)
+        base = self.real_counts.view(-1, 1)
+        if padding is None:
+            return base + torch.arange(q, device=device).view(1, q)
         new_real = padding[:, -q:].to(device=device, dtype=torch.bool)
         pos = base + new_real.long().cumsum(1) - 1
         return pos.masked_fill(~new_real, -1)

@@ -88,7 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--patterns", default="dense,sliding_window:window=4096,longformer:window=4096,bigbird,"
                     "sliding_window:window=512,causal=false")
     ap.add_argument("--varlen", default="0,1", help="0, 1 or 0,1")
-    ap.add_argument("--kernels", default="_fwd_kernel,_bwd_dq_kernel,_bwd_dkdv_kernel")
+    ap.add_argument("--kernels", default="_fwd_kernel,_bwd_dq_kernel,_bwd_dkdv_kernel,_decode_kernel,_decode_combine,"
+                    "_ring_append_kernel")
     ap.add_argument("--tma", default="table", choices=["table", "on", "off"],
                     help="interior tiles through tensor descriptors: as the tile table says on Hopper, always, never")
     ap.add_argument("--config", action="append", default=[],
@@ -115,7 +116,8 @@ def main(argv=None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     os.environ.pop("TRITON_INTERPRET", None)
     sink = []
-    for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_preprocess", "_dkdv_global_finish"):
+    for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_preprocess", "_dkdv_global_finish",
+                 "_decode_kernel", "_decode_combine", "_ring_append_kernel"):
         setattr(K, name, _Recorder(getattr(K, name), sink))
     patterns = [parse_pattern(p) for p in args.patterns.split(";")] if ";" in args.patterns else None
     if patterns is None:
@@ -135,6 +137,14 @@ def main(argv=None) -> int:
                 K.forward(q, k, k, pat, scale=0.1, k_shift=ks, k_len=kl)
                 lse = torch.zeros(1, 4, 256)
                 K.backward(q, q, k, k, q, lse, pat, scale=0.1, k_shift=ks, k_len=kl)
+                if "decode" in args.kernels and not varlen and K.kernel_params(pat)["KIND"] == 0:
+                    # one decode step over 4096 slots (GQA packed), and the ring write of a bounded cache
+                    K.torch.cuda.get_device_properties = lambda _dev: type("P", (), {"multi_processor_count": 132})
+                    kc = torch.zeros(1, 2, 4096, d, dtype=dtype)
+                    K.decode_forward(q[:, :, :1], kc, kc, torch.zeros(1, 1, dtype=torch.long),
+                                     torch.zeros(1, 4096, dtype=torch.long), pat, scale=0.1)
+                    K.ring_append(kc, kc, torch.zeros(1, 4097, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                                  k[:, :, :1], k[:, :, :1], None, slots=4096, sinks=4, window=4092)
                 for kernel, a, kw, nw, ns in sink:
                     if kernel.fn.__name__ not in args.kernels.split(","):
                         continue

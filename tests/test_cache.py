@@ -17,6 +17,7 @@ Tiny models built from configs, float32, ``backend="reference"``, on the CPU.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -219,6 +220,29 @@ def test_gemma2_softcap_with_a_bounded_cache():
     seq, logits, cache = generate(model, ids, mask, new=24)
     torch.testing.assert_close(logits, full_forward_logits(model, seq, mask)[:, 19:-1], atol=1e-4, rtol=1e-4)
     assert all(isinstance(layer, SparseWindowLayer) for layer in cache.layers)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (Triton on the CPU)")
+@pytest.mark.parametrize("name", ["window", "longformer"])
+def test_generate_with_the_kernels_equals_the_reference_path(name):
+    # backend="triton": prefill on the block-sparse kernels; each decode step writes the bounded cache in
+    # one launch (ring_append) and attends on the decode kernel. Same tokens, logits and live-token bound
+    # as the PyTorch path, for a left-padded batch (padding rows write nothing)
+    pytest.importorskip("triton")
+    ids = tokens(2, 20, seed=5)
+    mask = left_padding([20, 13], 20)
+    runs = {}
+    for backend in ("triton", "reference"):
+        model = patch_model(tiny("llama"), PATTERNS[name], backend=backend)
+        cache = SparseCache(model)
+        for layer in cache.layers:
+            layer.kernel = backend == "triton"
+        runs[backend] = generate(model, ids, mask, new=NEW, **cache_kwargs(cache))
+    assert torch.equal(runs["triton"][0], runs["reference"][0])
+    torch.testing.assert_close(runs["triton"][1], runs["reference"][1], atol=1e-4, rtol=1e-4)
+    for a, b in zip(runs["triton"][2].layers, runs["reference"][2].layers):
+        assert a.live_tokens() == b.live_tokens() <= BOUNDED[name]
+        assert torch.equal(a.positions, b.positions) and torch.equal(a.real_counts, b.real_counts)
 
 
 @pytest.mark.parametrize("name", ["window", "longformer"])

@@ -125,8 +125,12 @@ def test_interpreter_fp16_softcap_odd_head_dim():
 
 
 @needs_interpreter
-def test_interpreter_rows_without_keys_are_zero():
-    # queries past the keys with a short window see nothing: zeros, finite gradients
+@pytest.mark.parametrize("decode_rows", [64, 0], ids=["decode-kernel", "prefill-kernel"])
+def test_interpreter_rows_without_keys_are_zero(decode_rows, monkeypatch):
+    # queries past the keys with a short window see nothing: zeros, finite gradients (both forward kernels)
+    import hf_sparse.kernels as kernels
+
+    monkeypatch.setattr(kernels, "_DECODE_MAX_ROWS", decode_rows)
     q, k, v, do = _qkv(1, 2, 1, 20, 16, seed=7)
     qq = q[:, :, :5]
     o = sparse_attention(qq, k[:, :, :4], v[:, :, :4], SlidingWindow(window=2), q_offset=10, backend="triton")
@@ -199,6 +203,40 @@ def test_gpu_bf16_padding_and_offset(pattern):
     kpm[2, 2990:] = False
     _bf16_rule(b, 8, 2, t, 128, pattern, key_padding_mask=kpm)
     _bf16_rule(b, 8, 2, t, 64, pattern, key_padding_mask=kpm, q_offset=t - 700)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("pattern", GPU_PATTERNS, ids=pid)
+def test_gpu_bf16_decode_shapes(pattern):
+    # one and four queries after a long prompt: the split-key decode kernel (GQA packed), and its lse in
+    # the backward, by the same bf16 rule
+    _bf16_rule(2, 32, 8, 8192, 128, pattern, q_offset=8191)
+    _bf16_rule(1, 9, 3, 4113, 64, pattern, q_offset=4109)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("pattern", [SlidingWindow(window=1000), Longformer(window=1000, global_tokens=4)], ids=pid)
+def test_gpu_decode_by_positions(pattern):
+    # a bounded cache's slots (sinks, then a ring in no position order, empty slots) on the decode kernel
+    # against the float32 PyTorch path
+    from hf_sparse.decode import attention_with_positions
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, hq, hkv, s, d = 3, 32, 8, 1004, 128
+    q = torch.randn(b, hq, 1, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    k, v = (torch.randn(b, hkv, s, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    k_pos = torch.stack([torch.randperm(5000, device="cuda", generator=g)[:s] for _ in range(b)])
+    k_pos[1, 100:200] = -1
+    q_pos = torch.tensor([[5000], [4500], [-1]], device="cuda")
+    ours = attention_with_positions(q, k, v, pattern, q_pos=q_pos, k_pos=k_pos, backend="triton")
+    ref = attention_with_positions(q.float(), k.float(), v.float(), pattern, q_pos=q_pos, k_pos=k_pos,
+                                   backend="reference")
+    torch_bf16 = attention_with_positions(q, k, v, pattern, q_pos=q_pos, k_pos=k_pos, backend="reference")
+    err, err_pt = ((x.float() - ref).abs().max().item() for x in (ours, torch_bf16))
+    assert err <= 2 * err_pt + 1e-4, (err, err_pt)
+    assert torch.equal(ours[2], torch.zeros_like(ours[2]))
 
 
 @gpu
@@ -294,6 +332,80 @@ def test_interpreter_global_key_tiles_split_over_programs(pattern, monkeypatch):
         _compare(outs[0], outs[1], atol=2e-5)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("tq", [1, 5])
+@pytest.mark.parametrize("pattern", [SlidingWindow(window=7), Longformer(window=6, global_tokens=3), Dense(),
+                                     SlidingWindow(window=5, causal=False),
+                                     Longformer(window=4, global_tokens=2, causal=False)], ids=pid)
+def test_interpreter_decode_kernel_matches_positions_reference(pattern, tq):
+    # the decode kernel (GQA packed, split over slots) against the PyTorch path of attention_with_positions:
+    # slots in no position order, empty slots (-1), a padded query (-1), softcap, fp32 and fp16
+    from hf_sparse.decode import attention_with_positions
+
+    g = torch.Generator().manual_seed(tq)
+    b, hq, hkv, s, d = 2, 6, 2, 37, 16
+    for dtype, softcap, tol in ((torch.float32, 0.0, 2e-6), (torch.float16, 5.0, 2e-3)):
+        q = torch.randn(b, hq, tq, d, generator=g).to(dtype)
+        k, v = (torch.randn(b, hkv, s, d, generator=g).to(dtype) for _ in range(2))
+        k_pos = torch.stack([torch.randperm(60, generator=g)[:s] for _ in range(b)])
+        k_pos[0, :4] = -1
+        q_pos = torch.stack([torch.arange(tq) + 50, torch.arange(tq) + 40])
+        q_pos[1, 0] = -1
+        out = [attention_with_positions(q, k, v, pattern, q_pos=q_pos, k_pos=k_pos, softcap=softcap, backend=be)
+               for be in ("triton", "reference")]
+        assert (out[0].float() - out[1].float()).abs().max() < tol
+        assert torch.equal(out[0][1, :, 0], torch.zeros_like(out[0][1, :, 0]))  # the padded query
+
+
+@needs_interpreter
+def test_decode_kernel_refusals_say_why():
+    from hf_sparse.decode import attention_with_positions
+
+    q, k, v, _ = _qkv(1, 4, 2, 20, 16, seed=2)
+    pos = torch.arange(20).view(1, 20)
+    with pytest.raises(ValueError, match="backend='triton' cannot run this decode: BigBird"):
+        attention_with_positions(q, k, v, BigBird(block=16), q_pos=pos, k_pos=pos, backend="triton")
+    with pytest.raises(ValueError, match="gradients are needed"):
+        attention_with_positions(q.requires_grad_(), k, v, "dense", q_pos=pos, k_pos=pos, backend="triton")
+    with pytest.raises(ValueError, match="backend='flash' is not one of"):
+        attention_with_positions(q, k, v, "dense", q_pos=pos, k_pos=pos, backend="flash")
+    # automatic choice on the CPU: the differentiable PyTorch path
+    o = attention_with_positions(q, k, v, "dense", q_pos=pos, k_pos=pos)
+    assert o.requires_grad
+
+
+DECODE_PATTERNS = [Dense(), SlidingWindow(window=9), Longformer(window=7, global_tokens=3),
+                   BigBird(block=16, window_blocks=2, global_blocks=1, random_blocks=2),
+                   BigBird(block=16, window_blocks=1, global_blocks=1, random_blocks=2, causal=False),
+                   SlidingWindow(window=6, causal=False), Longformer(window=5, global_tokens=4, causal=False)]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("pattern", DECODE_PATTERNS, ids=pid)
+def test_interpreter_few_queries_run_the_decode_kernel(pattern, monkeypatch):
+    # sparse_attention with a few queries (decode, the first chunk after a prompt) runs the split-key decode
+    # kernel; its log-sum-exp feeds the usual backward. Against the reference: outputs and gradients, padded
+    # rows, queries at the end and at the start (global query rows of non-causal patterns)
+    import hf_sparse.kernels as kernels
+
+    calls = []
+    decode = kernels._decode
+    monkeypatch.setattr(kernels, "_decode", lambda *a, **kw: calls.append(1) or decode(*a, **kw))
+    b, hq, hkv, t, d = 2, 4, 2, 90, 16
+    q, k, v, do = _qkv(b, hq, hkv, t, d, seed=9)
+    kpm = torch.ones(b, t, dtype=torch.bool)
+    kpm[0, :11] = False
+    kpm[1, 85:] = False
+    for tq, q_offset, kwargs in ((1, 89, {}), (3, 80, dict(key_padding_mask=kpm)), (2, 11, dict(key_padding_mask=kpm))):
+        qq, dd = q[:, :, :tq], do[:, :, :tq]
+        outs = []
+        for backend in ("triton", "reference"):
+            o = sparse_attention(qq, k, v, pattern, backend=backend, q_offset=q_offset, layer=1, **kwargs)
+            outs.append((o, *_grads(o, (q, k, v), dd)))
+        _compare(outs[0], outs[1], atol=2e-5)
+    assert len(calls) == 3
+
+
 def test_parse_kernel_config_override():
     from hf_sparse.kernels.configs import KernelConfig, parse_override
 
@@ -308,7 +420,7 @@ def test_parse_kernel_config_override():
 def test_forcing_tensor_descriptors_on_unfit_inputs_says_why():
     from hf_sparse.kernels import configs
 
-    q, k, v, _ = _qkv(1, 2, 1, 20, 24, seed=1)  # head dim 24: tiles are padded to 32, no descriptor
+    q, k, v, _ = _qkv(1, 2, 1, 40, 24, seed=1)  # head dim 24: tiles are padded to 32, no descriptor
     configs.set_tma(True)
     try:
         with pytest.raises(ValueError, match=r"set_tma\(True\) but .*head dim 24"):

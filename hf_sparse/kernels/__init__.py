@@ -16,18 +16,22 @@ import triton
 from ..patterns import BigBird, Dense, Longformer, Pattern, SlidingWindow, ceil_div
 from .attention import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess, _dkdv_global_finish, _fwd_kernel
 from .configs import KernelConfig, pick_config, tma_setting
+from .decode import _decode_combine, _decode_kernel, _ring_append_kernel
 
 try:  # host-side tensor descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older Triton: pointer loads only
     TensorDescriptor = None
 
-__all__ = ["forward", "backward", "kernel_params"]
+__all__ = ["forward", "backward", "decode_forward", "ring_append", "kernel_params"]
 
 _BIG = 2**30
 # dK/dV of a key tile with global keys is split over programs of about this many query tiles each
 _SPLIT_TILES = 64
 _MAX_SPLITS = 128
+# forward calls with at most this many (query, head) rows per KV head run the decode kernel: one
+# program per KV head and split of the keys instead of one per query head walking every key
+_DECODE_MAX_ROWS = 64
 
 
 def _interpret() -> bool:
@@ -150,6 +154,9 @@ def _cfg(kernel: str, c: dict, dtype: torch.dtype) -> KernelConfig:
 
 def forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_shift=None, k_len=None,
             q_offset: int = 0, layer: int = 0):
+    if q.shape[2] * (q.shape[1] // k.shape[1]) <= _DECODE_MAX_ROWS:  # a few queries (decode): split over keys
+        return _decode(q, k, v, pattern, scale=scale, softcap=softcap, k_shift=k_shift, k_len=k_len,
+                       q_offset=q_offset, layer=layer)
     c = _common(q, k, pattern, layer, q_offset, k_shift, k_len)
     p = c["p"]
     # rows that no tile covers (padding) must read as zero output and +inf log-sum-exp
@@ -231,3 +238,86 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
             VARLEN=c["varlen"], HEAD_DIM=c["d"], BLOCK_D=c["block_d"], BLOCK_N=cfg.block_n,
         )
     return dq, dk, dv
+
+
+def _decode(q, k, v, pattern: Pattern, *, scale: float, softcap: float, q_pos=None, k_pos=None, k_shift=None,
+            k_len=None, q_offset: int = 0, layer: int = 0):
+    """Launch the decode kernel and its combine: ``(out, lse)``. Positions from ``q_pos``/``k_pos`` when
+    given, else the prefill layout (``q_offset``, padding via ``k_shift``/``k_len``)."""
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    p = kernel_params(pattern)
+    positions = q_pos is not None
+    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    table = dummy.view(1, 1, 1, 1)
+    if p["R"]:
+        nqb = max(ceil_div(q_offset + tq, p["BLK"]), 1)
+        nkb = max(ceil_div(tk, p["BLK"]), 1)
+        table = _tables_for(pattern, layer, hkv, nqb, nkb, k_len, str(q.device))[0]
+    block_d = max(triton.next_power_of_2(d), 16)
+    if _interpret():
+        block_m, block_n, warps, stages, programs = 16, 16, 1, 1, 4
+    else:
+        block_m, block_n, warps, stages = min(64, max(16, triton.next_power_of_2(tq * group))), 64, 4, 2
+        programs = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count
+    m_tiles = ceil_div(tq * group, block_m)
+    # enough programs to fill the GPU, at least four key tiles each
+    nsplit = max(1, min(ceil_div(tk, 4 * block_n), ceil_div(programs, m_tiles * b * hkv)))
+    per_split = ceil_div(ceil_div(tk, nsplit), block_n) * block_n
+    nsplit = ceil_div(tk, per_split)
+    opart = torch.empty(b, hq, tq, nsplit, block_d, dtype=torch.float32, device=q.device)
+    mpart = torch.empty(b, hq, tq, nsplit, dtype=torch.float32, device=q.device)
+    lpart = torch.empty_like(mpart)
+    if positions:
+        q_pos, k_pos = q_pos.contiguous(), k_pos.contiguous()
+    else:
+        q_pos = k_pos = dummy.view(1, 1)
+    varlen = k_shift is not None
+    _decode_kernel[(m_tiles, b * hkv, nsplit)](
+        q, k, v, q_pos, k_pos, k_shift if varlen else dummy, k_len if varlen else dummy, table, opart, mpart, lpart,
+        *q.stride(), *k.stride(), *v.stride(), q_pos.stride(0), k_pos.stride(0),
+        table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), table.stride(2),
+        tq, tk, q_offset, hkv, nsplit, per_split, p["W"], p["G"], p["WB"], scale, softcap,
+        POSITIONS=positions, VARLEN=varlen, KIND=p["KIND"], CAUSAL=pattern.causal, HAS_SOFTCAP=bool(softcap),
+        GROUP=group, R=p["R"], BLK=p["BLK"], HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=warps, num_stages=stages,
+    )
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, hq, tq), dtype=torch.float32, device=q.device)
+    _decode_combine[(b * hq * tq,)](
+        opart, mpart, lpart, out, lse, *out.stride(), hq, tq, nsplit,
+        HEAD_DIM=d, BLOCK_D=block_d, SPLITS=max(triton.next_power_of_2(nsplit), 2),
+        num_warps=1 if _interpret() else 4,
+    )
+    return out, lse
+
+
+def decode_forward(q, k, v, q_pos, k_pos, pattern: Pattern, *, scale: float, softcap: float = 0.0):
+    """Attention of ``q [B, Hq, Tq, D]`` over key slots ``k, v [B, Hkv, S, D]`` whose positions are
+    ``k_pos [B, S]`` (``-1`` = empty), queries at ``q_pos [B, Tq]`` (``-1`` = padding, output zero).
+    Window, global and dense patterns; GQA packed, split over the slots."""
+    if kernel_params(pattern)["R"]:
+        raise NotImplementedError("decode by positions takes dense, window and Longformer patterns; BigBird decodes "
+                                  "over its full history with sparse_attention")
+    return _decode(q, k, v, pattern, scale=scale, softcap=softcap, q_pos=q_pos, k_pos=k_pos)[0]
+
+
+def ring_append(k_buf, v_buf, pos, counts, k_new, v_new, real, *, slots: int, sinks: int, window: int):
+    """Write one decode token per row into a sinks + ring cache in one launch (see
+    :func:`hf_sparse.kernels.decode._ring_append_kernel`). Updates the buffers, ``pos`` and ``counts``
+    in place; returns the ``[B, 1]`` query positions (``-1`` where ``real`` marks padding) and the
+    ``[B, slots]`` key positions that this step's attention sees."""
+    b, h, _, d = k_new.shape
+    q_pos = torch.empty(b, 1, dtype=pos.dtype, device=pos.device)
+    k_pos = torch.empty(b, slots, dtype=pos.dtype, device=pos.device)
+    real_t = real if real is not None else counts
+    _ring_append_kernel[(b,)](
+        k_buf, v_buf, pos, counts, k_new, v_new, real_t, q_pos, k_pos, *k_buf.stride(), *v_buf.stride(),
+        pos.stride(0), k_new.stride(0), k_new.stride(1), k_new.stride(3), v_new.stride(0), v_new.stride(1),
+        v_new.stride(3), real_t.stride(0), k_pos.stride(0), h, slots, sinks, window,
+        HAS_REAL=real is not None, HEAD_DIM=d, BLOCK_H=max(triton.next_power_of_2(h), 2),
+        BLOCK_D=max(triton.next_power_of_2(d), 16), BLOCK_S=16 if _interpret() else 1024,
+        num_warps=1 if _interpret() else 4,
+    )
+    return q_pos, k_pos
