@@ -16,6 +16,7 @@ compared on every measured configuration (a wrong fast kernel is not a result).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -98,6 +99,29 @@ def flex_options(lay) -> dict | None:
     b_ = lay.block_m
     return dict(BLOCK_M=b_, BLOCK_N=b_, BLOCK_M1=b_, BLOCK_N1=b_, BLOCK_M2=b_, BLOCK_N2=b_, num_warps=4,
                 num_stages=2)
+
+
+@contextlib.contextmanager
+def flex_backward_tiles(block: int | None):
+    """Give Flex's backward one config whose tiles divide a sparse block smaller than 128.
+
+    Inductor filters its backward configs against the sparse block size *before* it applies
+    ``kernel_options``; on sm90 its default (64, 128, 128, 64) does not divide 64-token blocks, so the
+    compile ends in ``NoValidChoicesError``. For such blocks we hand it (block,)*4 tiles, 3 stages and
+    4 warps: its own sm90 choice for small head dims."""
+    if block is None or block >= 128:
+        yield
+        return
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.template_heuristics.triton import FlexBwDConfig
+
+    original = InductorChoices.get_flex_attention_bwd_configs
+    InductorChoices.get_flex_attention_bwd_configs = lambda self, *a, **kw: [FlexBwDConfig(block, block, block,
+                                                                                         block, 3, 4)]
+    try:
+        yield
+    finally:
+        InductorChoices.get_flex_attention_bwd_configs = original
 
 
 def sweep(args, dev, shape: tuple[int, int, int]) -> dict[str, str]:
@@ -218,63 +242,65 @@ def run(args) -> list[dict[str, Any]]:
                         opts = flex_options(lay)
                         fn = lambda q_, k_, v_, bm=bm, o=opts: flex(  # noqa: E731
                             q_, k_, v_, block_mask=bm, enable_gqa=True, kernel_options=o)
-                for ps in passes:
-                    torch.cuda.synchronize()
-                    try:
-                        if ps == "fwd":
-                            with torch.no_grad():
-                                o = fn(q, k, v)
-                                if impl != "sdpa":
-                                    ref_out.setdefault(spec, o.float())
-                                    err = float((o.float() - ref_out[spec]).abs().max())
-                                else:
-                                    err = None
+                flex_block = lay.block_m if impl == "flex" and lay is not None else None
+                with flex_backward_tiles(flex_block):  # Flex compiles its backward inside
+                    for ps in passes:
+                        torch.cuda.synchronize()
+                        try:
+                            if ps == "fwd":
+                                with torch.no_grad():
+                                    o = fn(q, k, v)
+                                    if impl != "sdpa":
+                                        ref_out.setdefault(spec, o.float())
+                                        err = float((o.float() - ref_out[spec]).abs().max())
+                                    else:
+                                        err = None
+                                    torch.cuda.synchronize()
+                                    base = torch.cuda.memory_allocated()
+                                    torch.cuda.reset_peak_memory_stats()
+                                    fn(q, k, v)
+                                    torch.cuda.synchronize()
+                                    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+                                    med, p20, p80 = _bench(lambda: fn(q, k, v))  # noqa: B023 (called at once)
+                                flops = 4 * d * hq * pairs
+                            else:
+                                qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+
+                                def step():
+                                    fn(qg, kg, vg).backward(do)  # noqa: B023 (called at once)
+
+                                step()
                                 torch.cuda.synchronize()
                                 base = torch.cuda.memory_allocated()
                                 torch.cuda.reset_peak_memory_stats()
-                                fn(q, k, v)
+                                step()
                                 torch.cuda.synchronize()
                                 peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-                                med, p20, p80 = _bench(lambda: fn(q, k, v))  # noqa: B023 (called at once)
-                            flops = 4 * d * hq * pairs
-                        else:
-                            qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-
-                            def step():
-                                fn(qg, kg, vg).backward(do)  # noqa: B023 (called at once)
-
-                            step()
-                            torch.cuda.synchronize()
-                            base = torch.cuda.memory_allocated()
-                            torch.cuda.reset_peak_memory_stats()
-                            step()
-                            torch.cuda.synchronize()
-                            peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-                            med, p20, p80 = _bench(step, grad_to_none=[qg, kg, vg])
-                            flops = 3.5 * 4 * d * hq * pairs
-                            err = None
-                    except Exception as err_:  # one failing case (OOM, a compile error) must not end the run
-                        print(f"FAILED: {impl} {spec} T={t} {hq}/{hkv}/{d} {ps}: {type(err_).__name__}: "
-                              f"{str(err_).splitlines()[0][:300] if str(err_) else ''}", flush=True)
-                        torch.cuda.empty_cache()
-                        continue
-                    row = dict(
-                        impl=impl, pattern=spec, **{"pass": ps}, seq_len=t, head_dim=d, q_heads=hq, kv_heads=hkv,
-                        tma=args.tma if impl == "hf_sparse" else None,
-                        flex_kernel_options=opts if impl == "flex" else None,
-                        batch=1, dtype=args.dtype, median_ms=med, p20_ms=p20, p80_ms=p80,
-                        tflops=flops / (med * 1e-3) / 1e12, attended_pairs=pairs, density=pairs / dense_pairs,
-                        peak_mem_gb=peak, max_abs_diff_vs_first_impl=err, gpu=env["device_name"],
-                        tile_configs=chosen or None,
-                        torch=env["torch"], triton=env["triton"], commit=env["commit"], command=command,
-                        time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    )
-                    rows.append(row)
-                    with out_path.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    print(f"{impl:>9} {spec[:40]:<40} T={t:>6} {hq}/{hkv}/{d} {ps:<7} {med:8.3f} ms "
-                          f"{row['tflops']:6.1f} TF/s mem {peak:6.2f} GB"
-                          + (f" diff {err:.2e}" if err is not None else ""), flush=True)
+                                med, p20, p80 = _bench(step, grad_to_none=[qg, kg, vg])
+                                flops = 3.5 * 4 * d * hq * pairs
+                                err = None
+                        except Exception as err_:  # one failing case (OOM, a compile error) must not end the run
+                            print(f"FAILED: {impl} {spec} T={t} {hq}/{hkv}/{d} {ps}: {type(err_).__name__}: "
+                                  f"{str(err_).splitlines()[0][:300] if str(err_) else ''}", flush=True)
+                            torch.cuda.empty_cache()
+                            continue
+                        row = dict(
+                            impl=impl, pattern=spec, **{"pass": ps}, seq_len=t, head_dim=d, q_heads=hq, kv_heads=hkv,
+                            tma=args.tma if impl == "hf_sparse" else None,
+                            flex_kernel_options=opts if impl == "flex" else None,
+                            batch=1, dtype=args.dtype, median_ms=med, p20_ms=p20, p80_ms=p80,
+                            tflops=flops / (med * 1e-3) / 1e12, attended_pairs=pairs, density=pairs / dense_pairs,
+                            peak_mem_gb=peak, max_abs_diff_vs_first_impl=err, gpu=env["device_name"],
+                            tile_configs=chosen or None,
+                            torch=env["torch"], triton=env["triton"], commit=env["commit"], command=command,
+                            time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        )
+                        rows.append(row)
+                        with out_path.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+                        print(f"{impl:>9} {spec[:40]:<40} T={t:>6} {hq}/{hkv}/{d} {ps:<7} {med:8.3f} ms "
+                              f"{row['tflops']:6.1f} TF/s mem {peak:6.2f} GB"
+                              + (f" diff {err:.2e}" if err is not None else ""), flush=True)
             q = k = v = do = None  # free before the next length
             torch.cuda.empty_cache()
     return rows
