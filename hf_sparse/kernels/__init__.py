@@ -38,6 +38,20 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=16)
+def _dummy(device: torch.device) -> torch.Tensor:
+    """A one-element int32 tensor for kernel arguments a specialisation does not read."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+@functools.lru_cache(maxsize=16)
+def _programs_to_fill(device: torch.device) -> int:
+    """Two programs per streaming multiprocessor (4 in the interpreter)."""
+    if device.type != "cuda":
+        return 4
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def kernel_params(pattern: Pattern) -> dict:
     """Map a pattern onto the kernel's arguments (KIND 0: token window + globals, 1: BigBird)."""
     # KIND 0 ignores BLK; it only has to be a multiple of every tile size
@@ -101,7 +115,7 @@ def _common(q, k, pattern, layer, q_offset, k_shift, k_len):
     hkv, tk = k.shape[1], k.shape[2]
     p = kernel_params(pattern)
     varlen = k_shift is not None
-    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    dummy = _dummy(q.device)
     tables = (dummy.view(1, 1, 1, 1), dummy.view(1, 1, 1), dummy.view(1, 1, 1))
     if p["R"]:
         nqb = max(ceil_div(q_offset + tq, p["BLK"]), 1)
@@ -249,26 +263,26 @@ def _decode(q, k, v, pattern: Pattern, *, scale: float, softcap: float, q_pos=No
     group = hq // hkv
     p = kernel_params(pattern)
     positions = q_pos is not None
-    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    dummy = _dummy(q.device)
     table = dummy.view(1, 1, 1, 1)
     if p["R"]:
         nqb = max(ceil_div(q_offset + tq, p["BLK"]), 1)
         nkb = max(ceil_div(tk, p["BLK"]), 1)
         table = _tables_for(pattern, layer, hkv, nqb, nkb, k_len, str(q.device))[0]
     block_d = max(triton.next_power_of_2(d), 16)
-    if _interpret():
-        block_m, block_n, warps, stages, programs = 16, 16, 1, 1, 4
+    interpret = _interpret()
+    if interpret:
+        block_m, block_n, warps, stages = 16, 16, 1, 1
     else:
         block_m, block_n, warps, stages = min(64, max(16, triton.next_power_of_2(tq * group))), 64, 4, 2
-        programs = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count
     m_tiles = ceil_div(tq * group, block_m)
     # enough programs to fill the GPU, at least four key tiles each
-    nsplit = max(1, min(ceil_div(tk, 4 * block_n), ceil_div(programs, m_tiles * b * hkv)))
+    nsplit = max(1, min(ceil_div(tk, 4 * block_n), ceil_div(_programs_to_fill(q.device), m_tiles * b * hkv)))
     per_split = ceil_div(ceil_div(tk, nsplit), block_n) * block_n
     nsplit = ceil_div(tk, per_split)
-    opart = torch.empty(b, hq, tq, nsplit, block_d, dtype=torch.float32, device=q.device)
-    mpart = torch.empty(b, hq, tq, nsplit, dtype=torch.float32, device=q.device)
-    lpart = torch.empty_like(mpart)
+    rows = b * hq * tq * nsplit
+    parts = torch.empty(rows * (block_d + 2), dtype=torch.float32, device=q.device)  # one allocation
+    opart, mpart, lpart = parts[: rows * block_d], parts[rows * block_d : rows * (block_d + 1)], parts[-rows:]
     if positions:
         q_pos, k_pos = q_pos.contiguous(), k_pos.contiguous()
     else:
@@ -288,7 +302,7 @@ def _decode(q, k, v, pattern: Pattern, *, scale: float, softcap: float, q_pos=No
     _decode_combine[(b * hq * tq,)](
         opart, mpart, lpart, out, lse, *out.stride(), hq, tq, nsplit,
         HEAD_DIM=d, BLOCK_D=block_d, SPLITS=max(triton.next_power_of_2(nsplit), 2),
-        num_warps=1 if _interpret() else 4,
+        num_warps=1 if interpret else 4,
     )
     return out, lse
 

@@ -36,6 +36,12 @@ _TABLE: dict[tuple[str, int], KernelConfig] = {
     ("dkdv", 256): KernelConfig(16, 32, 4, 2),
 }
 
+# BigBird (kind 1) entries where its sweep beat the window tiles cut down to one 64-token block
+_TABLE_BIGBIRD: dict[tuple[str, int], KernelConfig] = {
+    ("fwd", 128): KernelConfig(64, 64, 4, 2),
+    ("dq", 128): KernelConfig(64, 64, 4, 2),
+}
+
 _OVERRIDES: dict[tuple[str, int | None], KernelConfig] = {}
 _TMA: list[bool | None] = [None]  # None: automatic (Hopper and newer, and the interpreter)
 
@@ -86,6 +92,8 @@ def pick_config(kernel: str, *, head_dim: int, kind: int, blk: int, dtype: torch
     if cfg is None:
         bucket = 64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)
         cfg = _TABLE[(kernel, bucket)]
+        if kind == 1 and blk == 64:
+            cfg = _TABLE_BIGBIRD.get((kernel, bucket), cfg)
         if dtype == torch.float32:  # fp32 tiles take twice the shared memory
             cfg = KernelConfig(max(cfg.block_m // 2, 16), max(cfg.block_n // 2, 16), cfg.num_warps, 2, cfg.tma)
     if kind == 1 and (cfg.block_m > blk or cfg.block_n > blk):  # BigBird: a tile may not straddle two blocks
