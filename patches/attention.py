@@ -285,8 +285,13 @@ def hf_sparse_attention(
     bounded = _bounded_cache_inputs(module, key, opts.pattern)
     if bounded is not None and not bounded.prefix:
         # keys from a bounded cache: sinks + ring buffer, slots not in position order
-        out = attention_with_positions(query, key, value, opts.pattern, q_pos=bounded.q_pos, k_pos=bounded.k_pos,
-                                       scale=scaling, softcap=softcap, layer=layer, backend=opts.backend)
+        if sq > 1 and _padding_leads(bounded.q_pos):
+            out = _chunk_over_bounded(query, key, value, bounded, opts.pattern, scale=scaling, softcap=softcap,
+                                      layer=layer, backend=opts.backend)
+        else:
+            out = attention_with_positions(query, key, value, opts.pattern, q_pos=bounded.q_pos,
+                                           k_pos=bounded.k_pos, scale=scaling, softcap=softcap, layer=layer,
+                                           backend=opts.backend)
         return out.transpose(1, 2).contiguous(), None
     if padding is not None:
         tokens = padding.shape[1]
@@ -309,6 +314,36 @@ def hf_sparse_attention(
         softcap=softcap, backend=opts.backend, check_padding=False,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _padding_leads(q_pos: torch.Tensor) -> bool:
+    """Whether every row's padding queries (position -1) come before its real ones (one host sync)."""
+    real = q_pos >= 0
+    return bool((real[:, 1:] >= real[:, :-1]).all())
+
+
+def _chunk_over_bounded(query, key, value, bounded, pattern: Pattern, *, scale, softcap, layer: int, backend: str):
+    """Several new tokens over a bounded cache (chunked prefill) on the prefill kernels.
+
+    Sorting a row's slots by position (empty slots, -1, first) lays its keys out as one right-aligned
+    run: the sinks, the stored window, the new tokens. A key's rank in that run is its position, except
+    that the window and the new tokens are shifted down to follow the sinks directly, which changes no
+    distance inside the window, and sinks are global keys at any distance. So ``sparse_attention`` with
+    that run as left padding and the queries as its last slots (``q_offset = keys - queries``) computes
+    the same attention, with the kernels' ``O(chunk * W)`` work instead of every (query, slot) pair.
+    Holds for the bounded caches' patterns (causal window, window + sinks), the only ones routed here.
+    """
+    order = torch.argsort(bounded.k_pos, dim=1, stable=True)
+
+    def by_position(t):
+        return t.gather(2, order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+
+    real_keys = bounded.k_pos.gather(1, order) >= 0
+    out = sparse_attention(query, by_position(key), by_position(value), pattern, key_padding_mask=real_keys,
+                           q_offset=key.shape[2] - query.shape[2], scale=scale, softcap=softcap, layer=layer,
+                           backend=backend, check_padding=False)
+    # padding queries took the slots of earlier keys: their rows are zero, as on the positions path
+    return out.masked_fill((bounded.q_pos < 0)[:, None, :, None], 0.0)
 
 
 def check_backend(backend: str) -> str:

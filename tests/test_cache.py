@@ -243,6 +243,13 @@ def test_generate_with_the_kernels_equals_the_reference_path(name):
     for a, b in zip(runs["triton"][2].layers, runs["reference"][2].layers):
         assert a.live_tokens() == b.live_tokens() <= BOUNDED[name]
         assert torch.equal(a.positions, b.positions) and torch.equal(a.real_counts, b.real_counts)
+    # chunked prefill over the bounded cache: the chunks run the prefill kernels on the sorted slots
+    chunked = {}
+    for backend in ("triton", "reference"):
+        model = patch_model(tiny("llama"), PATTERNS[name], backend=backend)
+        chunked[backend] = generate(model, ids, mask, new=6, prefill_chunk_size=6)
+    assert torch.equal(chunked["triton"][0], chunked["reference"][0])
+    torch.testing.assert_close(chunked["triton"][1], chunked["reference"][1], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["window", "longformer"])
@@ -260,7 +267,12 @@ def test_left_padded_batch_equals_one_by_one(name):
 
 
 @pytest.mark.parametrize("name", ["window", "longformer"])
-def test_sampling_beams_and_chunked_prefill_equal_recomputation(name):
+def test_sampling_beams_and_chunked_prefill_equal_recomputation(name, monkeypatch):
+    import hf_sparse.patches.attention as attention_mod
+
+    chunk_calls = []
+    run_chunk = attention_mod._chunk_over_bounded
+    monkeypatch.setattr(attention_mod, "_chunk_over_bounded", lambda *a, **kw: chunk_calls.append(1) or run_chunk(*a, **kw))
     model = patch_model(tiny("mistral", sliding_window=5), PATTERNS[name], backend="reference")
     ids = tokens(2, 30, seed=5)
     mask = left_padding([30, 13], 30)
@@ -278,6 +290,8 @@ def test_sampling_beams_and_chunked_prefill_equal_recomputation(name):
     plain = generate(model, ids, mask, new=16, use_cache=False)
     assert torch.equal(chunked[0], plain[0])
     torch.testing.assert_close(chunked[1], plain[1], atol=1e-4, rtol=1e-4)
+    # the chunks after the first ran on sparse_attention over the slots sorted by position (prefill kernels)
+    assert len(chunk_calls) >= 4 * len(chunked[2].layers)
 
 
 def test_explicit_sparse_cache_and_manual_decode_loop():
