@@ -72,7 +72,8 @@ def attention_with_positions(
         layer: layer index (BigBird draws its random blocks per layer and KV head).
         num_keys: only for non-causal BigBird, whose random draw covers the whole sequence.
         backend: ``"triton"`` (the decode kernel of :mod:`hf_sparse.kernels.decode`: one launch, GQA
-            packed, split over the slots; dense, window and Longformer patterns, no autograd),
+            packed, split over the slots; dense, window and Longformer patterns, positions below 2**30,
+            no autograd),
             ``"reference"`` (the PyTorch code below, differentiable) or ``"auto"`` (the kernel on CUDA
             when it applies and no gradient is needed; ``"dense"`` is taken as ``"reference"``).
 

@@ -136,7 +136,7 @@ class SparseWindowLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
         seen_after = self.seen + q
-        one_launch = q == 1 and self.seen > 0 and self._use_kernel(key_states)
+        one_launch = q == 1 and self.seen > 0 and self._use_kernel(key_states, value_states)
         if not one_launch:
             q_pos = self._new_positions(q, key_states.device)
             n_after = self.real_counts + (q_pos >= 0).sum(1)
@@ -223,12 +223,19 @@ class SparseWindowLayer(CacheLayerMixin):
     def _refresh_views(self, used: int) -> None:
         self.keys, self.values, self.positions = self._k[:, :, :used], self._v[:, :, :used], self._pos[:, :used]
 
-    def _use_kernel(self, t: torch.Tensor) -> bool:
+    def _use_kernel(self, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether a decode step writes the cache in one Triton launch (``ring_append``)."""
+        fits = k.shape[1:] == v.shape[1:]  # the kernel copies keys and values with one head layout
         if self.kernel is not None:
+            if self.kernel and not fits:
+                raise NotImplementedError(
+                    f"SparseWindowLayer(kernel=True): keys {tuple(k.shape)} and values {tuple(v.shape)} differ in "
+                    "heads or head dim, which the one-launch write does not take; use kernel=None or False"
+                )
             return self.kernel
         from hf_sparse.ops import triton_supports
 
-        return t.is_cuda and triton_supports(t, t) is None
+        return fits and k.is_cuda and triton_supports(k, k) is None
 
     def _take_padding(self, q: int) -> torch.Tensor | None:
         """The ``[B, seen + q]`` padding mask the pre-hook handed over (checked), or None."""

@@ -252,6 +252,24 @@ def test_generate_with_the_kernels_equals_the_reference_path(name):
     torch.testing.assert_close(chunked["triton"][1], chunked["reference"][1], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (Triton on the CPU)")
+def test_one_launch_cache_write_refuses_values_of_another_shape():
+    # keys and values of different head dims: the automatic choice writes through PyTorch, a forced
+    # one-launch write says why it cannot
+    pytest.importorskip("triton")
+    k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 4)
+    for kernel in (None, True):
+        layer = SparseWindowLayer(window=3, sinks=2, kernel=kernel)
+        layer.update(k, v)
+        if kernel:
+            with pytest.raises(NotImplementedError, match=r"kernel=True.*differ in heads or head dim"):
+                layer.update(k[:, :, :1], v[:, :, :1])
+        else:
+            keys, values = layer.update(k[:, :, :1], v[:, :, :1])
+            (slot,) = (layer.positions[0] == 5).nonzero()[0].tolist()  # the sixth token's slot
+            assert values.shape[-1] == 4 and torch.equal(values[0, :, slot], v[0, :, 0])
+
+
 @pytest.mark.parametrize("name", ["window", "longformer"])
 def test_left_padded_batch_equals_one_by_one(name):
     model = patch_model(tiny("llama"), PATTERNS[name], backend="reference")

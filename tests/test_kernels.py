@@ -406,6 +406,27 @@ def test_interpreter_few_queries_run_the_decode_kernel(pattern, monkeypatch):
     assert len(calls) == 3
 
 
+@needs_interpreter
+@pytest.mark.parametrize("decode_rows", [64, 0], ids=["decode-kernel", "prefill-kernel"])
+def test_interpreter_queries_past_the_keys_and_empty_inputs(decode_rows, monkeypatch):
+    # without padding, queries placed after the last key (q_offset + Tq > Tk) are real rows that see every
+    # key their pattern allows (both forward kernels); zero queries or zero keys give empty / zero outputs
+    import hf_sparse.kernels as kernels
+
+    monkeypatch.setattr(kernels, "_DECODE_MAX_ROWS", decode_rows)
+    q, k, v, do = _qkv(1, 2, 1, 16, 16, seed=4)
+    for pattern in (Dense(), SlidingWindow(window=20)):
+        outs = []
+        for backend in ("triton", "reference"):
+            o = sparse_attention(q[:, :, :3], k[:, :, :4], v[:, :, :4], pattern, q_offset=10, backend=backend)
+            outs.append((o, *_grads(o, (q, k, v), do[:, :, :3])))
+        _compare(outs[0], outs[1], atol=2e-5)
+        assert outs[0][0].abs().sum() > 0
+    for qq, kk in ((q[:, :, :0], k), (q[:, :, :2], k[:, :, :0])):
+        outs = [sparse_attention(qq, kk, kk, "dense", backend=backend) for backend in ("triton", "reference")]
+        assert outs[0].shape == outs[1].shape == qq.shape and torch.equal(outs[0], outs[1])
+
+
 def test_parse_kernel_config_override():
     from hf_sparse.kernels.configs import KernelConfig, parse_override
 

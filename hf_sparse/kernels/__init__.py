@@ -133,7 +133,7 @@ def _tma_compatible(x: torch.Tensor) -> bool:
     """The copy engine needs a 16-byte aligned base, 16-byte aligned strides and a contiguous last dim."""
     size = x.element_size()
     return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all((st * size) % 16 == 0 for st in x.stride()[:-1])
-            and all(n > 0 for n in x.shape))
+            and all(n > 0 for n in x.shape) and all(st > 0 or n == 1 for st, n in zip(x.stride(), x.shape)))
 
 
 def _use_tma(c: dict, cfg: KernelConfig, *tensors: torch.Tensor) -> bool:
@@ -168,7 +168,7 @@ def _cfg(kernel: str, c: dict, dtype: torch.dtype) -> KernelConfig:
 
 def forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_shift=None, k_len=None,
             q_offset: int = 0, layer: int = 0):
-    if q.shape[2] * (q.shape[1] // k.shape[1]) <= _DECODE_MAX_ROWS:  # a few queries (decode): split over keys
+    if 0 < q.shape[2] * (q.shape[1] // k.shape[1]) <= _DECODE_MAX_ROWS and k.shape[2]:  # decode: split keys
         return _decode(q, k, v, pattern, scale=scale, softcap=softcap, k_shift=k_shift, k_len=k_len,
                        q_offset=q_offset, layer=layer)
     c = _common(q, k, pattern, layer, q_offset, k_shift, k_len)

@@ -27,13 +27,13 @@ _TABLE: dict[tuple[str, int], KernelConfig] = {
     # the head-dim-128 forward runs fastest with pointer loads and 64-row tiles, everything else with TMA
     ("fwd", 64): KernelConfig(128, 64, 8, 3),
     ("fwd", 128): KernelConfig(64, 64, 4, 3, tma=False),
-    ("fwd", 256): KernelConfig(64, 32, 4, 2),
+    ("fwd", 256): KernelConfig(64, 32, 4, 2, tma=False),  # head dim 256: round 1's pointer loads (not run on a GPU)
     ("dq", 64): KernelConfig(128, 64, 8, 3),
     ("dq", 128): KernelConfig(128, 64, 8, 3),
-    ("dq", 256): KernelConfig(32, 32, 4, 2),
+    ("dq", 256): KernelConfig(32, 32, 4, 2, tma=False),
     ("dkdv", 64): KernelConfig(64, 64, 4, 2),
     ("dkdv", 128): KernelConfig(64, 64, 4, 2),
-    ("dkdv", 256): KernelConfig(16, 32, 4, 2),
+    ("dkdv", 256): KernelConfig(16, 32, 4, 2, tma=False),
 }
 
 # BigBird (kind 1) entries where its sweep beat the window tiles cut down to one 64-token block

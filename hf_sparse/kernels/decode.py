@@ -62,7 +62,10 @@ def _decode_kernel(
         k_lim = 2**30
     else:
         qp = q_offset - k_shift + qi
-        qp = tl.where(row_ok & (qp >= 0) & (qp < k_len), qp, -1)
+        if VARLEN:  # rows before a row's first token or past its last are padding (as in the prefill kernel)
+            qp = tl.where(row_ok & (qp >= 0) & (qp < k_len), qp, -1)
+        else:  # queries past the keys are real rows: they see every key their pattern allows
+            qp = tl.where(row_ok, qp, -1)
         k_lim = k_len
     # the span of positions any row here may see through its window (POSITIONS: every slot)
     q_min = tl.min(tl.where(qp >= 0, qp, 2**30), 0)
