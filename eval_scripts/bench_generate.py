@@ -132,12 +132,8 @@ class _StepClock:
         return scores
 
 
-def _returned_cache(out):
-    return out.cache if hasattr(out, "cache") else out.past_key_values
-
-
 def generate_once(model, ids: torch.Tensor, new_tokens: int, device: torch.device) -> dict[str, Any]:
-    from hf_sparse.patches.cache import cache_bytes
+    from hf_sparse.patches.cache import cache_bytes, generated_cache
     from transformers import LogitsProcessorList
 
     clock = _StepClock(device)
@@ -154,7 +150,7 @@ def generate_once(model, ids: torch.Tensor, new_tokens: int, device: torch.devic
     t_end = time.perf_counter()
     steps = len(clock.times)
     decode_s = t_end - clock.times[0]
-    cache = _returned_cache(out)
+    cache = generated_cache(out)
     return {
         "ttft_s": clock.times[0] - t0,
         "decode_s": decode_s,

@@ -57,7 +57,7 @@ from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
 from hf_sparse.patterns import Longformer, Pattern, SlidingWindow
 
 __all__ = ["SparseWindowLayer", "SparseCache", "AttentionInputs", "cache_layer_for", "install_sparse_layers",
-           "cache_bytes", "window_layer_fits", "WINDOW_LAYER_ATTR"]
+           "cache_bytes", "generated_cache", "window_layer_fits", "WINDOW_LAYER_ATTR"]
 
 _GROW = 256  # the buffers grow in steps of this many slots, up to sinks + window
 
@@ -404,3 +404,9 @@ def cache_bytes(cache) -> int:
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
     return total
+
+
+def generated_cache(out):
+    """The cache of a ``generate(..., return_dict_in_generate=True)`` output (transformers 5.24 names it
+    ``cache``, 5.17 ``past_key_values``)."""
+    return out.cache if hasattr(out, "cache") else out.past_key_values

@@ -26,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 
 from hf_models import cache_kwargs, left_padding, tiny, tokens  # noqa: E402
 from hf_sparse.patches import SparseCache, SparseWindowLayer, patch_model, unpatch_model  # noqa: E402
-from hf_sparse.patches.cache import cache_bytes  # noqa: E402
+from hf_sparse.patches.cache import cache_bytes, generated_cache  # noqa: E402
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer  # noqa: E402
 
 import hf_sparse.decode as decode_mod  # noqa: E402
@@ -49,15 +49,11 @@ def _one_thread(one_thread):
     """Tiny tensors: one torch thread (see conftest)."""
 
 
-def returned_cache(out):
-    return out.cache if hasattr(out, "cache") else out.past_key_values
-
-
 def generate(model, ids, mask, new: int = NEW, **kwargs):
     kwargs.setdefault("do_sample", False)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, output_logits=True,
                          return_dict_in_generate=True, pad_token_id=0, **kwargs)
-    return out.sequences, torch.stack(out.logits, 1), returned_cache(out)
+    return out.sequences, torch.stack(out.logits, 1), generated_cache(out)
 
 
 def full_forward_logits(model, seq, mask):
@@ -408,3 +404,24 @@ def test_bench_generate_smoke(tmp_path, capsys):
     dense = [r for r in rows if r["impl"] == "sdpa"][0]
     assert all(r["cache_peak_gb"] < dense["cache_peak_gb"] for r in sparse)
     assert "decode tok/s" in capsys.readouterr().out
+
+
+def test_generate_example_runs_and_bounds_the_cache(capsys):
+    # examples/generate.py on its tiny model: same greedy tokens as the unpatched model while the prompt is
+    # shorter than the window, and a smaller cache than the unpatched one once it is longer
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "generate.py"
+    spec = importlib.util.spec_from_file_location("hf_sparse_generate_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--model", "tiny", "--pattern", "longformer:window=64,global_tokens=4", "--prompt-tokens", "40",
+                  "--new-tokens", "6", "--device", "cpu"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split("s, ")[-1] == lines[2].split("s, ")[-1]  # the window covers everything: same tokens
+    example.main(["--model", "tiny", "--pattern", "sliding_window:window=16", "--prompt-tokens", "200",
+                  "--new-tokens", "4", "--device", "cpu"])
+    lines = capsys.readouterr().out.splitlines()
+    mib = [float(line.split("KV cache")[1].split("MiB")[0]) for line in lines[1:3]]
+    assert mib[1] < mib[0] / 5
