@@ -14,9 +14,11 @@ transformers looks both up by the name in ``config._attn_implementation``:
   :func:`hf_sparse.sparse_attention` (the keys already include the cache, so query ``i`` sits at key
   slot ``Skv - Sq + i``); the others are handed to the previous implementation with the native mask.
   A patched layer whose cache is bounded (:class:`~hf_sparse.patches.cache.SparseWindowLayer`: sinks
-  plus a ring buffer, slots not in position order) runs :func:`hf_sparse.decode.attention_with_positions`
-  with the query and key positions that the layer's last update recorded -- except on the prefill of an
-  empty cache, where the keys are the prompt itself and the prefill kernels run as usual.
+  plus a ring buffer, slots not in position order) reads the query and key positions that the layer's
+  last update recorded: one decode token runs :func:`hf_sparse.decode.attention_with_positions` (the
+  decode kernel on CUDA); several tokens (a chunk) run ``sparse_attention`` on the slots sorted by
+  position (:func:`_chunk_over_bounded`); the prefill of an empty cache, whose keys are the prompt
+  itself, runs the prefill kernels as usual.
 
 Positions count real tokens (padding is not a position), which is what HF's ``generate`` gives as
 ``position_ids`` under left padding. The 2D mask is kept unsliced (``past + q`` columns) so the

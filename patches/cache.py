@@ -28,9 +28,10 @@ attention sees, new tokens included. :meth:`SparseWindowLayer.update` therefore
 
 After each update the slot of position ``n - W`` is marked empty, so at most ``G + W - 1`` tokens are
 live; the buffer has ``G + W`` slots (the extra one receives the next token). On CUDA a decode step
-does all of this in one Triton launch (:func:`hf_sparse.kernels.ring_append`; ``kernel=`` chooses). The attention function
-(:mod:`hf_sparse.patches.attention`) reads the query and key positions of the last update from the
-layer and runs :func:`hf_sparse.decode.attention_with_positions` on the bounded slots.
+does all of this in one Triton launch (:func:`hf_sparse.kernels.ring_append`; ``kernel=`` chooses).
+The attention function (:mod:`hf_sparse.patches.attention`) reads the query and key positions of the
+last update from the layer: a decode token runs :func:`hf_sparse.decode.attention_with_positions` on
+the bounded slots, a chunk runs ``sparse_attention`` on the slots sorted by position.
 
 Positions count real tokens (padding is not a position), from the 2D attention mask that the
 forward pre-hook (:mod:`hf_sparse.patches.history`) hands to the layer before each update; without a
