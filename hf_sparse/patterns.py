@@ -23,6 +23,7 @@ Non-causal (encoder) variants use the symmetric rule ``|i - j| < W``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -58,6 +59,15 @@ def _as_long(x: Any, device: torch.device | None = None) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.long, device=device)
 
 
+@functools.lru_cache(maxsize=1024)
+def _spec(pattern: Pattern) -> str:
+    # every sparse_attention call names its pattern by this string (the custom op's argument): cached,
+    # and built from the fields directly (dataclasses.asdict deep-copies)
+    opts = ",".join(f"{f.name}={str(v).lower() if isinstance(v, bool) else v}"
+                    for f in dataclasses.fields(pattern) for v in (getattr(pattern, f.name),))
+    return f"{pattern.name}:{opts}" if opts else pattern.name
+
+
 class Pattern:
     """Base class of the patterns. Subclasses are frozen dataclasses."""
 
@@ -78,8 +88,7 @@ class Pattern:
 
     def spec(self) -> str:
         """The canonical string that :func:`parse_pattern` turns back into this pattern."""
-        opts = ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in dataclasses.asdict(self).items())
-        return f"{self.name}:{opts}" if opts else self.name
+        return _spec(self)
 
     def __str__(self) -> str:
         return self.spec()

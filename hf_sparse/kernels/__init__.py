@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import torch
 import triton
@@ -52,8 +54,14 @@ def _programs_to_fill(device: torch.device) -> int:
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def kernel_params(pattern: Pattern) -> dict:
-    """Map a pattern onto the kernel's arguments (KIND 0: token window + globals, 1: BigBird)."""
+@functools.lru_cache(maxsize=256)
+def kernel_params(pattern: Pattern) -> Mapping[str, int]:
+    """Map a pattern onto the kernel's arguments (KIND 0: token window + globals, 1: BigBird); cached,
+    read-only."""
+    return MappingProxyType(_kernel_params(pattern))
+
+
+def _kernel_params(pattern: Pattern) -> dict:
     # KIND 0 ignores BLK; it only has to be a multiple of every tile size
     if isinstance(pattern, Dense):
         return dict(KIND=0, W=_BIG, G=0, WB=0, BLK=256, R=0)
@@ -94,11 +102,16 @@ def _random_tables(pattern: BigBird, layer: int, kv_heads: int, nqb: int, nkb: i
     return table, ptr, idx
 
 
+@functools.lru_cache(maxsize=64)
+def _shared_tables(pattern: BigBird, layer: int, hkv: int, nqb: int, nkb: int, device: str):
+    """The tables of every batch row: a leading dimension of 1 (read with stride 0 over the batch)."""
+    return tuple(t.unsqueeze(0) for t in _random_tables(pattern, layer, hkv, nqb, nkb, device))
+
+
 def _tables_for(pattern: BigBird, layer: int, hkv: int, nqb: int, nkb: int, k_len, device: str):
     """Random tables with a batch dimension: shared (stride 0) unless non-causal BigBird draws per row."""
     if pattern.causal or k_len is None:
-        table, ptr, idx = _random_tables(pattern, layer, hkv, nqb, nkb, device)
-        return table.unsqueeze(0), ptr.unsqueeze(0), idx.unsqueeze(0)  # stride 0 over the batch
+        return _shared_tables(pattern, layer, hkv, nqb, nkb, device)
     # non-causal: each row draws from its own number of key blocks
     rows = [_random_tables(pattern, layer, hkv, nqb, max(ceil_div(int(n), pattern.block), 1), device)
             for n in k_len.tolist()]
