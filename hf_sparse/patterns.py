@@ -59,13 +59,14 @@ def _as_long(x: Any, device: torch.device | None = None) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.long, device=device)
 
 
-@functools.lru_cache(maxsize=1024)
-def _spec(pattern: Pattern) -> str:
-    # every sparse_attention call names its pattern by this string (the custom op's argument): cached,
-    # and built from the fields directly (dataclasses.asdict deep-copies)
+def _build_spec(pattern: Pattern) -> str:
+    # built from the fields directly (dataclasses.asdict deep-copies)
     opts = ",".join(f"{f.name}={str(v).lower() if isinstance(v, bool) else v}"
                     for f in dataclasses.fields(pattern) for v in (getattr(pattern, f.name),))
     return f"{pattern.name}:{opts}" if opts else pattern.name
+
+
+_spec = functools.lru_cache(maxsize=1024)(_build_spec)  # every sparse_attention call names its pattern so
 
 
 class Pattern:
@@ -88,6 +89,8 @@ class Pattern:
 
     def spec(self) -> str:
         """The canonical string that :func:`parse_pattern` turns back into this pattern."""
+        if torch.compiler.is_compiling():  # traced once: no cache (dynamo warns about lru_cache)
+            return _build_spec(self)
         return _spec(self)
 
     def __str__(self) -> str:
