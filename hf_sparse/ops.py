@@ -186,6 +186,8 @@ def sparse_attention(
         softcap: optional logit soft-capping ``softcap * tanh(s / softcap)`` (Gemma 2).
         backend: ``"auto"`` (Triton on CUDA, else reference), ``"triton"``, ``"reference"`` (block-wise
             PyTorch, memory ``O(T * visited keys)``) or ``"dense"`` (the ``O(T^2)`` oracle, tests only).
+            On Triton, calls with at most 64 (query, head) rows per KV head -- decode steps, small
+            chunks -- run the decode kernel (one program per KV head and split of the keys).
         check_padding: verify that ``key_padding_mask`` is left/right padding only (one host sync).
 
     Returns:

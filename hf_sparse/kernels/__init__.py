@@ -1,7 +1,9 @@
 """Host launchers for the Triton kernels (host logic only: shapes, tables, grids, configs).
 
 ``forward`` returns ``(out, lse)`` and ``backward`` returns ``(dq, dk, dv)`` for any pattern of
-:mod:`hf_sparse.patterns`. Nothing here allocates more than ``O(T * D)`` per head: the only tables
+:mod:`hf_sparse.patterns`; ``forward`` hands calls with few queries to the decode kernel
+(:mod:`hf_sparse.kernels.decode`), which also serves ``decode_forward`` (keys by explicit positions)
+and ``ring_append`` (one decode step's write into a bounded cache). Nothing here allocates more than ``O(T * D)`` per head: the only tables
 are BigBird's ``[Hkv, num_q_blocks, R]`` random blocks and their reverse (CSR) form.
 """
 
