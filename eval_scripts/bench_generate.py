@@ -21,8 +21,10 @@ generation (kernel compilation). Measured, per row:
   the last query see, i.e. ``window (+ global)`` tokens, BigBird's visited blocks, or the whole cache
   for dense) times steps per second, over the copy bandwidth measured in the same run
   (``copy_gb_s``, a device-to-device copy of 1 GiB; about 4.2 TB/s on an H200);
-* ``tokens_equal_sdpa``: share of generated tokens equal to the unpatched run's (with random weights
-  the logits are nearly flat, so rounding flips the argmax: read it on ``smollm2`` only);
+* ``tokens_equal_sdpa``: share of generated tokens equal to the unpatched run's, and
+  ``same_prefix_sdpa``: how many tokens both runs generate before the first difference (smallest over
+  the batch). With random weights the logits are nearly flat, so rounding flips the argmax: read them
+  on ``smollm2`` only;
 * ``text_sample`` (``smollm2``): the first 48 generated tokens, decoded.
 
 Configs: ``llama-8b-shaped`` (Llama 3 8B shapes, random bf16 weights: fast to build, the speed of the
@@ -241,8 +243,12 @@ def run(args) -> list[dict[str, Any]]:
                 seq = res["sequences"][:, length:].cpu()
                 if pattern is None:
                     baseline[length] = seq
-                same = None if pattern is None or length not in baseline else float(
-                    (seq == baseline[length]).float().mean())
+                same = prefix = None
+                if pattern is not None and length in baseline:
+                    equal = seq == baseline[length]
+                    same = float(equal.float().mean())
+                    # greedy runs agree until the first differing token, then go their own ways
+                    prefix = int(equal.long().cumprod(1).sum(1).min())
                 row.update({
                     "ttft_s": res["ttft_s"],
                     "decode_tok_s": None if step_s is None else step_s * args.batch,
@@ -254,6 +260,7 @@ def run(args) -> list[dict[str, Any]]:
                     "bandwidth_share": None if step_s is None else useful * step_s / copy_bw,
                     "copy_gb_s": copy_bw / 1e9,
                     "tokens_equal_sdpa": same,
+                    "same_prefix_sdpa": prefix,
                 })
                 if tokenizer is not None:  # a real model: the start of what it wrote, to read
                     row["text_sample"] = tokenizer.decode(seq[0, :48].tolist())

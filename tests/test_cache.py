@@ -391,18 +391,23 @@ def test_bench_generate_smoke(tmp_path, capsys):
 
     out = tmp_path / "generate.jsonl"
     rc = bench_generate.main(["--device", "cpu", "--config", "tiny", "--prompt-lens", "96", "--new-tokens", "6",
-                              "--patterns", f"{PATTERNS['window']};{PATTERNS['longformer']}", "--out", str(out)])
+                              "--patterns", f"{PATTERNS['window']};{PATTERNS['longformer']};dense",
+                              "--out", str(out)])
     assert rc == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert {r["impl"] for r in rows} == {"sdpa", "hf_sparse"}
     assert {r["pattern"] for r in rows} == {"none", parse_pattern(PATTERNS["window"]).spec(),
-                                            parse_pattern(PATTERNS["longformer"]).spec()}
+                                            parse_pattern(PATTERNS["longformer"]).spec(), "dense:causal=true"}
     for r in rows:
         assert r["error"] is None, r
         assert r["prompt_len"] == 96 and r["new_tokens"] == 6 and r["ttft_s"] > 0 and r["decode_tok_s"] > 0
-    sparse = [r for r in rows if r["impl"] == "hf_sparse"]
+    sparse = [r for r in rows if r["impl"] == "hf_sparse" and not r["pattern"].startswith("dense")]
     dense = [r for r in rows if r["impl"] == "sdpa"][0]
     assert all(r["cache_peak_gb"] < dense["cache_peak_gb"] for r in sparse)
+    # the dense pattern is the unpatched attention: the same greedy tokens (float32), the same full cache
+    ours_dense = [r for r in rows if r["pattern"] == "dense:causal=true"][0]
+    assert ours_dense["same_prefix_sdpa"] == 6 and ours_dense["tokens_equal_sdpa"] == 1.0
+    assert ours_dense["cache_peak_gb"] == dense["cache_peak_gb"]
     assert "decode tok/s" in capsys.readouterr().out
 
 
