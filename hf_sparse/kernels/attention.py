@@ -216,19 +216,30 @@ def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
 
 
 @triton.jit
-def _tile_setup(pid_m, b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Batch-row geometry and this program's query tile in position space."""
+def _row_keys(b, Tk, KSHIFT, KLEN, VARLEN: tl.constexpr):
+    """Where batch row ``b``'s keys sit: ``(k_shift, k_len)`` (padding: from the tables, else all of Tk)."""
     if VARLEN:
-        k_shift = tl.load(KSHIFT + b)
-        k_len = tl.load(KLEN + b)
-        q_start = q_offset - k_shift
+        return tl.load(KSHIFT + b), tl.load(KLEN + b)
+    return 0, Tk
+
+
+@triton.jit
+def _row_queries(q_offset, Tq, k_shift, k_len, VARLEN: tl.constexpr):
+    """Where a row's queries sit: ``q_start`` (position of query row 0) and its valid rows ``[row_lo, row_hi)``."""
+    q_start = q_offset - k_shift
+    if VARLEN:
         row_hi = tl.minimum(Tq, k_len - q_start)
     else:
-        k_shift = 0
-        k_len = Tk
-        q_start = q_offset
         row_hi = Tq
-    row_lo = tl.maximum(0, -q_start)
+    return q_start, tl.maximum(0, -q_start), row_hi
+
+
+@triton.jit
+def _tile_setup(b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Batch-row geometry and this program's query tile in position space (forward and dQ)."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # last query tiles (most keys when causal) first
+    k_shift, k_len = _row_keys(b, Tk, KSHIFT, KLEN, VARLEN)
+    q_start, row_lo, row_hi = _row_queries(q_offset, Tq, k_shift, k_len, VARLEN)
     p_first = q_start + row_lo
     p_end = q_start + row_hi
     m_lo = (p_first // BLOCK_M + pid_m) * BLOCK_M
@@ -275,13 +286,12 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # last query tiles (most keys when causal) first
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
     k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, m_lo = _tile_setup(
-        pid_m, b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, BLOCK_M)
+        b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, BLOCK_M)
     if (m_lo < p_end) & (p_first < p_end):
         m_lo_eff = tl.maximum(m_lo, p_first)
         m_hi = tl.minimum(m_lo + BLOCK_M, p_end)
@@ -398,13 +408,12 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # last query tiles (most keys when causal) first
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
     k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, m_lo = _tile_setup(
-        pid_m, b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, BLOCK_M)
+        b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, BLOCK_M)
     if (m_lo < p_end) & (p_first < p_end):
         m_lo_eff = tl.maximum(m_lo, p_first)
         m_hi = tl.minimum(m_lo + BLOCK_M, p_end)
@@ -571,17 +580,8 @@ def _bwd_dkdv_kernel(
         skip = False
     b = pid_bh // HKV
     hk = pid_bh % HKV
-    if VARLEN:
-        k_shift = tl.load(KSHIFT + b)
-        k_len = tl.load(KLEN + b)
-        q_start = q_offset - k_shift
-        row_hi = tl.minimum(Tq, k_len - q_start)
-    else:
-        k_shift = 0
-        k_len = Tk
-        q_start = q_offset
-        row_hi = Tq
-    row_lo = tl.maximum(0, -q_start)
+    k_shift, k_len = _row_keys(b, Tk, KSHIFT, KLEN, VARLEN)
+    q_start, row_lo, row_hi = _row_queries(q_offset, Tq, k_shift, k_len, VARLEN)
     n_lo = pid_n * BLOCK_N
     if (n_lo < k_len) & (not skip):
         n_hi = tl.minimum(n_lo + BLOCK_N, k_len)
@@ -592,7 +592,7 @@ def _bwd_dkdv_kernel(
         kp = n_lo + offs_n
         d_ok = offs_d < HEAD_DIM
         kmask = (kp < k_len)[:, None] & d_ok[None, :]
-        if USE_TMA and not VARLEN:  # keys past Tk read as 0, as the masked load would
+        if USE_TMA:  # (never with padding, see the launcher) keys past Tk read as 0, as the masked load would
             k = _tma_tile(DESC_K, b, hk, n_lo, BLOCK_N, BLOCK_D)
             v = _tma_tile(DESC_V, b, hk, n_lo, BLOCK_N, BLOCK_D)
         else:
@@ -631,13 +631,13 @@ def _bwd_dkdv_kernel(
                                 W, G, WB, sm_scale, softcap, e, nu_a, rptr, n_rand, f, 0, f,
                                 split * cu, tl.minimum(nu, split * cu + cu),
                                 KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, R > 0,
-                                USE_TMA and not VARLEN, BLOCK_D)
+                                USE_TMA, BLOCK_D)
             dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
                                 stride_dom, stride_dod, DESC_Q, DESC_DO, b, h, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len,
                                 W, G, WB, sm_scale, softcap, s_lo, nm_a, rptr, 0, a, nm_b, f,
                                 split * cm, tl.minimum(nm, split * cm + cm),
                                 KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, False,
-                                USE_TMA and not VARLEN, BLOCK_D)
+                                USE_TMA, BLOCK_D)
         dk = dk * sm_scale
         if is_extra:  # a share of a global tile: add into the fp32 buffer [B, Hkv, GP, BLOCK_D]
             acc_off = (pid_bh * GP + kp)[:, None] * BLOCK_D + offs_d[None, :]
@@ -661,12 +661,7 @@ def _dkdv_global_finish(DK, DV, DKACC, DVACC, KSHIFT, KLEN,
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     hk = pid_bh % HKV
-    if VARLEN:
-        k_shift = tl.load(KSHIFT + b)
-        k_len = tl.load(KLEN + b)
-    else:
-        k_shift = 0
-        k_len = Tk
+    k_shift, k_len = _row_keys(b, Tk, KSHIFT, KLEN, VARLEN)
     kp = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (kp < k_len)[:, None] & (offs_d < HEAD_DIM)[None, :]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention import _tanh, _visible
+from .attention import _row_keys, _tanh, _visible
 
 
 @triton.jit
@@ -51,12 +51,7 @@ def _decode_kernel(
     d_ok = offs_d < HEAD_DIM
     q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if VARLEN:
-        k_shift = tl.load(KSHIFT + b)
-        k_len = tl.load(KLEN + b)
-    else:
-        k_shift = 0
-        k_len = Tk
+    k_shift, k_len = _row_keys(b, Tk, KSHIFT, KLEN, VARLEN)
     if POSITIONS:
         qp = tl.load(QPOS + b * stride_qpb + qi, mask=row_ok, other=-1)
         k_lim = 2**30
