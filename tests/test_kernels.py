@@ -53,6 +53,17 @@ def _compare(triton_vals, ref_vals, atol, names=("out", "dq", "dk", "dv")):
         assert diff.max() <= atol, msg
 
 
+def _against_reference(q, k, v, do, pattern, *, grads_of, atol=2e-5, **kwargs):
+    """Run ``sparse_attention`` on the kernels and on the reference path; compare the outputs and the
+    gradients with respect to ``grads_of``. Returns the kernels' ``(out, *grads)``."""
+    outs = []
+    for backend in ("triton", "reference"):
+        o = sparse_attention(q, k, v, pattern, backend=backend, **kwargs)
+        outs.append((o, *_grads(o, grads_of, do)))
+    _compare(outs[0], outs[1], atol=atol)
+    return outs[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # CPU, through Triton's interpreter
 PATTERNS_CPU = [
@@ -81,11 +92,7 @@ def _qkv(b, hq, hkv, t, d, dtype=torch.float32, seed=0, device="cpu"):
 def test_interpreter_matches_reference(pattern):
     for i, (b, hq, hkv, t, d) in enumerate(SHAPES_CPU):
         q, k, v, do = _qkv(b, hq, hkv, t, d, seed=i)
-        outs = []
-        for backend in ("triton", "reference"):
-            o = sparse_attention(q, k, v, pattern, backend=backend)
-            outs.append((o, *_grads(o, (q, k, v), do)))
-        _compare(outs[0], outs[1], atol=2e-5)
+        _against_reference(q, k, v, do, pattern, grads_of=(q, k, v))
 
 
 @needs_interpreter
@@ -102,22 +109,14 @@ def test_interpreter_padding_and_offset(pattern):
     for kwargs in (dict(key_padding_mask=kpm), dict(key_padding_mask=kpm, q_offset=t - 9), dict(q_offset=t - 9)):
         qq = q[:, :, -9:] if "q_offset" in kwargs else q
         dd = do[:, :, -9:] if "q_offset" in kwargs else do
-        outs = []
-        for backend in ("triton", "reference"):
-            o = sparse_attention(qq, k, v, pattern, backend=backend, **kwargs)
-            outs.append((o, *_grads(o, (q, k, v), dd)))
-        _compare(outs[0], outs[1], atol=2e-5)
+        _against_reference(qq, k, v, dd, pattern, grads_of=(q, k, v), **kwargs)
 
 
 @needs_interpreter
 def test_interpreter_fp16_softcap_odd_head_dim():
     q, k, v, do = _qkv(1, 4, 2, 35, 24, seed=5)  # head_dim 24: padded to 32 inside the kernel
     for pattern in (SlidingWindow(window=8), Dense()):
-        outs = []
-        for backend in ("triton", "reference"):
-            o = sparse_attention(q, k, v, pattern, backend=backend, softcap=5.0, scale=0.3)
-            outs.append((o, *_grads(o, (q, k, v), do)))
-        _compare(outs[0], outs[1], atol=2e-5)
+        _against_reference(q, k, v, do, pattern, grads_of=(q, k, v), softcap=5.0, scale=0.3)
     q16, k16, v16 = (x.detach().half().requires_grad_() for x in (q, k, v))
     o_tr = sparse_attention(q16, k16, v16, SlidingWindow(window=8), backend="triton")
     o_ref = sparse_attention(q16, k16, v16, SlidingWindow(window=8), backend="reference")
@@ -276,11 +275,7 @@ def test_interpreter_rectangular_tiles(pattern):
         kpm = torch.ones(b, t, dtype=torch.bool)
         kpm[1, :13] = False
         for kwargs in (dict(), dict(key_padding_mask=kpm)):
-            outs = []
-            for backend in ("triton", "reference"):
-                o = sparse_attention(q, k, v, pattern, backend=backend, **kwargs)
-                outs.append((o, *_grads(o, (q, k, v), do)))
-            _compare(outs[0], outs[1], atol=2e-5)
+            _against_reference(q, k, v, do, pattern, grads_of=(q, k, v), **kwargs)
     finally:
         for name in tiles:
             configs.override(name, None)
@@ -300,11 +295,7 @@ def test_interpreter_load_paths_agree(pattern, tma):
     try:
         q, k, v, do = _qkv(1, 4, 2, 53, 16, seed=5)
         qq, dd = q[:, :, 19:], do[:, :, 19:]
-        outs = []
-        for backend in ("triton", "reference"):
-            o = sparse_attention(qq, k, v, pattern, backend=backend, q_offset=19)
-            outs.append((o, *_grads(o, (q, k, v), dd)))
-        _compare(outs[0], outs[1], atol=2e-5)
+        _against_reference(qq, k, v, dd, pattern, grads_of=(q, k, v), q_offset=19)
     finally:
         configs.set_tma(None)
 
@@ -325,11 +316,7 @@ def test_interpreter_global_key_tiles_split_over_programs(pattern, monkeypatch):
     kpm[0, :9] = False
     kpm[1, 60:] = False
     for kwargs in (dict(), dict(key_padding_mask=kpm)):
-        outs = []
-        for backend in ("triton", "reference"):
-            o = sparse_attention(q, k, v, pattern, backend=backend, **kwargs)
-            outs.append((o, *_grads(o, (q, k, v), do)))
-        _compare(outs[0], outs[1], atol=2e-5)
+        _against_reference(q, k, v, do, pattern, grads_of=(q, k, v), **kwargs)
 
 
 @needs_interpreter
@@ -398,11 +385,7 @@ def test_interpreter_few_queries_run_the_decode_kernel(pattern, monkeypatch):
     kpm[1, 85:] = False
     for tq, q_offset, kwargs in ((1, 89, {}), (3, 80, dict(key_padding_mask=kpm)), (2, 11, dict(key_padding_mask=kpm))):
         qq, dd = q[:, :, :tq], do[:, :, :tq]
-        outs = []
-        for backend in ("triton", "reference"):
-            o = sparse_attention(qq, k, v, pattern, backend=backend, q_offset=q_offset, layer=1, **kwargs)
-            outs.append((o, *_grads(o, (q, k, v), dd)))
-        _compare(outs[0], outs[1], atol=2e-5)
+        _against_reference(qq, k, v, dd, pattern, grads_of=(q, k, v), q_offset=q_offset, layer=1, **kwargs)
     assert len(calls) == 3
 
 
@@ -416,12 +399,9 @@ def test_interpreter_queries_past_the_keys_and_empty_inputs(decode_rows, monkeyp
     monkeypatch.setattr(kernels, "_DECODE_MAX_ROWS", decode_rows)
     q, k, v, do = _qkv(1, 2, 1, 16, 16, seed=4)
     for pattern in (Dense(), SlidingWindow(window=20)):
-        outs = []
-        for backend in ("triton", "reference"):
-            o = sparse_attention(q[:, :, :3], k[:, :, :4], v[:, :, :4], pattern, q_offset=10, backend=backend)
-            outs.append((o, *_grads(o, (q, k, v), do[:, :, :3])))
-        _compare(outs[0], outs[1], atol=2e-5)
-        assert outs[0][0].abs().sum() > 0
+        ours = _against_reference(q[:, :, :3], k[:, :, :4], v[:, :, :4], do[:, :, :3], pattern, grads_of=(q, k, v),
+                                  q_offset=10)
+        assert ours[0].abs().sum() > 0
     for qq, kk in ((q[:, :, :0], k), (q[:, :, :2], k[:, :, :0])):
         outs = [sparse_attention(qq, kk, kk, "dense", backend=backend) for backend in ("triton", "reference")]
         assert outs[0].shape == outs[1].shape == qq.shape and torch.equal(outs[0], outs[1])
