@@ -316,11 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be >= 2 (the first token measures the prefill)")
-    rows = run(args)
-    md = table(rows)
-    print(md)
-    if args.markdown:
-        Path(args.markdown).write_text(md + "\n")
+    from .results import show_table
+
+    show_table(table(run(args)), args.markdown)
     return 0
 
 

@@ -358,11 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
-    rows = run(args)
-    md = table(rows)
-    print(md)
-    if args.markdown:
-        Path(args.markdown).write_text(md + "\n")
+    from .results import show_table
+
+    show_table(table(run(args)), args.markdown)
     return 0
 
 

@@ -148,3 +148,10 @@ def environment_info(device: torch.device) -> dict[str, Any]:
         "hf_sparse": getattr(hf_sparse, "__version__", None),
         "commit": git_commit(),
     }
+
+
+def show_table(markdown: str, path: str | None) -> None:
+    """Print a benchmark's markdown table and, with a path, write it there too."""
+    print(markdown)
+    if path:
+        Path(path).write_text(markdown + "\n")
