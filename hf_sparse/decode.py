@@ -88,17 +88,16 @@ def attention_with_positions(
     """
     pat = parse_pattern(pattern)
     _check(q, k, v, q_pos, k_pos)
-    scale_ = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    softcap = float(softcap or 0.0)
     if _use_decode_kernel(backend, q, k, v, pat) and q.shape[2] and k.shape[2]:
         from .kernels import decode_forward
 
-        return decode_forward(q, k, v, q_pos, k_pos, pat, scale=scale_, softcap=float(softcap or 0.0))
+        return decode_forward(q, k, v, q_pos, k_pos, pat, scale=scale, softcap=softcap)
     b, hq, tq, d = q.shape
     hkv, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
     group = hq // hkv
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = scale_
-    softcap = float(softcap or 0.0)
     q_pos, k_pos = q_pos.long(), k_pos.long()
     if tq == 0 or tk == 0:
         return q.new_zeros((b, hq, tq, dv))
