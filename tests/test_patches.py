@@ -318,6 +318,32 @@ def test_torch_compile_fullgraph():
     assert_real_close(out, run(model, ids, mask), mask)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["longformer", "bigbird"])
+def test_torch_compile_inductor_on_gpu(name):
+    """torch.compile with Inductor on CUDA: the patched model's logits and gradients through the Triton
+    kernels (custom op inside the compiled graph) equal the eager patched model's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(0)
+    model = patch_model(tiny("llama", head_dim=64, hidden_size=128, initializer_range=0.1).cuda(), PATTERNS[name],
+                        backend="triton")
+    ids = tokens(2, 300).cuda()
+    mask = left_padding([300, 211], 300).cuda()
+    pos = positions(mask)
+    eager_out = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    eager_out.float().square().mean().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    out.float().square().mean().backward()
+    keep = mask.bool()
+    torch.testing.assert_close(out[keep], eager_out[keep], atol=1e-4, rtol=1e-4)
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-3)
+
+
 def _generate(model, ids, mask, use_cache: bool, new: int = 6):
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, use_cache=use_cache,
                          output_scores=True, return_dict_in_generate=True, pad_token_id=0)

@@ -1,0 +1,84 @@
+"""Probe: is a short kernel call's benchmark time GPU time or host time?
+
+    python scripts/probe_timing.py [--patterns bigbird] [--shape 9/3/64] [--seq-len 65536]
+
+For ours and FlexAttention (same block mask as the kernel benchmark), forward only, it prints:
+``do_bench`` median (what bench-kernels reports: one call between events after an L2 flush),
+the same for 20 back-to-back calls divided by 20 (the queue stays full, host time hides), the sum
+of the CUDA kernels' durations per call from ``torch.profiler``, and the host time to enqueue one call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from hf_sparse import parse_pattern, sparse_attention
+from hf_sparse.eval.bench_kernels import _bench, flex_block_mask, flex_options, pattern_layout
+
+
+def kernel_ms(fn, calls: int = 20) -> tuple[float, dict[str, float]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.name[:60]] = per.get(ev.name[:60], 0.0) + ev.device_time / 1e3 / calls
+    return sum(per.values()), per
+
+
+def host_us(fn, calls: int = 50) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--patterns", default="bigbird")
+    ap.add_argument("--shape", default="9/3/64")
+    ap.add_argument("--seq-len", type=int, default=65536)
+    args = ap.parse_args()
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention)
+    hq, hkv, d = (int(x) for x in args.shape.split("/"))
+    t = args.seq_len
+    dev = torch.device("cuda")
+    q = torch.randn(1, hq, t, d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, hkv, t, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(1, hkv, t, d, device=dev, dtype=torch.bfloat16)
+    for spec in args.patterns.split(";"):
+        pat = parse_pattern(spec)
+        lay, _ = pattern_layout(pat, t, hkv, dev)
+        bm = flex_block_mask(pat, lay, t, hq, hkv, dev)
+        impls = {
+            "hf_sparse": lambda p=pat: sparse_attention(q, k, v, p, backend="triton"),
+            "flex": lambda bm=bm, o=flex_options(lay): flex(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=o),
+        }
+        with torch.no_grad():
+            for name, fn in impls.items():
+                fn()
+                med = _bench(fn)[0]
+                med20 = _bench(lambda fn=fn: [fn() for _ in range(20)])[0] / 20
+                kms, per = kernel_ms(fn)
+                hu = host_us(fn)
+                top = ", ".join(f"{n}: {ms * 1e3:.1f} us" for n, ms in sorted(per.items(), key=lambda x: -x[1])[:4])
+                print(f"{name:>9} {spec[:28]:<28} {hq}/{hkv}/{d} T={t}: do_bench {med:.4f} ms | 20 calls/20 {med20:.4f}"
+                      f" ms | kernels {kms:.4f} ms | host {hu:.1f} us/call | {top}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
