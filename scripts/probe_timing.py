@@ -14,9 +14,9 @@ import argparse
 import time
 
 import torch
+from hf_sparse.eval.bench_kernels import _bench, flex_block_mask, flex_options, pattern_layout
 
 from hf_sparse import parse_pattern, sparse_attention
-from hf_sparse.eval.bench_kernels import _bench, flex_block_mask, flex_options, pattern_layout
 
 
 def kernel_ms(fn, calls: int = 20) -> tuple[float, dict[str, float]]:
@@ -64,9 +64,10 @@ def main() -> None:
         pat = parse_pattern(spec)
         lay, _ = pattern_layout(pat, t, hkv, dev)
         bm = flex_block_mask(pat, lay, t, hq, hkv, dev)
+        opts = flex_options(lay)
         impls = {
             "hf_sparse": lambda p=pat: sparse_attention(q, k, v, p, backend="triton"),
-            "flex": lambda bm=bm, o=flex_options(lay): flex(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=o),
+            "flex": lambda bm=bm, o=opts: flex(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=o),
         }
         with torch.no_grad():
             for name, fn in impls.items():
