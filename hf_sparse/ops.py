@@ -79,11 +79,13 @@ def _attn_fwd(
     if backend == "triton":
         from .kernels import forward as triton_forward
 
-        return triton_forward(q, k, v, pat, scale=scale, softcap=softcap, k_shift=k_shift, k_len=k_len,
-                              q_offset=q_offset, layer=layer)
-    with torch.autocast(q.device.type, enabled=False):  # the reference keeps its float32 arithmetic
-        return blockwise_forward(q, k, v, pat, scale=scale, softcap=softcap,
-                                 seq=_seq(q, k, k_shift, k_len, q_offset), layer=layer)
+        out = triton_forward(q, k, v, pat, scale=scale, softcap=softcap, k_shift=k_shift, k_len=k_len,
+                             q_offset=q_offset, layer=layer)
+    else:
+        with torch.autocast(q.device.type, enabled=False):  # the reference keeps its float32 arithmetic
+            out = blockwise_forward(q, k, v, pat, scale=scale, softcap=softcap,
+                                    seq=_seq(q, k, k_shift, k_len, q_offset), layer=layer)
+    return tuple(x.contiguous() for x in out)  # the fake below promises contiguous results on every backend
 
 
 @_attn_fwd.register_fake
@@ -103,16 +105,20 @@ def _attn_bwd(
     if backend == "triton":
         from .kernels import backward as triton_backward
 
-        return triton_backward(do, q, k, v, out, lse, pat, scale=scale, softcap=softcap, k_shift=k_shift,
-                               k_len=k_len, q_offset=q_offset, layer=layer)
-    with torch.autocast(q.device.type, enabled=False):
-        return blockwise_backward(do, q, k, v, out, lse, pat, scale=scale, softcap=softcap,
-                                  seq=_seq(q, k, k_shift, k_len, q_offset), layer=layer)
+        grads = triton_backward(do, q, k, v, out, lse, pat, scale=scale, softcap=softcap, k_shift=k_shift,
+                                k_len=k_len, q_offset=q_offset, layer=layer)
+    else:
+        with torch.autocast(q.device.type, enabled=False):
+            grads = blockwise_backward(do, q, k, v, out, lse, pat, scale=scale, softcap=softcap,
+                                       seq=_seq(q, k, k_shift, k_len, q_offset), layer=layer)
+    return tuple(g.contiguous() for g in grads)
 
 
 @_attn_bwd.register_fake
 def _(do, q, k, v, out, lse, k_shift, k_len, pattern, scale, softcap, q_offset, layer, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # contiguous whatever the inputs' strides (HF hands q/k/v in as transposed views): what both backends
+    # return; Inductor checks the real strides against these
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -155,12 +155,19 @@ def test_integer_padding_mask_is_accepted():
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["nopad", "leftpad"])
-def test_custom_op_registration(padded):
-    # schema, autograd registration, fake tensor and AOT dispatch (what torch.compile relies on)
+@pytest.mark.parametrize("layout", ["contiguous", "hf_views"])
+def test_custom_op_registration(padded, layout):
+    # schema, autograd registration, fake tensor and AOT dispatch (what torch.compile relies on); "hf_views":
+    # q/k/v as HF hands them in, [B, T, H, D] projections transposed to [B, H, T, D] (the fake results' strides
+    # must be the real ones: Inductor asserts them)
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 2, 20, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(1, 1, 20, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(1, 1, 20, 8, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def make(heads):
+        x = torch.randn(1, 20, heads, 8, generator=g, dtype=torch.float64)
+        x = x.transpose(1, 2) if layout == "hf_views" else x.transpose(1, 2).contiguous()
+        return x.requires_grad_()
+
+    q, k, v = make(2), make(1), make(1)
     shift = length = None
     if padded:
         kpm = torch.ones(1, 20, dtype=torch.bool)
@@ -169,6 +176,11 @@ def test_custom_op_registration(padded):
     spec = "bigbird:block=16,window_blocks=1,global_blocks=1,random_blocks=1,seed=0,causal=true"
     args = (q, k, v, shift, length, spec, 0.35, 1.0, 0, 2, "reference")
     result = torch.library.opcheck(torch.ops.hf_sparse.attn_fwd.default, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+    out, lse = torch.ops.hf_sparse.attn_fwd(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    d_out = torch.randn(out.shape, generator=g, dtype=out.dtype).transpose(1, 2).contiguous().transpose(1, 2)
+    bwd_args = (d_out, q.detach(), k.detach(), v.detach(), out, lse, *args[3:])
+    result = torch.library.opcheck(torch.ops.hf_sparse.attn_bwd.default, bwd_args)
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
