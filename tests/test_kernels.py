@@ -216,7 +216,8 @@ def test_gpu_bf16_decode_shapes(pattern):
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("pattern", [SlidingWindow(window=1000), Longformer(window=1000, global_tokens=4)], ids=pid)
+@pytest.mark.parametrize("pattern", [SlidingWindow(window=1000), Longformer(window=1000, global_tokens=4),
+                                     Longformer(window=1000, global_tokens=4, causal=False)], ids=pid)
 def test_gpu_decode_by_positions(pattern):
     # a bounded cache's slots (sinks, then a ring in no position order, empty slots) on the decode kernel
     # against the float32 PyTorch path
@@ -278,6 +279,32 @@ def test_interpreter_rectangular_tiles(pattern):
             _against_reference(q, k, v, do, pattern, grads_of=(q, k, v), **kwargs)
     finally:
         for name in tiles:
+            configs.override(name, None)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("pack", [False, True], ids=["head-per-program", "gqa-packed"])
+@pytest.mark.parametrize("pattern", [SlidingWindow(window=11), Longformer(window=6, global_tokens=3, causal=False),
+                                     BigBird(block=32, window_blocks=1, global_blocks=1, random_blocks=2),
+                                     BigBird(block=16, window_blocks=1, global_blocks=1, random_blocks=1,
+                                             causal=False)], ids=pid)
+def test_interpreter_gqa_packing_paths_agree(pattern, pack):
+    # forward and dQ tiles hold (position, head) pairs of one GQA group, or one head: with groups of 3 (tiles
+    # cut positions mid-group) and 4, 32-row tiles over 16- and 32-token BigBird blocks, padding and q_offset
+    from hf_sparse.kernels import configs
+
+    for name in ("fwd", "dq"):
+        configs.override(name, configs.KernelConfig(32, 16, 4, 2, pack=pack))
+    try:
+        for i, (b, hq, hkv) in enumerate([(2, 6, 2), (1, 4, 1)]):
+            q, k, v, do = _qkv(b, hq, hkv, 45, 16, seed=20 + i)
+            kpm = torch.ones(b, 45, dtype=torch.bool)
+            kpm[0, :5] = False
+            qq, dd = q[:, :, 21:], do[:, :, 21:]
+            _against_reference(q, k, v, do, pattern, grads_of=(q, k, v), key_padding_mask=kpm)
+            _against_reference(qq, k, v, dd, pattern, grads_of=(q, k, v), q_offset=21)
+    finally:
+        for name in ("fwd", "dq"):
             configs.override(name, None)
 
 
@@ -412,6 +439,7 @@ def test_parse_kernel_config_override():
 
     assert parse_override("dkdv=64,128,8,2") == ("dkdv", None, KernelConfig(64, 128, 8, 2, True))
     assert parse_override("fwd@1=64,64,4,3,0") == ("fwd", 1, KernelConfig(64, 64, 4, 3, False))
+    assert parse_override("dq=64,64,4,3,1,0") == ("dq", None, KernelConfig(64, 64, 4, 3, True, False))
     for bad in ("dkdv=64,128,8", "attn=64,64,4,3", "fwd@2=64,64,4,3", "fwd=a,b,c,d"):
         with pytest.raises(ValueError, match="bad kernel config"):
             parse_override(bad)
@@ -433,6 +461,8 @@ def test_forcing_tensor_descriptors_on_unfit_inputs_says_why():
     assert (o - r).abs().max() < 2e-5
     with pytest.raises(ValueError, match="set_tma takes True, False or None"):
         configs.set_tma("yes")
+    with pytest.raises(ValueError, match="set_pack takes True, False or None"):
+        configs.set_pack("on")
 
 
 @needs_interpreter

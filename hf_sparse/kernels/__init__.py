@@ -19,7 +19,7 @@ import triton
 
 from ..patterns import BigBird, Dense, Longformer, Pattern, SlidingWindow, ceil_div
 from .attention import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess, _dkdv_global_finish, _fwd_kernel
-from .configs import KernelConfig, pick_config, tma_setting
+from .configs import KernelConfig, pack_setting, pick_config, tma_setting
 from .decode import _decode_combine, _decode_kernel, _ring_append_kernel
 
 try:  # host-side tensor descriptors (Triton >= 3.4)
@@ -181,6 +181,13 @@ def _cfg(kernel: str, c: dict, dtype: torch.dtype) -> KernelConfig:
                        interpret=_interpret())
 
 
+def _pack(c: dict, cfg: KernelConfig) -> int:
+    """Rows per query position in a forward/dQ tile: the GQA group (its heads share each K/V tile the
+    program loads) or 1 (one head per program)."""
+    setting = pack_setting()
+    return c["hq"] // c["hkv"] if (cfg.pack if setting is None else setting) else 1
+
+
 def forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_shift=None, k_len=None,
             q_offset: int = 0, layer: int = 0):
     if 0 < q.shape[2] * (q.shape[1] // k.shape[1]) <= _DECODE_MAX_ROWS and k.shape[2]:  # decode: split keys
@@ -197,7 +204,8 @@ def forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_
         lse = torch.empty((c["b"], c["hq"], c["tq"]), dtype=torch.float32, device=q.device)
     cfg = _cfg("fwd", c, q.dtype)
     table = c["tables"][0]
-    grid = (ceil_div(c["tq"], cfg.block_m) + 1, c["b"] * c["hq"])
+    pack = _pack(c, cfg)
+    grid = (ceil_div(c["tq"] * pack, cfg.block_m) + 1, c["b"] * c["hq"] // pack)
     tma = _use_tma(c, cfg, k, v)
     _fwd_kernel[grid](
         q, k, v, out, lse, c["k_shift"], c["k_len"], table, *_descs(tma, cfg.block_n, c["block_d"], k, v),
@@ -206,7 +214,8 @@ def forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_
         c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap,
         KIND=p["KIND"], CAUSAL=pattern.causal, VARLEN=c["varlen"], HAS_SOFTCAP=bool(softcap),
         GROUP=c["hq"] // c["hkv"], R=p["R"], BLK=p["BLK"], HEAD_DIM=c["d"], BLOCK_D=c["block_d"],
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, PACK=pack, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return out, lse
 
@@ -232,12 +241,13 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
     )
     cfg = _cfg("dq", c, q.dtype)
     tma = _use_tma(c, cfg, k, v)
-    _bwd_dq_kernel[(ceil_div(c["tq"], cfg.block_m) + 1, c["b"] * c["hq"])](
+    pack = _pack(c, cfg)
+    _bwd_dq_kernel[(ceil_div(c["tq"] * pack, cfg.block_m) + 1, c["b"] * c["hq"] // pack)](
         q, k, v, do, dq, lse, delta, c["k_shift"], c["k_len"], table, *_descs(tma, cfg.block_n, c["block_d"], k, v),
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), table.stride(2),
         c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap,
-        **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, num_warps=cfg.num_warps,
+        **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, PACK=pack, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     cfg = _cfg("dkdv", c, q.dtype)

@@ -235,15 +235,42 @@ def _row_queries(q_offset, Tq, k_shift, k_len, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _tile_setup(b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Batch-row geometry and this program's query tile in position space (forward and dQ)."""
+def _tile_setup(b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, PACK: tl.constexpr):
+    """Batch-row geometry and this program's query tile (forward and dQ). A tile's rows are the flat
+    indices ``f = position * PACK + head_in_group``: with ``PACK`` = the GQA group, the query heads of one
+    KV head share every K/V tile the program loads; with ``PACK`` = 1 a program holds one head. Tiles
+    start at multiples of ``BLOCK_M`` in flat space, so a tile never straddles a BigBird block
+    (``BLOCK_M`` divides the block)."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # last query tiles (most keys when causal) first
     k_shift, k_len = _row_keys(b, Tk, KSHIFT, KLEN, VARLEN)
     q_start, row_lo, row_hi = _row_queries(q_offset, Tq, k_shift, k_len, VARLEN)
     p_first = q_start + row_lo
     p_end = q_start + row_hi
-    m_lo = (p_first // BLOCK_M + pid_m) * BLOCK_M
-    return k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, m_lo
+    f_lo = ((p_first * PACK) // BLOCK_M + pid_m) * BLOCK_M
+    return k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, f_lo
+
+
+@triton.jit
+def _tile_rows(f_lo, p_first, p_end, q_start, row_lo, row_hi, h0, PACK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per row of the tile: position, query head, query index and validity; and the tile's position
+    range ``[m_lo, m_hi)`` (what the key-tile plan is computed for)."""
+    flat = f_lo + tl.arange(0, BLOCK_M)
+    qp = flat // PACK
+    heads = h0 + flat % PACK
+    rows = qp - q_start
+    row_ok = (rows >= row_lo) & (rows < row_hi)
+    m_lo = tl.maximum(f_lo // PACK, p_first)
+    m_hi = tl.minimum((f_lo + BLOCK_M - 1) // PACK + 1, p_end)
+    return qp, heads, rows, row_ok, m_lo, m_hi
+
+
+@triton.jit
+def _program_heads(H, GROUP: tl.constexpr, PACK: tl.constexpr):
+    """Batch row, first query head and KV head of this program (grid axis 1: ``B * H / PACK``)."""
+    pid_bh = tl.program_id(1)
+    hp = H // PACK
+    h0 = (pid_bh % hp) * PACK
+    return pid_bh // hp, h0, h0 // GROUP
 
 
 @triton.jit
@@ -284,27 +311,20 @@ def _fwd_kernel(
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, PACK: tl.constexpr,
 ):
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, m_lo = _tile_setup(
-        b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, BLOCK_M)
-    if (m_lo < p_end) & (p_first < p_end):
-        m_lo_eff = tl.maximum(m_lo, p_first)
-        m_hi = tl.minimum(m_lo + BLOCK_M, p_end)
-        offs_m = tl.arange(0, BLOCK_M)
+    b, h0, hk = _program_heads(H, GROUP, PACK)
+    k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, f_lo = _tile_setup(
+        b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, BLOCK_M, PACK)
+    if (f_lo < p_end * PACK) & (p_first < p_end):
+        qp, heads, rows, row_ok, m_lo_eff, m_hi = _tile_rows(f_lo, p_first, p_end, q_start, row_lo, row_hi, h0,
+                                                             PACK, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
         TPB: tl.constexpr = BLK // BLOCK_N
-        qp = m_lo + offs_m
-        rows = qp - q_start
-        row_ok = (rows >= row_lo) & (rows < row_hi)
         d_ok = offs_d < HEAD_DIM
-        q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
         q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         k_base = K + b * stride_kb + hk * stride_kh + k_shift * stride_kn
         v_base = V + b * stride_vb + hk * stride_vh + k_shift * stride_vn
@@ -328,9 +348,9 @@ def _fwd_kernel(
         has = l_i > 0.0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
-        o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od
+        o_ptrs = O + b * stride_ob + heads[:, None] * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(LSE + pid_bh * Tq + rows, lse, mask=row_ok)
+        tl.store(LSE + (b * H + heads) * Tq + rows, lse, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,33 +426,26 @@ def _bwd_dq_kernel(
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, PACK: tl.constexpr,
 ):
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, m_lo = _tile_setup(
-        b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, BLOCK_M)
-    if (m_lo < p_end) & (p_first < p_end):
-        m_lo_eff = tl.maximum(m_lo, p_first)
-        m_hi = tl.minimum(m_lo + BLOCK_M, p_end)
-        offs_m = tl.arange(0, BLOCK_M)
+    b, h0, hk = _program_heads(H, GROUP, PACK)
+    k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, f_lo = _tile_setup(
+        b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, BLOCK_M, PACK)
+    if (f_lo < p_end * PACK) & (p_first < p_end):
+        qp, heads, rows, row_ok, m_lo_eff, m_hi = _tile_rows(f_lo, p_first, p_end, q_start, row_lo, row_hi, h0,
+                                                             PACK, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         TPB: tl.constexpr = BLK // BLOCK_N
-        qp = m_lo + offs_m
-        rows = qp - q_start
-        row_ok = (rows >= row_lo) & (rows < row_hi)
         d_ok = offs_d < HEAD_DIM
         mask_qd = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=mask_qd, other=0.0)
-        do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                     mask=mask_qd, other=0.0)
-        lse = tl.load(LSE + pid_bh * Tq + rows, mask=row_ok, other=float("inf"))
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + rows[:, None] * stride_qm
+                    + offs_d[None, :] * stride_qd, mask=mask_qd, other=0.0)
+        do = tl.load(DO + b * stride_dob + heads[:, None] * stride_doh + rows[:, None] * stride_dom
+                     + offs_d[None, :] * stride_dod, mask=mask_qd, other=0.0)
+        lse = tl.load(LSE + (b * H + heads) * Tq + rows, mask=row_ok, other=float("inf"))
         lse2 = lse * 1.4426950408889634
-        delta = tl.load(DELTA + pid_bh * Tq + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + (b * H + heads) * Tq + rows, mask=row_ok, other=0.0)
         k_base = K + b * stride_kb + hk * stride_kh + k_shift * stride_kn
         v_base = V + b * stride_vb + hk * stride_vh + k_shift * stride_vn
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -450,8 +463,8 @@ def _bwd_dq_kernel(
                       KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB, (R > 0) and not CAUSAL,
                       USE_TMA, BLOCK_D)
         dq = dq * sm_scale
-        tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-                 dq.to(DQ.dtype.element_ty), mask=mask_qd)
+        tl.store(DQ + b * stride_dqb + heads[:, None] * stride_dqh + rows[:, None] * stride_dqm
+                 + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask_qd)
 
 
 @triton.jit

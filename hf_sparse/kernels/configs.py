@@ -19,6 +19,7 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     tma: bool = True  # interior tiles through tensor descriptors where the GPU and inputs allow it
+    pack: bool = True  # forward/dQ: a tile's rows are (position, head) pairs of one GQA group (K/V loaded once)
 
 
 # (kernel, head_dim bucket) -> config; head_dim bucket is 64 for <= 64, else 128 (and 256 above)
@@ -28,10 +29,10 @@ _TABLE: dict[tuple[str, int], KernelConfig] = {
     ("fwd", 64): KernelConfig(128, 64, 8, 3),
     ("fwd", 128): KernelConfig(64, 64, 4, 3, tma=False),
     ("fwd", 256): KernelConfig(64, 32, 4, 2, tma=False),  # head dim 256: round 1's pointer loads (not run on a GPU)
-    ("dq", 64): KernelConfig(128, 64, 8, 3),
+    ("dq", 64): KernelConfig(128, 128, 8, 3),
     ("dq", 128): KernelConfig(128, 64, 8, 3),
     ("dq", 256): KernelConfig(32, 32, 4, 2, tma=False),
-    ("dkdv", 64): KernelConfig(64, 64, 4, 2),
+    ("dkdv", 64): KernelConfig(64, 64, 4, 3),
     ("dkdv", 128): KernelConfig(64, 64, 4, 2),
     ("dkdv", 256): KernelConfig(16, 32, 4, 2, tma=False),
 }
@@ -43,20 +44,34 @@ _TABLE_BIGBIRD: dict[tuple[str, int], KernelConfig] = {
 }
 
 _OVERRIDES: dict[tuple[str, int | None], KernelConfig] = {}
-_TMA: list[bool | None] = [None]  # None: automatic (Hopper and newer, and the interpreter)
+_SETTINGS: dict[str, bool | None] = {"tma": None, "pack": None}  # None: per config (and GPU, inputs)
+
+
+def _set(name: str, enabled: bool | None) -> None:
+    if enabled not in (None, True, False):
+        raise ValueError(f"set_{name} takes True, False or None, got {enabled!r}")
+    _SETTINGS[name] = enabled
 
 
 def set_tma(enabled: bool | None) -> None:
     """Load interior tiles through tensor descriptors (Hopper's copy engine, TMA): ``True`` forces it
     (a ``ValueError`` where the inputs cannot use it), ``False`` uses pointer loads everywhere, ``None``
     (default) decides per call."""
-    if enabled not in (None, True, False):
-        raise ValueError(f"set_tma takes True, False or None, got {enabled!r}")
-    _TMA[0] = enabled
+    _set("tma", enabled)
+
+
+def set_pack(enabled: bool | None) -> None:
+    """Forward and dQ tiles hold the query heads of one GQA group (``True``) or one head per program
+    (``False``) whatever the tile table says; ``None`` (default): the table's ``pack`` flag."""
+    _set("pack", enabled)
 
 
 def tma_setting() -> bool | None:
-    return _TMA[0]
+    return _SETTINGS["tma"]
+
+
+def pack_setting() -> bool | None:
+    return _SETTINGS["pack"]
 
 
 def override(kernel: str, config: KernelConfig | None, *, kind: int | None = None) -> None:
@@ -70,16 +85,17 @@ def override(kernel: str, config: KernelConfig | None, *, kind: int | None = Non
 
 def parse_override(text: str) -> tuple[str, int | None, KernelConfig]:
     """``"dkdv=64,128,8,2"``, ``"dkdv@1=32,64,4,2"`` (kind 1 only) or ``"fwd=64,64,4,3,0"`` (a fifth
-    number 0: pointer loads, no tensor descriptors) -> (kernel, kind, config)."""
+    number 0: pointer loads, no tensor descriptors; a sixth number 0: one query head per program instead of
+    the GQA group packed into the rows) -> (kernel, kind, config)."""
     name, _, vals = text.partition("=")
     kernel, _, kind = name.partition("@")
     try:
         nums = [int(x) for x in vals.split(",")]
     except ValueError:
         nums = []
-    if kernel not in ("fwd", "dq", "dkdv") or len(nums) not in (4, 5) or kind not in ("", "0", "1"):
+    if kernel not in ("fwd", "dq", "dkdv") or len(nums) not in (4, 5, 6) or kind not in ("", "0", "1"):
         raise ValueError(f"bad kernel config {text!r}; use e.g. dkdv=64,128,8,2 (block_m,block_n,warps,stages"
-                         "[,tma 0/1]), optionally dkdv@1=... for BigBird only")
+                         "[,tma 0/1[,pack 0/1]]), optionally dkdv@1=... for BigBird only")
     return kernel, int(kind) if kind else None, KernelConfig(*nums[:4], *(bool(n) for n in nums[4:]))
 
 
@@ -95,9 +111,10 @@ def pick_config(kernel: str, *, head_dim: int, kind: int, blk: int, dtype: torch
         if kind == 1 and blk == 64:
             cfg = _TABLE_BIGBIRD.get((kernel, bucket), cfg)
         if dtype == torch.float32:  # fp32 tiles take twice the shared memory
-            cfg = KernelConfig(max(cfg.block_m // 2, 16), max(cfg.block_n // 2, 16), cfg.num_warps, 2, cfg.tma)
+            cfg = KernelConfig(max(cfg.block_m // 2, 16), max(cfg.block_n // 2, 16), cfg.num_warps, 2, cfg.tma,
+                               cfg.pack)
     if kind == 1 and (cfg.block_m > blk or cfg.block_n > blk):  # BigBird: a tile may not straddle two blocks
         bm, bn = min(cfg.block_m, blk), min(cfg.block_n, blk)
         rows = bn if kernel == "dkdv" else bm  # the M side of the kernel's matrix products
-        cfg = KernelConfig(bm, bn, min(cfg.num_warps, 4 * max(rows // 64, 1)), cfg.num_stages, cfg.tma)
+        cfg = KernelConfig(bm, bn, min(cfg.num_warps, 4 * max(rows // 64, 1)), cfg.num_stages, cfg.tma, cfg.pack)
     return cfg

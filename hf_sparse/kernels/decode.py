@@ -73,8 +73,8 @@ def _decode_kernel(
         span_hi = q_max if CAUSAL else (q_max // BLK + WB) * BLK - 1
     if not CAUSAL:
         if q_min < G:  # a global query row sees every key
-            span_lo = 0
-            span_hi = 2**30
+            span_lo = q_min * 0  # same integer type as the positions (int64 position tables)
+            span_hi = q_min * 0 + 2**30
     if R > 0:  # BigBird: the random key blocks of each row's query block
         rb_base = RAND + b * stride_rb + hk * stride_rh + (tl.maximum(qp, 0) // BLK) * stride_rq
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
