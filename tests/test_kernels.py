@@ -440,6 +440,9 @@ def test_parse_kernel_config_override():
     assert parse_override("dkdv=64,128,8,2") == ("dkdv", None, KernelConfig(64, 128, 8, 2, True))
     assert parse_override("fwd@1=64,64,4,3,0") == ("fwd", 1, KernelConfig(64, 64, 4, 3, False))
     assert parse_override("dq=64,64,4,3,1,0") == ("dq", None, KernelConfig(64, 64, 4, 3, True, False))
+    assert parse_override("fwd=64,64,4,2,1,0,168") == ("fwd", None, KernelConfig(64, 64, 4, 2, True, False, 168))
+    assert KernelConfig(64, 64, 4, 2, maxnreg=168).launch_options() == dict(num_warps=4, num_stages=2, maxnreg=168)
+    assert KernelConfig(64, 64, 4, 2).launch_options() == dict(num_warps=4, num_stages=2)
     for bad in ("dkdv=64,128,8", "attn=64,64,4,3", "fwd@2=64,64,4,3", "fwd=a,b,c,d"):
         with pytest.raises(ValueError, match="bad kernel config"):
             parse_override(bad)

@@ -15,6 +15,7 @@ Everything runs on the CPU in float32 with ``backend="reference"``.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 
@@ -321,27 +322,31 @@ def test_torch_compile_fullgraph():
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["longformer", "bigbird"])
 def test_torch_compile_inductor_on_gpu(name):
-    """torch.compile with Inductor on CUDA: the patched model's logits and gradients through the Triton
-    kernels (custom op inside the compiled graph) equal the eager patched model's."""
+    """torch.compile with Inductor on CUDA, the Triton kernels (custom ops) inside the compiled graph: logits
+    and gradients as close to the float32 reference path as the eager model's are (the kernels take float32
+    through TF32 products, so compiled and eager differ in the last bits; neither may be further off)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     torch.manual_seed(0)
-    model = patch_model(tiny("llama", head_dim=64, hidden_size=128, initializer_range=0.1).cuda(), PATTERNS[name],
-                        backend="triton")
+    base = tiny("llama", head_dim=64, hidden_size=128, initializer_range=0.1).cuda()
     ids = tokens(2, 300).cuda()
     mask = left_padding([300, 211], 300).cuda()
     pos = positions(mask)
-    eager_out = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-    eager_out.float().square().mean().backward()
-    eager_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    compiled = torch.compile(model, fullgraph=True)
-    out = compiled(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-    out.float().square().mean().backward()
     keep = mask.bool()
-    torch.testing.assert_close(out[keep], eager_out[keep], atol=1e-4, rtol=1e-4)
-    for p, g in zip(model.parameters(), eager_grads):
-        torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-3)
+
+    def logits_and_grads(model):
+        out = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        out[keep].float().square().mean().backward()
+        return out[keep].detach(), [p.grad.detach().clone() for p in model.parameters()]
+
+    ref = logits_and_grads(patch_model(copy.deepcopy(base), PATTERNS[name], backend="reference"))
+    eager = logits_and_grads(patch_model(copy.deepcopy(base), PATTERNS[name], backend="triton"))
+    model = patch_model(copy.deepcopy(base), PATTERNS[name], backend="triton")
+    compiled = logits_and_grads(torch.compile(model, fullgraph=True))
+    for r, e, c in zip([ref[0], *ref[1]], [eager[0], *eager[1]], [compiled[0], *compiled[1]]):
+        err_eager = (e - r).abs().max().item()
+        err_compiled = (c - r).abs().max().item()
+        assert err_compiled <= 2 * err_eager + 1e-4 * r.abs().max().item(), (err_compiled, err_eager)
 
 
 def _generate(model, ids, mask, use_cache: bool, new: int = 6):

@@ -214,8 +214,7 @@ def forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_
         c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap,
         KIND=p["KIND"], CAUSAL=pattern.causal, VARLEN=c["varlen"], HAS_SOFTCAP=bool(softcap),
         GROUP=c["hq"] // c["hkv"], R=p["R"], BLK=p["BLK"], HEAD_DIM=c["d"], BLOCK_D=c["block_d"],
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, PACK=pack, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, PACK=pack, **cfg.launch_options(),
     )
     return out, lse
 
@@ -247,8 +246,7 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), table.stride(2),
         c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap,
-        **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, PACK=pack, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, PACK=pack, **cfg.launch_options(),
     )
     cfg = _cfg("dkdv", c, q.dtype)
     tma = _use_tma(c, cfg, q, do, k, v) and not c["varlen"]  # padded query rows must not be read unmasked
@@ -269,7 +267,7 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
         idx.stride(1),
         c["tq"], c["tk"], q_offset, c["hq"], c["hkv"], p["W"], p["G"], p["WB"], scale, softcap, nkt, nsplit, gp,
         **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, SPLIT_GLOBAL=n_global > 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **cfg.launch_options(),
     )
     if n_global:
         _dkdv_global_finish[(n_global, c["b"] * c["hkv"])](

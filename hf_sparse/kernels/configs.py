@@ -20,18 +20,27 @@ class KernelConfig:
     num_stages: int
     tma: bool = True  # interior tiles through tensor descriptors where the GPU and inputs allow it
     pack: bool = True  # forward/dQ: a tile's rows are (position, head) pairs of one GQA group (K/V loaded once)
+    maxnreg: int = 0  # cap on registers per thread (more programs per SM for short programs); 0: the compiler's
+
+    def launch_options(self) -> dict[str, int]:
+        opts = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.maxnreg:
+            opts["maxnreg"] = self.maxnreg
+        return opts
 
 
 # (kernel, head_dim bucket) -> config; head_dim bucket is 64 for <= 64, else 128 (and 256 above)
 _TABLE: dict[tuple[str, int], KernelConfig] = {
     # head dims 64 and 128: the winners of the H200 sweeps (docs/kernel-notes.md, results/kernels*.jsonl);
-    # the head-dim-128 forward runs fastest with pointer loads and 64-row tiles, everything else with TMA
-    ("fwd", 64): KernelConfig(128, 64, 8, 3),
-    ("fwd", 128): KernelConfig(64, 64, 4, 3, tma=False),
-    ("fwd", 256): KernelConfig(64, 32, 4, 2, tma=False),  # head dim 256: round 1's pointer loads (not run on a GPU)
+    # the head-dim-128 forward runs fastest with pointer loads and 64-row tiles, everything else with TMA.
+    # GQA packing (pack): the dQ kernel gains from it (H200 A/B at 64k); the forward measured slower packed
+    # (head dim 64 by ~28%, 128 by ~4%, with the same loop body), so it runs one head per program
+    ("fwd", 64): KernelConfig(128, 64, 8, 3, pack=False),
+    ("fwd", 128): KernelConfig(64, 64, 4, 3, tma=False, pack=False),
+    ("fwd", 256): KernelConfig(64, 32, 4, 2, tma=False, pack=False),  # head dim 256: not run on a GPU
     ("dq", 64): KernelConfig(128, 128, 8, 3),
     ("dq", 128): KernelConfig(128, 64, 8, 3),
-    ("dq", 256): KernelConfig(32, 32, 4, 2, tma=False),
+    ("dq", 256): KernelConfig(32, 32, 4, 2, tma=False, pack=False),
     ("dkdv", 64): KernelConfig(64, 64, 4, 3),
     ("dkdv", 128): KernelConfig(64, 64, 4, 2),
     ("dkdv", 256): KernelConfig(16, 32, 4, 2, tma=False),
@@ -39,8 +48,10 @@ _TABLE: dict[tuple[str, int], KernelConfig] = {
 
 # BigBird (kind 1) entries where its sweep beat the window tiles cut down to one 64-token block
 _TABLE_BIGBIRD: dict[tuple[str, int], KernelConfig] = {
-    ("fwd", 128): KernelConfig(64, 64, 4, 2),
-    ("dq", 128): KernelConfig(64, 64, 4, 2),
+    ("fwd", 64): KernelConfig(64, 64, 4, 2, pack=False),
+    ("fwd", 128): KernelConfig(64, 64, 4, 2, pack=False),
+    ("dq", 64): KernelConfig(64, 64, 4, 3, pack=False),
+    ("dq", 128): KernelConfig(64, 64, 4, 2, pack=False),
 }
 
 _OVERRIDES: dict[tuple[str, int | None], KernelConfig] = {}
@@ -86,17 +97,17 @@ def override(kernel: str, config: KernelConfig | None, *, kind: int | None = Non
 def parse_override(text: str) -> tuple[str, int | None, KernelConfig]:
     """``"dkdv=64,128,8,2"``, ``"dkdv@1=32,64,4,2"`` (kind 1 only) or ``"fwd=64,64,4,3,0"`` (a fifth
     number 0: pointer loads, no tensor descriptors; a sixth number 0: one query head per program instead of
-    the GQA group packed into the rows) -> (kernel, kind, config)."""
+    the GQA group packed into the rows; a seventh: a register cap, 0 for none) -> (kernel, kind, config)."""
     name, _, vals = text.partition("=")
     kernel, _, kind = name.partition("@")
     try:
         nums = [int(x) for x in vals.split(",")]
     except ValueError:
         nums = []
-    if kernel not in ("fwd", "dq", "dkdv") or len(nums) not in (4, 5, 6) or kind not in ("", "0", "1"):
+    if kernel not in ("fwd", "dq", "dkdv") or len(nums) not in (4, 5, 6, 7) or kind not in ("", "0", "1"):
         raise ValueError(f"bad kernel config {text!r}; use e.g. dkdv=64,128,8,2 (block_m,block_n,warps,stages"
-                         "[,tma 0/1[,pack 0/1]]), optionally dkdv@1=... for BigBird only")
-    return kernel, int(kind) if kind else None, KernelConfig(*nums[:4], *(bool(n) for n in nums[4:]))
+                         "[,tma 0/1[,pack 0/1[,maxnreg]]]), optionally dkdv@1=... for BigBird only")
+    return kernel, int(kind) if kind else None, KernelConfig(*nums[:4], *(bool(n) for n in nums[4:6]), *nums[6:])
 
 
 def pick_config(kernel: str, *, head_dim: int, kind: int, blk: int, dtype: torch.dtype,
@@ -112,9 +123,10 @@ def pick_config(kernel: str, *, head_dim: int, kind: int, blk: int, dtype: torch
             cfg = _TABLE_BIGBIRD.get((kernel, bucket), cfg)
         if dtype == torch.float32:  # fp32 tiles take twice the shared memory
             cfg = KernelConfig(max(cfg.block_m // 2, 16), max(cfg.block_n // 2, 16), cfg.num_warps, 2, cfg.tma,
-                               cfg.pack)
+                               cfg.pack, cfg.maxnreg)
     if kind == 1 and (cfg.block_m > blk or cfg.block_n > blk):  # BigBird: a tile may not straddle two blocks
         bm, bn = min(cfg.block_m, blk), min(cfg.block_n, blk)
         rows = bn if kernel == "dkdv" else bm  # the M side of the kernel's matrix products
-        cfg = KernelConfig(bm, bn, min(cfg.num_warps, 4 * max(rows // 64, 1)), cfg.num_stages, cfg.tma, cfg.pack)
+        cfg = KernelConfig(bm, bn, min(cfg.num_warps, 4 * max(rows // 64, 1)), cfg.num_stages, cfg.tma, cfg.pack,
+                           cfg.maxnreg)
     return cfg
