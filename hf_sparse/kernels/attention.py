@@ -115,22 +115,17 @@ def _query_tile_ranges(m_lo, m_hi, k_len, W, G, WB,
 # tiles. Each loop walks up to three contiguous tile ranges and a list of random blocks through a
 # single index, so the compiler sees one loop body (one software pipeline, one register budget).
 @triton.jit
-def _tile_start(it, a0, na, RAND_IDS, n_rand, b0, nb, c0,
-                TPB: tl.constexpr, BLK: tl.constexpr, TILE: tl.constexpr, HAS_RAND: tl.constexpr, RP: tl.constexpr):
+def _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0,
+                TPB: tl.constexpr, BLK: tl.constexpr, TILE: tl.constexpr, HAS_RAND: tl.constexpr):
     """Start position of tile ``it`` of the sequence A (``na`` tiles from ``a0``), random blocks
-    (``n_rand`` tiles, ``TPB`` per block), B (``nb`` from ``b0``), C (from ``c0``).
+    (``n_rand`` tiles, ``TPB`` per block, block ids at ``RPTR``), B (``nb`` from ``b0``), C (from ``c0``).
 
-    The random block ids are ``RAND_IDS``: with ``RP`` > 0 a register vector of ``RP`` ids loaded
-    before the loop (the forward and dQ: no memory read feeds the next tile's address), with ``RP`` = 0
-    a pointer to them (dK/dV's variable-length lists). Without random blocks (``HAS_RAND`` false,
-    ``n_rand`` must be 0) the lookup and its index arithmetic are left out of the loop body."""
+    Without random blocks (``HAS_RAND`` false, ``n_rand`` must be 0) the table read and its index
+    arithmetic are left out of the loop body."""
     j = it - na
     if HAS_RAND:
         is_rand = (j >= 0) & (j < n_rand)
-        if RP > 0:
-            blk_id = tl.sum(tl.where(tl.arange(0, RP) == j // TPB, RAND_IDS, 0), 0)
-        else:
-            blk_id = tl.load(RAND_IDS + tl.where(is_rand, j // TPB, 0), mask=is_rand, other=0)
+        blk_id = tl.load(RPTR + tl.where(is_rand, j // TPB, 0), mask=is_rand, other=0)
         r_start = blk_id * BLK + (j % TPB) * TILE
         j2 = j - n_rand
         start = tl.where(it < na, a0 + it * TILE,
@@ -148,20 +143,28 @@ def _tma_tile(desc, b, h, row0, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     return tl.reshape(desc.load([b, h, row0, 0]), (ROWS, BLOCK_D))
 
 
+@triton.jit
+def _count_valid(RPTR, R: tl.constexpr):
+    """Number of valid (>= 0) entries of a random-block row (the valid ones come first)."""
+    n = 0
+    for r in tl.static_range(R):
+        n += (tl.load(RPTR + r) >= 0).to(tl.int32)
+    return n
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 @triton.jit
 def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
               desc_k, desc_v, b, hk, k_shift,
               offs_n, offs_d, qp, k_len, W, G, WB, qk_scale, softcap,
-              a0, na, RIDS, n_rand, b0, nb, c0, n_total,
+              a0, na, RPTR, n_rand, b0, nb, c0, n_total,
               KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-              TPB: tl.constexpr, HAS_RAND: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr,
-              RP: tl.constexpr):
+              TPB: tl.constexpr, HAS_RAND: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     for it in range(0, n_total):
-        start_n, is_rand = _tile_start(it, a0, na, RIDS, n_rand, b0, nb, c0, TPB, BLK, BLOCK_N, HAS_RAND, RP)
+        start_n, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_N, HAS_RAND)
         kp = start_n + offs_n
         k_ptrs = k_base + kp[None, :] * stride_kn + offs_d[:, None] * stride_kd
         v_ptrs = v_base + kp[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -273,18 +276,15 @@ def _program_heads(H, GROUP: tl.constexpr, PACK: tl.constexpr):
 @triton.jit
 def _query_side_plan(m_lo_eff, m_hi, k_len, W, G, WB, RAND, hk, stride_rh, stride_rq,
                      KIND: tl.constexpr, CAUSAL: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
-                     BLOCK_N: tl.constexpr, RP: tl.constexpr):
-    """Tile ranges of the two loops for one query tile (shared by the forward and dQ kernels), and the
-    tile's random block ids as a register vector of ``RP`` (>= R, a power of two; -1 past the valid ones,
-    which come first in the table row)."""
+                     BLOCK_N: tl.constexpr):
+    """Tile ranges of the two loops for one query tile (shared by the forward and dQ kernels)."""
     g_full, g_end, a, e, f, w_end = _query_tile_ranges(m_lo_eff, m_hi, k_len, W, G, WB, KIND, CAUSAL, BLK, BLOCK_N)
     TPB: tl.constexpr = BLK // BLOCK_N
-    offs_r = tl.arange(0, RP)
     if R > 0:
-        rids = tl.load(RAND + hk * stride_rh + (m_lo_eff // BLK) * stride_rq + offs_r, mask=offs_r < R, other=-1)
-        n_rand = tl.sum((rids >= 0).to(tl.int32), 0) * TPB
+        rptr = RAND + hk * stride_rh + (m_lo_eff // BLK) * stride_rq
+        n_rand = _count_valid(rptr, R) * TPB
     else:
-        rids = offs_r
+        rptr = RAND
         n_rand = 0
     # unmasked: [0, g_full), random blocks (causal), [e, f)
     u_rand = n_rand if CAUSAL else 0
@@ -295,7 +295,7 @@ def _query_side_plan(m_lo_eff, m_hi, k_len, W, G, WB, RAND, hk, stride_rh, strid
     nm_a = (g_end - g_full) // BLOCK_N
     nm_b = (e - a) // BLOCK_N
     nm_c = (w_end - f) // BLOCK_N
-    return (rids, nu_a, u_rand, e, nu_b, nu_a + u_rand + nu_b,
+    return (rptr, nu_a, u_rand, e, nu_b, nu_a + u_rand + nu_b,
             g_full, nm_a, m_rand, a, nm_b, f, nm_a + m_rand + nm_b + nm_c)
 
 
@@ -311,7 +311,7 @@ def _fwd_kernel(
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, PACK: tl.constexpr, RP: tl.constexpr,
+    USE_TMA: tl.constexpr, PACK: tl.constexpr,
 ):
     b, h0, hk = _program_heads(H, GROUP, PACK)
     k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, f_lo = _tile_setup(
@@ -332,19 +332,19 @@ def _fwd_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        (rids, nu_a, u_rand, ub0, nu_b, nu, ma0, nm_a, m_rand, mb0, nm_b, mc0, nm) = _query_side_plan(
+        (rptr, nu_a, u_rand, ub0, nu_b, nu, ma0, nm_a, m_rand, mb0, nm_b, mc0, nm) = _query_side_plan(
             m_lo_eff, m_hi, k_len, W, G, WB, RAND + b * stride_rb, hk, stride_rh, stride_rq, KIND, CAUSAL, R, BLK,
-            BLOCK_N, RP)
+            BLOCK_N)
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
-                                  0, nu_a, rids, u_rand, ub0, nu_b, ub0, nu,
+                                  0, nu_a, rptr, u_rand, ub0, nu_b, ub0, nu,
                                   KIND, CAUSAL, BLK, False, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB,
-                                  (R > 0) and CAUSAL, USE_TMA, BLOCK_D, RP)
+                                  (R > 0) and CAUSAL, USE_TMA, BLOCK_D)
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
-                                  ma0, nm_a, rids, m_rand, mb0, nm_b, mc0, nm,
+                                  ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, nm,
                                   KIND, CAUSAL, BLK, True, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB,
-                                  (R > 0) and not CAUSAL, USE_TMA, BLOCK_D, RP)
+                                  (R > 0) and not CAUSAL, USE_TMA, BLOCK_D)
         has = l_i > 0.0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
@@ -376,13 +376,13 @@ def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
 @triton.jit
 def _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
              desc_k, desc_v, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
-             a0, na, RIDS, n_rand, b0, nb, c0, n_total,
+             a0, na, RPTR, n_rand, b0, nb, c0, n_total,
              KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
              HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TPB: tl.constexpr,
-             HAS_RAND: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr):
+             HAS_RAND: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     for it in range(0, n_total):
-        start_n, is_rand = _tile_start(it, a0, na, RIDS, n_rand, b0, nb, c0, TPB, BLK, BLOCK_N, HAS_RAND, RP)
+        start_n, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_N, HAS_RAND)
         kp = start_n + offs_n
         k_ok = (kp < k_len) & (kp >= 0)
         if USE_TMA and not MASKED:
@@ -426,7 +426,7 @@ def _bwd_dq_kernel(
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, PACK: tl.constexpr, RP: tl.constexpr,
+    USE_TMA: tl.constexpr, PACK: tl.constexpr,
 ):
     b, h0, hk = _program_heads(H, GROUP, PACK)
     k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, f_lo = _tile_setup(
@@ -449,19 +449,19 @@ def _bwd_dq_kernel(
         k_base = K + b * stride_kb + hk * stride_kh + k_shift * stride_kn
         v_base = V + b * stride_vb + hk * stride_vh + k_shift * stride_vn
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        (rids, nu_a, u_rand, ub0, nu_b, nu, ma0, nm_a, m_rand, mb0, nm_b, mc0, nm) = _query_side_plan(
+        (rptr, nu_a, u_rand, ub0, nu_b, nu, ma0, nm_a, m_rand, mb0, nm_b, mc0, nm) = _query_side_plan(
             m_lo_eff, m_hi, k_len, W, G, WB, RAND + b * stride_rb, hk, stride_rh, stride_rq, KIND, CAUSAL, R, BLK,
-            BLOCK_N, RP)
+            BLOCK_N)
         dq = _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                       DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
-                      0, nu_a, rids, u_rand, ub0, nu_b, ub0, nu,
+                      0, nu_a, rptr, u_rand, ub0, nu_b, ub0, nu,
                       KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB, (R > 0) and CAUSAL,
-                      USE_TMA, BLOCK_D, RP)
+                      USE_TMA, BLOCK_D)
         dq = _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                       DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
-                      ma0, nm_a, rids, m_rand, mb0, nm_b, mc0, nm,
+                      ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, nm,
                       KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB, (R > 0) and not CAUSAL,
-                      USE_TMA, BLOCK_D, RP)
+                      USE_TMA, BLOCK_D)
         dq = dq * sm_scale
         tl.store(DQ + b * stride_dqb + heads[:, None] * stride_dqh + rows[:, None] * stride_dqm
                  + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask_qd)
@@ -477,7 +477,7 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, s
     """Accumulate dK, dV of one key tile over query tiles ``[it_lo, it_hi)`` of the plan (BLOCK_M rows each)."""
     d_ok = offs_d < HEAD_DIM
     for it in range(it_lo, it_hi):
-        start_m, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_M, HAS_RAND, 0)
+        start_m, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_M, HAS_RAND)
         qp = start_m + offs_m
         rows = qp - q_start
         row_ok = (rows >= row_lo) & (rows < row_hi)
