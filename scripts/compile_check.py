@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     os.environ.pop("TRITON_INTERPRET", None)
     sink = []
-    for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_preprocess", "_dkdv_split_finish",
+    for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_preprocess", "_dkdv_global_finish",
                  "_decode_kernel", "_decode_combine", "_ring_append_kernel"):
         setattr(K, name, _Recorder(getattr(K, name), sink))
     patterns = [parse_pattern(p) for p in args.patterns.split(";")] if ";" in args.patterns else None

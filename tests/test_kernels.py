@@ -347,31 +347,6 @@ def test_interpreter_global_key_tiles_split_over_programs(pattern, monkeypatch):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("pattern", [Dense(), SlidingWindow(window=13), Longformer(window=9, global_tokens=18),
-                                     BigBird(block=16, window_blocks=1, global_blocks=1, random_blocks=2),
-                                     Longformer(window=6, global_tokens=3, causal=False)], ids=pid)
-def test_interpreter_small_grids_split_every_key_tile(pattern, monkeypatch):
-    # short sequences with few KV heads: every key tile's dK/dV is shared out over several programs (3 or
-    # more here) and summed by atomics; padded rows, a q_offset chunk and GQA 3 against the reference
-    import hf_sparse.kernels as kernels
-    from hf_sparse.kernels import configs
-
-    monkeypatch.setattr(kernels, "_MIN_DKDV_PROGRAMS", 10_000)
-    c = dict(p=kernels.kernel_params(pattern), tq=70, tk=70, b=2, hkv=2)
-    n_split, nsplit = kernels._dkdv_split(c, configs.KernelConfig(16, 16, 1, 1), 5, torch.device("cpu"))
-    assert (n_split, nsplit) == (5, 8)
-    monkeypatch.setattr(kernels, "_MIN_DKDV_PROGRAMS", 30)
-    b, hq, hkv, t, d = 2, 6, 2, 70, 16
-    q, k, v, do = _qkv(b, hq, hkv, t, d, seed=8)
-    kpm = torch.ones(b, t, dtype=torch.bool)
-    kpm[0, :9] = False
-    kpm[1, 60:] = False
-    for kwargs in (dict(), dict(key_padding_mask=kpm)):
-        _against_reference(q, k, v, do, pattern, grads_of=(q, k, v), **kwargs)
-    _against_reference(q[:, :, 40:], k, v, do[:, :, 40:], pattern, grads_of=(q, k, v), q_offset=40)
-
-
-@needs_interpreter
 @pytest.mark.parametrize("tq", [1, 5])
 @pytest.mark.parametrize("pattern", [SlidingWindow(window=7), Longformer(window=6, global_tokens=3), Dense(),
                                      SlidingWindow(window=5, causal=False),

@@ -18,7 +18,7 @@ import torch
 import triton
 
 from ..patterns import BigBird, Dense, Longformer, Pattern, SlidingWindow, ceil_div
-from .attention import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess, _dkdv_split_finish, _fwd_kernel
+from .attention import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess, _dkdv_global_finish, _fwd_kernel
 from .configs import KernelConfig, pack_setting, pick_config, tma_setting
 from .decode import _decode_combine, _decode_kernel, _ring_append_kernel
 
@@ -33,10 +33,6 @@ _BIG = 2**30
 # dK/dV of a key tile with global keys is split over programs of about this many query tiles each
 _SPLIT_TILES = 64
 _MAX_SPLITS = 128
-# dK/dV grids of fewer programs than this (short sequences, few KV heads) split every key tile so that
-# the GPU gets about this many; None: 8 per SM of the GPU (0 on the CPU: no split)
-_MIN_DKDV_PROGRAMS: int | None = None
-_MAX_SMALL_SPLITS = 8
 # forward calls with at most this many (query, head) rows per KV head run the decode kernel: one
 # program per KV head and split of the keys instead of one per query head walking every key
 _DECODE_MAX_ROWS = 64
@@ -185,28 +181,6 @@ def _cfg(kernel: str, c: dict, dtype: torch.dtype) -> KernelConfig:
                        interpret=_interpret())
 
 
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _dkdv_split(c: dict, cfg: KernelConfig, nkt: int, device: torch.device) -> tuple[int, int]:
-    """``(leading key tiles whose dK/dV is split, programs per split tile)``: the tiles holding global
-    keys, shared out at about ``_SPLIT_TILES`` query tiles per program; every tile when the grid would be
-    small (``_MIN_DKDV_PROGRAMS``), in as many shares as bring it to that size (at most 8)."""
-    n_global = ceil_div(min(c["p"]["G"], c["tk"]), cfg.block_n)
-    nsplit = max(1, min(_MAX_SPLITS, ceil_div(ceil_div(c["tq"], cfg.block_m), _SPLIT_TILES)))
-    target = _MIN_DKDV_PROGRAMS
-    if target is None:
-        target = 8 * _sm_count(device) if device.type == "cuda" else 0
-    programs = nkt * c["b"] * c["hkv"]
-    if 0 < programs < target:
-        small = min(_MAX_SMALL_SPLITS, ceil_div(target, programs))
-        if small > 1:
-            return nkt, max(small, nsplit if n_global else 1)
-    return n_global, nsplit
-
-
 def _pack(c: dict, cfg: KernelConfig) -> int:
     """Rows per query position in a forward/dQ tile: the GQA group (its heads share each K/V tile the
     program loads) or 1 (one head per program)."""
@@ -277,25 +251,26 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
     cfg = _cfg("dkdv", c, q.dtype)
     tma = _use_tma(c, cfg, q, do, k, v) and not c["varlen"]  # padded query rows must not be read unmasked
     nkt = ceil_div(c["tk"], cfg.block_n)
-    n_split, nsplit = _dkdv_split(c, cfg, nkt, q.device)
-    gp = n_split * cfg.block_n
-    if n_split:
+    n_global = ceil_div(min(p["G"], c["tk"]), cfg.block_n)  # key tiles holding global keys
+    nsplit = max(1, min(_MAX_SPLITS, ceil_div(ceil_div(c["tq"], cfg.block_m), _SPLIT_TILES)))
+    gp = n_global * cfg.block_n
+    if n_global:
         dkacc, dvacc = (torch.zeros(c["b"], c["hkv"], gp, c["block_d"], dtype=torch.float32, device=q.device)
                         for _ in range(2))
     else:
         dkacc = dvacc = torch.zeros(1, dtype=torch.float32, device=q.device)  # unused
-    _bwd_dkdv_kernel[(nkt + n_split * nsplit, c["b"] * c["hkv"])](
+    _bwd_dkdv_kernel[(nkt + n_global * nsplit, c["b"] * c["hkv"])](
         q, k, v, do, dk, dv, lse, delta, c["k_shift"], c["k_len"], ptr, idx,
         *_descs(tma, cfg.block_m, c["block_d"], q, do), *_descs(tma, cfg.block_n, c["block_d"], k, v), dkacc, dvacc,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         ptr.stride(0) if ptr.shape[0] > 1 else 0, ptr.stride(1), idx.stride(0) if idx.shape[0] > 1 else 0,
         idx.stride(1),
         c["tq"], c["tk"], q_offset, c["hq"], c["hkv"], p["W"], p["G"], p["WB"], scale, softcap, nkt, nsplit, gp,
-        **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, SPLIT=n_split > 0,
+        **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, SPLIT_GLOBAL=n_global > 0,
         **cfg.launch_options(),
     )
-    if n_split:
-        _dkdv_split_finish[(n_split, c["b"] * c["hkv"])](
+    if n_global:
+        _dkdv_global_finish[(n_global, c["b"] * c["hkv"])](
             dk, dv, dkacc, dvacc, c["k_shift"], c["k_len"], *dk.stride(), *dv.stride(), c["tk"], c["hkv"], gp,
             VARLEN=c["varlen"], HEAD_DIM=c["d"], BLOCK_D=c["block_d"], BLOCK_N=cfg.block_n,
         )

@@ -572,21 +572,19 @@ def _bwd_dkdv_kernel(
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, SPLIT: tl.constexpr,
+    USE_TMA: tl.constexpr, SPLIT_GLOBAL: tl.constexpr,
 ):
-    # The first GP // BLOCK_N key tiles are split: NSPLIT programs each (program ids from NKT on), every
-    # one over a share of the query tiles, summed by fp32 atomics into [B, Hkv, GP, BLOCK_D] buffers. Those
-    # are the tiles holding global keys (seen by every query: one program each would walk T / BLOCK_M
-    # query tiles alone after the others finish) or, when the grid is small (short sequences, few KV
-    # heads), every key tile, so that the GPU gets enough programs.
+    # Key tiles holding global keys are seen by every query: one program each would run T / BLOCK_M
+    # query tiles alone after the others finish. With SPLIT_GLOBAL they get NSPLIT programs each
+    # (program ids from NKT on), every one over a share of the query tiles, summed by fp32 atomics.
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    if SPLIT:
+    if SPLIT_GLOBAL:
         is_extra = pid >= NKT
         pid_n = tl.where(is_extra, (pid - NKT) // NSPLIT, pid)
         split = tl.where(is_extra, (pid - NKT) % NSPLIT, 0)
         nsplit = tl.where(is_extra, NSPLIT, 1)
-        skip = (pid_n * BLOCK_N < GP) & (pid < NKT)  # a split tile's own program: the extra ones do it
+        skip = (pid_n * BLOCK_N < G) & (pid < NKT)  # a global tile's own program: the extra ones do it
     else:
         is_extra = False
         pid_n = pid
@@ -654,7 +652,7 @@ def _bwd_dkdv_kernel(
                                 KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, False,
                                 USE_TMA, BLOCK_D)
         dk = dk * sm_scale
-        if is_extra:  # a share of a split tile: add into the fp32 buffer [B, Hkv, GP, BLOCK_D]
+        if is_extra:  # a share of a global tile: add into the fp32 buffer [B, Hkv, GP, BLOCK_D]
             acc_off = (pid_bh * GP + kp)[:, None] * BLOCK_D + offs_d[None, :]
             tl.atomic_add(DKACC + acc_off, dk, mask=kmask, sem="relaxed")
             tl.atomic_add(DVACC + acc_off, dv, mask=kmask, sem="relaxed")
@@ -666,12 +664,12 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dkdv_split_finish(DK, DV, DKACC, DVACC, KSHIFT, KLEN,
-                       stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-                       stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                       Tk, HKV, GP, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
-    """Write the summed fp32 dK/dV of the split key tiles into their key slots."""
+def _dkdv_global_finish(DK, DV, DKACC, DVACC, KSHIFT, KLEN,
+                        stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                        stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                        Tk, HKV, GP, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """Write the summed fp32 dK/dV of the global key tiles into their key slots."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
