@@ -498,3 +498,18 @@ def test_interpreter_training_steps_match_reference(pattern):
     assert losses["triton"] == pytest.approx(losses["reference"], abs=1e-5), losses
     assert losses["triton"][-1] < losses["triton"][0]
     assert torch.allclose(weights["triton"], weights["reference"], atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_tensor_descriptor_eligibility():
+    from hf_sparse.kernels import _tma_compatible
+
+    x = torch.zeros(2, 8, 4, 64, dtype=torch.bfloat16)
+    assert _tma_compatible(x)
+    assert _tma_compatible(torch.zeros(2, 64, 4, 64, dtype=torch.bfloat16).transpose(1, 2))  # HF's q/k/v views
+    assert not _tma_compatible(x[..., 1:33])  # base 2 bytes past alignment
+    assert _tma_compatible(torch.zeros(2, 8, 4, 24, dtype=torch.bfloat16)[..., :20])  # 48-byte rows (head dims: _use_tma)
+    assert not _tma_compatible(x.transpose(2, 3))  # last dim not contiguous
+    assert not _tma_compatible(torch.zeros(1, 1, 4, 64, dtype=torch.bfloat16).expand(2, 8, 4, 64))  # stride 0
+    assert not _tma_compatible(torch.zeros(2, 0, 4, 64, dtype=torch.bfloat16))
+    assert not _tma_compatible(torch.zeros(2, 8, 4, 12, dtype=torch.bfloat16))  # 24-byte rows
