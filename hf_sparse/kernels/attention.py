@@ -15,7 +15,10 @@ For a tile of query positions the keys needed come in three groups, computed ari
 Only tiles on a boundary evaluate the token-level predicate; interior tiles run without a mask.
 The backward has a dK/dV kernel (one program per key tile and KV head, looping over the query heads
 of its GQA group and the query tiles that see the key tile, random blocks through a reverse table)
-and a dQ kernel with the forward's iteration. Exponentials use ``exp2`` with the scale folded in.
+and a dQ kernel with the forward's iteration. The forward and dQ kernels can pack a GQA group into a
+tile's rows (``PACK``: rows are (position, head) pairs, so each K/V tile loaded serves the group) or
+hold one query head per program; the tile table (:mod:`.configs`) says which. Exponentials use
+``exp2`` with the scale folded in.
 """
 
 from __future__ import annotations
