@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
+import torch
+
 from hf_sparse import BigBird, Dense, Longformer, SlidingWindow
+
+# the Triton kernels' CPU tests run in Triton's interpreter (TRITON_INTERPRET=1) on machines without CUDA
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_CUDA = torch.cuda.is_available()
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+
+needs_interpreter = pytest.mark.skipif(
+    not (HAS_TRITON and INTERPRET and not HAS_CUDA), reason="needs TRITON_INTERPRET=1 on a machine without CUDA"
+)
 
 
 def pid(p) -> str:

@@ -10,28 +10,13 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from helpers import pid
+from helpers import HAS_CUDA, HAS_TRITON, needs_interpreter, pid
 
 from hf_sparse import BigBird, Dense, Longformer, SlidingWindow, sparse_attention
 from hf_sparse.reference import SeqLayout, blockwise_backward, blockwise_forward
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HAS_CUDA = torch.cuda.is_available()
-
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    HAS_TRITON = False
-
-needs_interpreter = pytest.mark.skipif(
-    not (HAS_TRITON and INTERPRET and not HAS_CUDA), reason="needs TRITON_INTERPRET=1 on a machine without CUDA"
-)
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="needs a CUDA GPU and triton")
 

@@ -186,6 +186,12 @@ def _cfg(kernel: str, c: dict, dtype: torch.dtype) -> KernelConfig:
                        interpret=_interpret())
 
 
+def _past_keys(c: dict, pattern: Pattern, q_offset: int) -> bool:
+    """Causal random blocks with queries past the keys: the only case where a random block the kernels
+    visit unmasked could reach past the last key (a separate specialisation; the usual ones are unchanged)."""
+    return bool(c["p"]["R"]) and pattern.causal and q_offset + c["tq"] > c["tk"]
+
+
 def _pack(c: dict, cfg: KernelConfig) -> int:
     """Rows per query position in a forward/dQ tile: the GQA group (its heads share each K/V tile the
     program loads) or 1 (one head per program)."""
@@ -219,7 +225,8 @@ def forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_
         c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap,
         KIND=p["KIND"], CAUSAL=pattern.causal, VARLEN=c["varlen"], HAS_SOFTCAP=bool(softcap),
         GROUP=c["hq"] // c["hkv"], R=p["R"], BLK=p["BLK"], HEAD_DIM=c["d"], BLOCK_D=c["block_d"],
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, PACK=pack, **cfg.launch_options(),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, PACK=pack, PAST_KEYS=_past_keys(c, pattern, q_offset),
+        **cfg.launch_options(),
     )
     return out, lse
 
@@ -251,7 +258,8 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), table.stride(2),
         c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap,
-        **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, PACK=pack, **cfg.launch_options(),
+        **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, PACK=pack,
+        PAST_KEYS=_past_keys(c, pattern, q_offset), **cfg.launch_options(),
     )
     cfg = _cfg("dkdv", c, q.dtype)
     tma = _use_tma(c, cfg, q, do, k, v) and not c["varlen"]  # padded query rows must not be read unmasked

@@ -279,8 +279,12 @@ def _program_heads(H, GROUP: tl.constexpr, PACK: tl.constexpr):
 @triton.jit
 def _query_side_plan(m_lo_eff, m_hi, k_len, W, G, WB, RAND, hk, stride_rh, stride_rq,
                      KIND: tl.constexpr, CAUSAL: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
-    """Tile ranges of the two loops for one query tile (shared by the forward and dQ kernels)."""
+                     BLOCK_N: tl.constexpr, PAST_KEYS: tl.constexpr):
+    """Tile ranges of the two loops for one query tile (shared by the forward and dQ kernels).
+
+    A causal random block precedes its query block, so it lies inside the keys and runs unmasked --
+    unless queries sit past the last key block (``PAST_KEYS``: ``q_offset + Tq > Tk``), where the last,
+    partial key block may have been drawn: those tiles send their random blocks to the masked loop."""
     g_full, g_end, a, e, f, w_end = _query_tile_ranges(m_lo_eff, m_hi, k_len, W, G, WB, KIND, CAUSAL, BLK, BLOCK_N)
     TPB: tl.constexpr = BLK // BLOCK_N
     if R > 0:
@@ -290,11 +294,16 @@ def _query_side_plan(m_lo_eff, m_hi, k_len, W, G, WB, RAND, hk, stride_rh, strid
         rptr = RAND
         n_rand = 0
     # unmasked: [0, g_full), random blocks (causal), [e, f)
-    u_rand = n_rand if CAUSAL else 0
+    if CAUSAL and PAST_KEYS:
+        u_rand = tl.where(m_lo_eff // BLK > (k_len - 1) // BLK, 0, n_rand)
+    elif CAUSAL:
+        u_rand = n_rand
+    else:
+        u_rand = 0
     nu_a = g_full // BLOCK_N
     nu_b = (f - e) // BLOCK_N
-    # masked: [g_full, g_end), random blocks (non-causal), [a, e), [f, w_end)
-    m_rand = 0 if CAUSAL else n_rand
+    # masked: [g_full, g_end), random blocks (non-causal; causal ones past the keys), [a, e), [f, w_end)
+    m_rand = n_rand - u_rand
     nm_a = (g_end - g_full) // BLOCK_N
     nm_b = (e - a) // BLOCK_N
     nm_c = (w_end - f) // BLOCK_N
@@ -314,7 +323,7 @@ def _fwd_kernel(
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, PACK: tl.constexpr,
+    USE_TMA: tl.constexpr, PACK: tl.constexpr, PAST_KEYS: tl.constexpr,
 ):
     b, h0, hk = _program_heads(H, GROUP, PACK)
     k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, f_lo = _tile_setup(
@@ -337,7 +346,7 @@ def _fwd_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         (rptr, nu_a, u_rand, ub0, nu_b, nu, ma0, nm_a, m_rand, mb0, nm_b, mc0, nm) = _query_side_plan(
             m_lo_eff, m_hi, k_len, W, G, WB, RAND + b * stride_rb, hk, stride_rh, stride_rq, KIND, CAUSAL, R, BLK,
-            BLOCK_N)
+            BLOCK_N, PAST_KEYS)
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
                                   0, nu_a, rptr, u_rand, ub0, nu_b, ub0, nu,
@@ -347,7 +356,7 @@ def _fwd_kernel(
                                   DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
                                   ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, nm,
                                   KIND, CAUSAL, BLK, True, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB,
-                                  (R > 0) and not CAUSAL, USE_TMA, BLOCK_D)
+                                  (R > 0) and (PAST_KEYS or not CAUSAL), USE_TMA, BLOCK_D)
         has = l_i > 0.0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
@@ -429,7 +438,7 @@ def _bwd_dq_kernel(
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, PACK: tl.constexpr,
+    USE_TMA: tl.constexpr, PACK: tl.constexpr, PAST_KEYS: tl.constexpr,
 ):
     b, h0, hk = _program_heads(H, GROUP, PACK)
     k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, f_lo = _tile_setup(
@@ -454,7 +463,7 @@ def _bwd_dq_kernel(
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         (rptr, nu_a, u_rand, ub0, nu_b, nu, ma0, nm_a, m_rand, mb0, nm_b, mc0, nm) = _query_side_plan(
             m_lo_eff, m_hi, k_len, W, G, WB, RAND + b * stride_rb, hk, stride_rh, stride_rq, KIND, CAUSAL, R, BLK,
-            BLOCK_N)
+            BLOCK_N, PAST_KEYS)
         dq = _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                       DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
                       0, nu_a, rptr, u_rand, ub0, nu_b, ub0, nu,
@@ -463,7 +472,7 @@ def _bwd_dq_kernel(
         dq = _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                       DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
                       ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, nm,
-                      KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB, (R > 0) and not CAUSAL,
+                      KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB, (R > 0) and (PAST_KEYS or not CAUSAL),
                       USE_TMA, BLOCK_D)
         dq = dq * sm_scale
         tl.store(DQ + b * stride_dqb + heads[:, None] * stride_dqh + rows[:, None] * stride_dqm
