@@ -64,8 +64,14 @@ class _Setup:
 
         self.configs, self.pack, self.tiles, self.tma = configs, pack, tiles or {}, tma
         self.packs = []
-        orig = kernels._pack
-        monkeypatch.setattr(kernels, "_pack", lambda c, cfg: self.packs.append(orig(c, cfg)) or self.packs[-1])
+        orig = kernels._query_side_launch
+
+        def recording(*args):
+            grid, launch = orig(*args)
+            self.packs.append(launch["PACK"])
+            return grid, launch
+
+        monkeypatch.setattr(kernels, "_query_side_launch", recording)
         if decode_rows is not None:
             monkeypatch.setattr(kernels, "_DECODE_MAX_ROWS", decode_rows)
 

@@ -186,17 +186,26 @@ def _cfg(kernel: str, c: dict, dtype: torch.dtype) -> KernelConfig:
                        interpret=_interpret())
 
 
-def _past_keys(c: dict, pattern: Pattern, q_offset: int) -> bool:
-    """Causal random blocks with queries past the keys: the only case where a random block the kernels
-    visit unmasked could reach past the last key (a separate specialisation; the usual ones are unchanged)."""
-    return bool(c["p"]["R"]) and pattern.causal and q_offset + c["tq"] > c["tk"]
+def _shared_constexprs(c: dict, pattern: Pattern, softcap: float) -> dict:
+    """The compile-time arguments the forward, dQ and dK/dV kernels share."""
+    p = c["p"]
+    return dict(KIND=p["KIND"], CAUSAL=pattern.causal, VARLEN=c["varlen"], HAS_SOFTCAP=bool(softcap),
+                GROUP=c["hq"] // c["hkv"], R=p["R"], BLK=p["BLK"], HEAD_DIM=c["d"], BLOCK_D=c["block_d"])
 
 
-def _pack(c: dict, cfg: KernelConfig) -> int:
-    """Rows per query position in a forward/dQ tile: the GQA group (its heads share each K/V tile the
-    program loads) or 1 (one head per program)."""
+def _query_side_launch(c: dict, cfg: KernelConfig, pattern: Pattern, q_offset: int) -> tuple[tuple, dict]:
+    """Grid and query-side constexprs of the forward and dQ kernels.
+
+    ``PACK``: rows per query position in a tile, the GQA group (its heads share each K/V tile the program
+    loads) or 1 (one head per program). ``PAST_KEYS``: causal random blocks with queries past the keys, the
+    only case where a random block the kernels visit unmasked could reach past the last key (a separate
+    specialisation; the usual ones are unchanged)."""
     setting = pack_setting()
-    return c["hq"] // c["hkv"] if (cfg.pack if setting is None else setting) else 1
+    pack = c["hq"] // c["hkv"] if (cfg.pack if setting is None else setting) else 1
+    grid = (ceil_div(c["tq"] * pack, cfg.block_m) + 1, c["b"] * c["hq"] // pack)
+    past_keys = bool(c["p"]["R"]) and pattern.causal and q_offset + c["tq"] > c["tk"]
+    return grid, dict(PACK=pack, PAST_KEYS=past_keys, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                      **cfg.launch_options())
 
 
 def forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_shift=None, k_len=None,
@@ -215,18 +224,14 @@ def forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_
         lse = torch.empty((c["b"], c["hq"], c["tq"]), dtype=torch.float32, device=q.device)
     cfg = _cfg("fwd", c, q.dtype)
     table = c["tables"][0]
-    pack = _pack(c, cfg)
-    grid = (ceil_div(c["tq"] * pack, cfg.block_m) + 1, c["b"] * c["hq"] // pack)
+    grid, launch = _query_side_launch(c, cfg, pattern, q_offset)
     tma = _use_tma(c, cfg, k, v)
     _fwd_kernel[grid](
         q, k, v, out, lse, c["k_shift"], c["k_len"], table, *_descs(tma, cfg.block_n, c["block_d"], k, v),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), table.stride(2),
         c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap,
-        KIND=p["KIND"], CAUSAL=pattern.causal, VARLEN=c["varlen"], HAS_SOFTCAP=bool(softcap),
-        GROUP=c["hq"] // c["hkv"], R=p["R"], BLK=p["BLK"], HEAD_DIM=c["d"], BLOCK_D=c["block_d"],
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, PACK=pack, PAST_KEYS=_past_keys(c, pattern, q_offset),
-        **cfg.launch_options(),
+        **_shared_constexprs(c, pattern, softcap), USE_TMA=tma, **launch,
     )
     return out, lse
 
@@ -246,20 +251,16 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
     alloc = torch.zeros if c["varlen"] else torch.empty
     dq, dk, dv = (alloc(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))  # contiguous
     table, ptr, idx = c["tables"]
-    common = dict(
-        KIND=p["KIND"], CAUSAL=pattern.causal, VARLEN=c["varlen"], HAS_SOFTCAP=bool(softcap),
-        GROUP=c["hq"] // c["hkv"], R=p["R"], BLK=p["BLK"], HEAD_DIM=c["d"], BLOCK_D=c["block_d"],
-    )
+    common = _shared_constexprs(c, pattern, softcap)
     cfg = _cfg("dq", c, q.dtype)
     tma = _use_tma(c, cfg, k, v)
-    pack = _pack(c, cfg)
-    _bwd_dq_kernel[(ceil_div(c["tq"] * pack, cfg.block_m) + 1, c["b"] * c["hq"] // pack)](
+    grid, launch = _query_side_launch(c, cfg, pattern, q_offset)
+    _bwd_dq_kernel[grid](
         q, k, v, do, dq, lse, delta, c["k_shift"], c["k_len"], table, *_descs(tma, cfg.block_n, c["block_d"], k, v),
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), table.stride(2),
         c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap,
-        **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, PACK=pack,
-        PAST_KEYS=_past_keys(c, pattern, q_offset), **cfg.launch_options(),
+        **common, USE_TMA=tma, **launch,
     )
     cfg = _cfg("dkdv", c, q.dtype)
     tma = _use_tma(c, cfg, q, do, k, v) and not c["varlen"]  # padded query rows must not be read unmasked

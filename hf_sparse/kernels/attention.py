@@ -277,6 +277,19 @@ def _program_heads(H, GROUP: tl.constexpr, PACK: tl.constexpr):
 
 
 @triton.jit
+def _query_program(H, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN: tl.constexpr, GROUP: tl.constexpr,
+                   PACK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The prologue of the forward and dQ programs: batch row, KV head, the row's keys, the tile's rows
+    (positions, heads, query indices, validity), its position range, and whether it holds any row."""
+    b, h0, hk = _program_heads(H, GROUP, PACK)
+    k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, f_lo = _tile_setup(
+        b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, BLOCK_M, PACK)
+    live = (f_lo < p_end * PACK) & (p_first < p_end)
+    qp, heads, rows, row_ok, m_lo, m_hi = _tile_rows(f_lo, p_first, p_end, q_start, row_lo, row_hi, h0, PACK, BLOCK_M)
+    return b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo, m_hi, live
+
+
+@triton.jit
 def _query_side_plan(m_lo_eff, m_hi, k_len, W, G, WB, RAND, hk, stride_rh, stride_rq,
                      KIND: tl.constexpr, CAUSAL: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
                      BLOCK_N: tl.constexpr, PAST_KEYS: tl.constexpr):
@@ -325,12 +338,9 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, PACK: tl.constexpr, PAST_KEYS: tl.constexpr,
 ):
-    b, h0, hk = _program_heads(H, GROUP, PACK)
-    k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, f_lo = _tile_setup(
-        b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, BLOCK_M, PACK)
-    if (f_lo < p_end * PACK) & (p_first < p_end):
-        qp, heads, rows, row_ok, m_lo_eff, m_hi = _tile_rows(f_lo, p_first, p_end, q_start, row_lo, row_hi, h0,
-                                                             PACK, BLOCK_M)
+    b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo_eff, m_hi, live = _query_program(
+        H, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, GROUP, PACK, BLOCK_M)
+    if live:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -440,12 +450,9 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, PACK: tl.constexpr, PAST_KEYS: tl.constexpr,
 ):
-    b, h0, hk = _program_heads(H, GROUP, PACK)
-    k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, f_lo = _tile_setup(
-        b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, BLOCK_M, PACK)
-    if (f_lo < p_end * PACK) & (p_first < p_end):
-        qp, heads, rows, row_ok, m_lo_eff, m_hi = _tile_rows(f_lo, p_first, p_end, q_start, row_lo, row_hi, h0,
-                                                             PACK, BLOCK_M)
+    b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo_eff, m_hi, live = _query_program(
+        H, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, GROUP, PACK, BLOCK_M)
+    if live:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         TPB: tl.constexpr = BLK // BLOCK_N

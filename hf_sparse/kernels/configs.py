@@ -7,7 +7,7 @@ configurations. The table entries come from sweeps on the H200 (``docs/kernel-no
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -122,11 +122,9 @@ def pick_config(kernel: str, *, head_dim: int, kind: int, blk: int, dtype: torch
         if kind == 1 and blk == 64:
             cfg = _TABLE_BIGBIRD.get((kernel, bucket), cfg)
         if dtype == torch.float32:  # fp32 tiles take twice the shared memory
-            cfg = KernelConfig(max(cfg.block_m // 2, 16), max(cfg.block_n // 2, 16), cfg.num_warps, 2, cfg.tma,
-                               cfg.pack, cfg.maxnreg)
+            cfg = replace(cfg, block_m=max(cfg.block_m // 2, 16), block_n=max(cfg.block_n // 2, 16), num_stages=2)
     if kind == 1 and (cfg.block_m > blk or cfg.block_n > blk):  # BigBird: a tile may not straddle two blocks
         bm, bn = min(cfg.block_m, blk), min(cfg.block_n, blk)
         rows = bn if kernel == "dkdv" else bm  # the M side of the kernel's matrix products
-        cfg = KernelConfig(bm, bn, min(cfg.num_warps, 4 * max(rows // 64, 1)), cfg.num_stages, cfg.tma, cfg.pack,
-                           cfg.maxnreg)
+        cfg = replace(cfg, block_m=bm, block_n=bn, num_warps=min(cfg.num_warps, 4 * max(rows // 64, 1)))
     return cfg
