@@ -164,17 +164,20 @@ def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
               a0, na, RPTR, n_rand, b0, nb, c0, n_total,
               KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-              TPB: tl.constexpr, HAS_RAND: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr):
+              TPB: tl.constexpr, HAS_RAND: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``TMA``: this loop loads K/V tiles through tensor descriptors. Interior tiles lie inside the keys;
+    masked tiles may reach past them, where the copy engine reads rows outside ``[0, Tk)`` as 0 -- what the
+    masked pointer load gives -- so they use it too unless keys are padded inside the tensor (``VARLEN``)."""
     d_ok = offs_d < HEAD_DIM
     for it in range(0, n_total):
         start_n, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_N, HAS_RAND)
         kp = start_n + offs_n
         k_ptrs = k_base + kp[None, :] * stride_kn + offs_d[:, None] * stride_kd
         v_ptrs = v_base + kp[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        if USE_TMA and not MASKED:  # interior tiles lie inside the keys and need no mask: copy engine
+        k_ok = (kp < k_len) & (kp >= 0)
+        if TMA:
             k = tl.trans(_tma_tile(desc_k, b, hk, k_shift + start_n, BLOCK_N, BLOCK_D))
         elif MASKED:
-            k_ok = (kp < k_len) & (kp >= 0)
             k = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)
         elif EVEN_D:
             k = tl.load(k_ptrs)
@@ -205,7 +208,7 @@ def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if USE_TMA and not MASKED:
+        if TMA:
             v = _tma_tile(desc_v, b, hk, k_shift + start_n, BLOCK_N, BLOCK_D)
         elif MASKED:
             v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
@@ -366,7 +369,7 @@ def _fwd_kernel(
                                   DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
                                   ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, nm,
                                   KIND, CAUSAL, BLK, True, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB,
-                                  (R > 0) and (PAST_KEYS or not CAUSAL), USE_TMA, BLOCK_D)
+                                  (R > 0) and (PAST_KEYS or not CAUSAL), USE_TMA and not VARLEN, BLOCK_D)
         has = l_i > 0.0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
@@ -401,13 +404,14 @@ def _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, strid
              a0, na, RPTR, n_rand, b0, nb, c0, n_total,
              KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
              HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TPB: tl.constexpr,
-             HAS_RAND: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr):
+             HAS_RAND: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``TMA`` as in :func:`_fwd_loop`."""
     d_ok = offs_d < HEAD_DIM
     for it in range(0, n_total):
         start_n, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_N, HAS_RAND)
         kp = start_n + offs_n
         k_ok = (kp < k_len) & (kp >= 0)
-        if USE_TMA and not MASKED:
+        if TMA:
             kT = tl.trans(_tma_tile(desc_k, b, hk, k_shift + start_n, BLOCK_N, BLOCK_D))
             vT = tl.trans(_tma_tile(desc_v, b, hk, k_shift + start_n, BLOCK_N, BLOCK_D))
         else:
@@ -480,7 +484,7 @@ def _bwd_dq_kernel(
                       DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
                       ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, nm,
                       KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB, (R > 0) and (PAST_KEYS or not CAUSAL),
-                      USE_TMA, BLOCK_D)
+                      USE_TMA and not VARLEN, BLOCK_D)
         dq = dq * sm_scale
         tl.store(DQ + b * stride_dqb + heads[:, None] * stride_dqh + rows[:, None] * stride_dqm
                  + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask_qd)
@@ -500,7 +504,7 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, s
         qp = start_m + offs_m
         rows = qp - q_start
         row_ok = (rows >= row_lo) & (rows < row_hi)
-        if USE_TMA and not MASKED:  # (no padding: rows outside [0, Tq) read as 0, their lse as +inf)
+        if USE_TMA:  # (never with padding, see the launcher) rows outside [0, Tq) read as 0, their lse as +inf
             qT = tl.trans(_tma_tile(desc_q, b, h, start_m - q_start, BLOCK_M, BLOCK_D))
             do = _tma_tile(desc_do, b, h, start_m - q_start, BLOCK_M, BLOCK_D)
         else:
