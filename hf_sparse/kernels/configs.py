@@ -31,17 +31,17 @@ class KernelConfig:
 
 # (kernel, head_dim bucket) -> config; head_dim bucket is 64 for <= 64, else 128 (and 256 above)
 _TABLE: dict[tuple[str, int], KernelConfig] = {
-    # head dims 64 and 128: the winners of the H200 sweeps (docs/kernel-notes.md, results/kernels*.jsonl);
-    # the head-dim-128 forward runs fastest with pointer loads and 64-row tiles, everything else with TMA.
+    # head dims 64 and 128: the winners of the H200 sweeps (docs/kernel-notes.md, results/kernels*.jsonl),
+    # all through tensor descriptors (TMA) since boundary tiles use them too (round 4: far fewer registers).
     # GQA packing (pack): the dQ kernel gains from it (H200 A/B at 64k); the forward measured slower packed
-    # (head dim 64 by ~28%, 128 by ~4%, with the same loop body), so it runs one head per program
-    ("fwd", 64): KernelConfig(128, 64, 8, 3, pack=False),
-    ("fwd", 128): KernelConfig(64, 64, 4, 3, tma=False, pack=False),
+    # in round 3 (head dim 64 by ~28%, 128 by ~4%, with the same loop body), so it runs one head per program
+    ("fwd", 64): KernelConfig(64, 64, 4, 2, pack=False),
+    ("fwd", 128): KernelConfig(64, 64, 4, 3, pack=False),
     ("fwd", 256): KernelConfig(64, 32, 4, 2, tma=False, pack=False),  # head dim 256: not run on a GPU
     ("dq", 64): KernelConfig(128, 128, 8, 3),
     ("dq", 128): KernelConfig(128, 64, 8, 3),
     ("dq", 256): KernelConfig(32, 32, 4, 2, tma=False, pack=False),
-    ("dkdv", 64): KernelConfig(64, 64, 4, 3),
+    ("dkdv", 64): KernelConfig(64, 64, 4, 2),
     ("dkdv", 128): KernelConfig(64, 64, 4, 2),
     ("dkdv", 256): KernelConfig(16, 32, 4, 2, tma=False),
 }
