@@ -38,8 +38,8 @@ _TABLE: dict[tuple[str, int], KernelConfig] = {
     ("fwd", 64): KernelConfig(64, 64, 4, 2, pack=False),
     ("fwd", 128): KernelConfig(64, 64, 4, 3, pack=False),
     ("fwd", 256): KernelConfig(64, 32, 4, 2, tma=False, pack=False),  # head dim 256: not run on a GPU
-    ("dq", 64): KernelConfig(128, 128, 8, 3),
-    ("dq", 128): KernelConfig(128, 64, 8, 3),
+    ("dq", 64): KernelConfig(64, 64, 4, 2),
+    ("dq", 128): KernelConfig(64, 64, 4, 2),
     ("dq", 256): KernelConfig(32, 32, 4, 2, tma=False, pack=False),
     ("dkdv", 64): KernelConfig(64, 64, 4, 2),
     ("dkdv", 128): KernelConfig(64, 64, 4, 2),
