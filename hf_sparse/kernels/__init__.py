@@ -36,7 +36,6 @@ _MAX_SPLITS = 128
 # forward calls with at most this many (query, head) rows per KV head run the decode kernel: one
 # program per KV head and split of the keys instead of one per query head walking every key
 _DECODE_MAX_ROWS = 64
-_QO_TMA = [True]  # A/B switch for the forward's q/out descriptors (benchmarks)
 
 
 def _interpret() -> bool:
@@ -227,15 +226,12 @@ def forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_
     table = c["tables"][0]
     grid, launch = _query_side_launch(c, cfg, pattern, q_offset)
     tma = _use_tma(c, cfg, k, v)
-    # one head per program and no padding: q and out through descriptors too (rows past Tq: read 0, not written)
-    qo_tma = tma and launch["PACK"] == 1 and not c["varlen"] and _QO_TMA[0] and _tma_compatible(q)
     _fwd_kernel[grid](
         q, k, v, out, lse, c["k_shift"], c["k_len"], table, *_descs(tma, cfg.block_n, c["block_d"], k, v),
-        *_descs(qo_tma, cfg.block_m, c["block_d"], q, out),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), table.stride(2),
         c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap,
-        **_shared_constexprs(c, pattern, softcap), USE_TMA=tma, QO_TMA=qo_tma, **launch,
+        **_shared_constexprs(c, pattern, softcap), USE_TMA=tma, **launch,
     )
     return out, lse
 

@@ -283,14 +283,13 @@ def _program_heads(H, GROUP: tl.constexpr, PACK: tl.constexpr):
 def _query_program(H, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN: tl.constexpr, GROUP: tl.constexpr,
                    PACK: tl.constexpr, BLOCK_M: tl.constexpr):
     """The prologue of the forward and dQ programs: batch row, KV head, the row's keys, the tile's rows
-    (positions, heads, query indices, validity), its position range, whether it holds any row, and (for one
-    head per program) the head and the query index of its first row."""
+    (positions, heads, query indices, validity), its position range, and whether it holds any row."""
     b, h0, hk = _program_heads(H, GROUP, PACK)
     k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, f_lo = _tile_setup(
         b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, BLOCK_M, PACK)
     live = (f_lo < p_end * PACK) & (p_first < p_end)
     qp, heads, rows, row_ok, m_lo, m_hi = _tile_rows(f_lo, p_first, p_end, q_start, row_lo, row_hi, h0, PACK, BLOCK_M)
-    return b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo, m_hi, live, h0, f_lo // PACK - q_start
+    return b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo, m_hi, live
 
 
 @triton.jit
@@ -330,7 +329,7 @@ def _query_side_plan(m_lo_eff, m_hi, k_len, W, G, WB, RAND, hk, stride_rh, strid
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, KSHIFT, KLEN, RAND, DESC_K, DESC_V, DESC_Q, DESC_O,
+    Q, K, V, O, LSE, KSHIFT, KLEN, RAND, DESC_K, DESC_V,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -340,11 +339,9 @@ def _fwd_kernel(
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, PACK: tl.constexpr, PAST_KEYS: tl.constexpr, QO_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, PACK: tl.constexpr, PAST_KEYS: tl.constexpr,
 ):
-    # QO_TMA (one head per program, no padding): q and out through tensor descriptors too; rows outside
-    # [0, Tq) read as 0 and are not written
-    b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo_eff, m_hi, live, h0, row0 = _query_program(
+    b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo_eff, m_hi, live = _query_program(
         H, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, GROUP, PACK, BLOCK_M)
     if live:
         offs_n = tl.arange(0, BLOCK_N)
@@ -352,11 +349,8 @@ def _fwd_kernel(
         EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
         TPB: tl.constexpr = BLK // BLOCK_N
         d_ok = offs_d < HEAD_DIM
-        if QO_TMA:
-            q = _tma_tile(DESC_Q, b, h0, row0, BLOCK_M, BLOCK_D)
-        else:
-            q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
-            q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         k_base = K + b * stride_kb + hk * stride_kh + k_shift * stride_kn
         v_base = V + b * stride_vb + hk * stride_vh + k_shift * stride_vn
 
@@ -379,11 +373,8 @@ def _fwd_kernel(
         has = l_i > 0.0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
-        if QO_TMA:
-            DESC_O.store([b, h0, row0, 0], tl.reshape(out.to(O.dtype.element_ty), (1, 1, BLOCK_M, BLOCK_D)))
-        else:
-            o_ptrs = O + b * stride_ob + heads[:, None] * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od
-            tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        o_ptrs = O + b * stride_ob + heads[:, None] * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
         tl.store(LSE + (b * H + heads) * Tq + rows, lse, mask=row_ok)
 
 
@@ -463,7 +454,7 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, PACK: tl.constexpr, PAST_KEYS: tl.constexpr,
 ):
-    b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo_eff, m_hi, live, h0, row0 = _query_program(
+    b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo_eff, m_hi, live = _query_program(
         H, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, GROUP, PACK, BLOCK_M)
     if live:
         offs_n = tl.arange(0, BLOCK_N)
