@@ -34,7 +34,8 @@ _TABLE: dict[tuple[str, int], KernelConfig] = {
     # head dims 64 and 128: the winners of the H200 sweeps (docs/kernel-notes.md, results/kernels*.jsonl),
     # all through tensor descriptors (TMA) since boundary tiles use them too (round 4: far fewer registers).
     # GQA packing (pack): the dQ kernel gains from it (H200 A/B at 64k); the forward measured slower packed
-    # in round 3 (head dim 64 by ~28%, 128 by ~4%, with the same loop body), so it runs one head per program
+    # in round 3 (head dim 64 by ~28%, 128 by ~4%, with the same loop body) and within +-1% in round 4, so it
+    # runs one head per program
     ("fwd", 64): KernelConfig(64, 64, 4, 2, pack=False),
     ("fwd", 128): KernelConfig(64, 64, 4, 3, pack=False),
     ("fwd", 256): KernelConfig(64, 32, 4, 2, tma=False, pack=False),  # head dim 256: not run on a GPU
