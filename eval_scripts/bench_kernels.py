@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", default=[],
                    help="tile config override, e.g. dkdv=64,128,8,2 or dkdv@1=32,64,4,2 (BigBird only); repeatable")
     p.add_argument("--tma", default="auto", choices=["auto", "on", "off"],
-                   help="our interior tiles through tensor descriptors (Hopper TMA) [%(default)s]")
+                   help="our K/V tiles through tensor descriptors (Hopper TMA) [%(default)s]")
     p.add_argument("--pack", default="auto", choices=["auto", "on", "off"],
                    help="forward/dQ tiles hold a GQA group's query heads (on) or one head (off) [%(default)s]")
     p.add_argument("--sweep", default="", help="candidates per kernel before the run, e.g. "

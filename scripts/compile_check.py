@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", default="_fwd_kernel,_bwd_dq_kernel,_bwd_dkdv_kernel,_decode_kernel,_decode_combine,"
                     "_ring_append_kernel")
     ap.add_argument("--tma", default="table", choices=["table", "on", "off"],
-                    help="interior tiles through tensor descriptors: as the tile table says on Hopper, always, never")
+                    help="K/V tiles through tensor descriptors: as the tile table says on Hopper, always, never")
     ap.add_argument("--config", action="append", default=[],
                     help="override as kernel=BM,BN,warps,stages (e.g. fwd=128,64,8,3); repeatable")
     args = ap.parse_args(argv)

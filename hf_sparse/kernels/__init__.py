@@ -157,8 +157,9 @@ def _tma_compatible(x: torch.Tensor) -> bool:
 
 
 def _use_tma(c: dict, cfg: KernelConfig, *tensors: torch.Tensor) -> bool:
-    """Whether the interior loops load through tensor descriptors (``configs.set_tma`` decides, else
-    the config's ``tma`` and whether the GPU and inputs allow it)."""
+    """Whether the kernels load K/V tiles through tensor descriptors: ``configs.set_tma`` decides, else the
+    config's ``tma`` and whether the GPU and inputs allow it. Boundary tiles use them too, unless keys are
+    padded inside the tensor (the kernels decide that per loop)."""
     setting = tma_setting()
     if setting is False or (setting is None and not cfg.tma):
         return False

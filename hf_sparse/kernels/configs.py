@@ -18,7 +18,7 @@ class KernelConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    tma: bool = True  # interior tiles through tensor descriptors where the GPU and inputs allow it
+    tma: bool = True  # K/V tiles (boundary tiles too, without padding) through tensor descriptors where allowed
     pack: bool = True  # forward/dQ: a tile's rows are (position, head) pairs of one GQA group (K/V loaded once)
     maxnreg: int = 0  # cap on registers per thread (more programs per SM for short programs); 0: the compiler's
 
@@ -66,7 +66,7 @@ def _set(name: str, enabled: bool | None) -> None:
 
 
 def set_tma(enabled: bool | None) -> None:
-    """Load interior tiles through tensor descriptors (Hopper's copy engine, TMA): ``True`` forces it
+    """Load K/V tiles through tensor descriptors (Hopper's copy engine, TMA): ``True`` forces it
     (a ``ValueError`` where the inputs cannot use it), ``False`` uses pointer loads everywhere, ``None``
     (default) decides per call."""
     _set("tma", enabled)
