@@ -69,6 +69,8 @@ def compile_one(kernel, args, kwargs, num_warps, num_stages, arch=90):
     if os.environ.get("DUMP_TTGIR"):
         with open(os.path.join(os.environ["DUMP_TTGIR"], f"{fn.__name__}.ttgir"), "w") as f:
             f.write(ck.asm["ttgir"])
+        with open(os.path.join(os.environ["DUMP_TTGIR"], f"{fn.__name__}.ptx"), "w") as f:
+            f.write(ptx)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
