@@ -71,6 +71,8 @@ def compile_one(kernel, args, kwargs, num_warps, num_stages, arch=90):
             f.write(ck.asm["ttgir"])
         with open(os.path.join(os.environ["DUMP_TTGIR"], f"{fn.__name__}.ptx"), "w") as f:
             f.write(ptx)
+        with open(os.path.join(os.environ["DUMP_TTGIR"], f"{fn.__name__}.cubin"), "wb") as f:
+            f.write(ck.asm["cubin"])
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")

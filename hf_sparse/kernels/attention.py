@@ -198,17 +198,36 @@ def _interior_softmax(qk, m_i, l_i, c):
 
 
 @triton.jit
+def _lazy_softmax(qk, acc, m_i, l_i, c):
+    """Online-softmax step of an unmasked tile that rescales ``acc`` and ``l`` only when some row's maximum
+    grew by more than 8 (in log2 units; FlashAttention-4's conditional rescaling): otherwise the rows keep
+    their reference ``m`` and ``p = exp2(qk c - m)`` stays below 2^8, exact in fp32 and in the 16-bit P.
+    The test is one reduction over the tile, so the branch is uniform. Returns ``p, acc, m, l``."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
+    if tl.max(m_new - m_i, 0) > 8.0:
+        alpha = tl.exp2(m_i - m_new)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        m_i = m_new
+    p = tl.exp2(qk * c - m_i[:, None])
+    return p, acc, m_i, l_i + tl.sum(p, 1)
+
+
+@triton.jit
 def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
               desc_k, desc_v, b, hk, k_shift,
               offs_n, offs_d, qp, k_len, W, G, WB, qk_scale, softcap,
               a0, na, RPTR, n_rand, b0, nb, c0, n_total,
               KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-              TPB: tl.constexpr, HAS_RAND: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr):
+              TPB: tl.constexpr, HAS_RAND: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr,
+              LAZY: tl.constexpr = False):
     """``TMA``: this loop loads K/V tiles through tensor descriptors. Interior tiles lie inside the keys;
     masked tiles may reach past them, where the copy engine reads rows outside ``[0, Tk)`` as 0 -- what the
-    masked pointer load gives -- so they use it too unless keys are padded inside the tensor (``VARLEN``)."""
+    masked pointer load gives -- so they use it too unless keys are padded inside the tensor (``VARLEN``).
+    ``LAZY``: unmasked tiles without softcap rescale conditionally (:func:`_lazy_softmax`)."""
     d_ok = offs_d < HEAD_DIM
+    LAZY_HERE: tl.constexpr = LAZY and not MASKED and not HAS_SOFTCAP
     for it in range(0, n_total):
         start_n, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_N, HAS_RAND)
         kp = start_n + offs_n
@@ -235,9 +254,12 @@ def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
+        elif LAZY_HERE:
+            p, acc, m_new, l_i = _lazy_softmax(qk, acc, m_i, l_i, qk_scale * 1.4426950408889634)
         else:
             p, alpha, m_new, l_i = _interior_softmax(qk, m_i, l_i, qk_scale * 1.4426950408889634)
-        acc = acc * alpha[:, None]
+        if not LAZY_HERE:
+            acc = acc * alpha[:, None]
         v = _fwd_v(desc_v, v_base, stride_vn, stride_vd, b, hk, k_shift, start_n, kp, k_ok, offs_d, d_ok,
                    MASKED, EVEN_D, TMA, BLOCK_N, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc)
@@ -412,6 +434,7 @@ def _fwd_kernel(
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, PACK: tl.constexpr, PAST_KEYS: tl.constexpr, OVERLAP: tl.constexpr,
+    LAZY: tl.constexpr,
 ):
     b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo_eff, m_hi, live = _query_program(
         H, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, GROUP, PACK, BLOCK_M)
@@ -443,7 +466,7 @@ def _fwd_kernel(
                                       DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale,
                                       softcap, 0, nu_a, rptr, u_rand, ub0, nu_b, ub0, nu,
                                       KIND, CAUSAL, BLK, False, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB,
-                                      (R > 0) and CAUSAL, USE_TMA, BLOCK_D)
+                                      (R > 0) and CAUSAL, USE_TMA, BLOCK_D, LAZY)
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
                                   ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, nm,
