@@ -232,7 +232,7 @@ def forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), table.stride(2),
         c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap,
-        **_shared_constexprs(c, pattern, softcap), USE_TMA=tma, OVERLAP=cfg.overlap, LAZY=cfg.lazy, **launch,
+        **_shared_constexprs(c, pattern, softcap), USE_TMA=tma, **launch,
     )
     return out, lse
 

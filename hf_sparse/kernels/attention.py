@@ -158,82 +158,31 @@ def _count_valid(RPTR, R: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 # forward
 @triton.jit
-def _fwd_kT(desc_k, k_base, stride_kn, stride_kd, b, hk, k_shift, start_n, kp, k_ok, offs_d, d_ok,
-            MASKED: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_D: tl.constexpr):
-    """The ``[BLOCK_D, BLOCK_N]`` transposed K tile of the forward (see :func:`_fwd_loop` for ``TMA``)."""
-    if TMA:
-        return tl.trans(_tma_tile(desc_k, b, hk, k_shift + start_n, BLOCK_N, BLOCK_D))
-    k_ptrs = k_base + kp[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    if MASKED:
-        return tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-    if EVEN_D:
-        return tl.load(k_ptrs)
-    return tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
-
-
-@triton.jit
-def _fwd_v(desc_v, v_base, stride_vn, stride_vd, b, hk, k_shift, start_n, kp, k_ok, offs_d, d_ok,
-           MASKED: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr,
-           BLOCK_D: tl.constexpr):
-    """The ``[BLOCK_N, BLOCK_D]`` V tile of the forward."""
-    if TMA:
-        return _tma_tile(desc_v, b, hk, k_shift + start_n, BLOCK_N, BLOCK_D)
-    v_ptrs = v_base + kp[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    if MASKED:
-        return tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-    if EVEN_D:
-        return tl.load(v_ptrs)
-    return tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-
-
-@triton.jit
-def _interior_softmax(qk, m_i, l_i, c):
-    """Online-softmax step of an unmasked tile: the scale ``c`` is positive, so ``max(qk) * c`` is the row
-    max and ``qk * c - m`` is one FMA per score. Returns ``p, alpha, m_new, l_new``."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
-    p = tl.exp2(qk * c - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
-
-
-@triton.jit
-def _lazy_softmax(qk, acc, m_i, l_i, c):
-    """Online-softmax step of an unmasked tile that rescales ``acc`` and ``l`` only when some row's maximum
-    grew by more than 8 (in log2 units; FlashAttention-4's conditional rescaling): otherwise the rows keep
-    their reference ``m`` and ``p = exp2(qk c - m)`` stays below 2^8, exact in fp32 and in the 16-bit P.
-    The test is one reduction over the tile, so the branch is uniform. Returns ``p, acc, m, l``."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
-    if tl.max(m_new - m_i, 0) > 8.0:
-        alpha = tl.exp2(m_i - m_new)
-        acc = acc * alpha[:, None]
-        l_i = l_i * alpha
-        m_i = m_new
-    p = tl.exp2(qk * c - m_i[:, None])
-    return p, acc, m_i, l_i + tl.sum(p, 1)
-
-
-@triton.jit
 def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
               desc_k, desc_v, b, hk, k_shift,
               offs_n, offs_d, qp, k_len, W, G, WB, qk_scale, softcap,
               a0, na, RPTR, n_rand, b0, nb, c0, n_total,
               KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-              TPB: tl.constexpr, HAS_RAND: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr,
-              LAZY: tl.constexpr = False):
+              TPB: tl.constexpr, HAS_RAND: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr):
     """``TMA``: this loop loads K/V tiles through tensor descriptors. Interior tiles lie inside the keys;
     masked tiles may reach past them, where the copy engine reads rows outside ``[0, Tk)`` as 0 -- what the
-    masked pointer load gives -- so they use it too unless keys are padded inside the tensor (``VARLEN``).
-    ``LAZY``: unmasked tiles without softcap rescale conditionally (:func:`_lazy_softmax`)."""
+    masked pointer load gives -- so they use it too unless keys are padded inside the tensor (``VARLEN``)."""
     d_ok = offs_d < HEAD_DIM
-    LAZY_HERE: tl.constexpr = LAZY and not MASKED and not HAS_SOFTCAP
     for it in range(0, n_total):
         start_n, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_N, HAS_RAND)
         kp = start_n + offs_n
+        k_ptrs = k_base + kp[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        v_ptrs = v_base + kp[:, None] * stride_vn + offs_d[None, :] * stride_vd
         k_ok = (kp < k_len) & (kp >= 0)
-        k = _fwd_kT(desc_k, k_base, stride_kn, stride_kd, b, hk, k_shift, start_n, kp, k_ok, offs_d, d_ok,
-                    MASKED, EVEN_D, TMA, BLOCK_N, BLOCK_D)
+        if TMA:
+            k = tl.trans(_tma_tile(desc_k, b, hk, k_shift + start_n, BLOCK_N, BLOCK_D))
+        elif MASKED:
+            k = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
         qk = tl.dot(q, k)
         if HAS_SOFTCAP:
             s = softcap * _tanh(qk * (qk_scale / softcap)) * 1.4426950408889634
@@ -247,71 +196,28 @@ def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
         elif HAS_SOFTCAP:
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-        elif LAZY_HERE:
-            p, acc, m_new, l_i = _lazy_softmax(qk, acc, m_i, l_i, qk_scale * 1.4426950408889634)
+            m_use = m_new
+            p = tl.exp2(s - m_use[:, None])
+        else:  # interior tile: the scale is positive, so max(qk) * c is the row max; qk * c - m is one FMA
+            c = qk_scale * 1.4426950408889634
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
+            m_use = m_new
+            p = tl.exp2(qk * c - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if TMA:
+            v = _tma_tile(desc_v, b, hk, k_shift + start_n, BLOCK_N, BLOCK_D)
+        elif MASKED:
+            v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        elif EVEN_D:
+            v = tl.load(v_ptrs)
         else:
-            p, alpha, m_new, l_i = _interior_softmax(qk, m_i, l_i, qk_scale * 1.4426950408889634)
-        if not LAZY_HERE:
-            acc = acc * alpha[:, None]
-        v = _fwd_v(desc_v, v_base, stride_vn, stride_vd, b, hk, k_shift, start_n, kp, k_ok, offs_d, d_ok,
-                   MASKED, EVEN_D, TMA, BLOCK_N, BLOCK_D)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _fwd_loop_overlap(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                      desc_k, desc_v, b, hk, k_shift, offs_n, offs_d, k_len, qk_scale,
-                      a0, na, RPTR, n_rand, b0, nb, c0, n_total,
-                      BLK: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                      TPB: tl.constexpr, HAS_RAND: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The unmasked loop of :func:`_fwd_loop` (no softcap), software-pipelined by one tile so that the
-    tensor cores work during the softmax (FlashAttention-3's intra-warpgroup overlap): iteration ``j``
-    computes ``S_j = Q K_j^T``, its row max and ``alpha_j``, rescales ``acc`` and the carried ``P_{j-1}``
-    by ``alpha_j``, issues ``acc += P_{j-1} V_{j-1}`` and computes ``P_j = exp2(S_j c - m_j)`` while that
-    product runs. Triton keeps the ``P V`` product in flight because the carried ``acc`` is next read
-    after the following ``Q K^T`` product's wait. Same sums as :func:`_fwd_loop`, in another order."""
-    d_ok = offs_d < HEAD_DIM
-    c = qk_scale * 1.4426950408889634
-    if n_total > 0:
-        start_n, _r = _tile_start(0, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_N, HAS_RAND)
-        kp = start_n + offs_n
-        k = _fwd_kT(desc_k, k_base, stride_kn, stride_kd, b, hk, k_shift, start_n, kp, kp < k_len, offs_d, d_ok,
-                    False, EVEN_D, TMA, BLOCK_N, BLOCK_D)
-        p, alpha, m_i, l_i = _interior_softmax(tl.dot(q, k), m_i, l_i, c)
-        acc = acc * alpha[:, None]
-        v_start = start_n
-        for it in range(1, n_total):
-            start_n, _r = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_N, HAS_RAND)
-            kp = start_n + offs_n
-            k = _fwd_kT(desc_k, k_base, stride_kn, stride_kd, b, hk, k_shift, start_n, kp, kp < k_len, offs_d,
-                        d_ok, False, EVEN_D, TMA, BLOCK_N, BLOCK_D)
-            qk = tl.dot(q, k)
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
-            alpha = tl.exp2(m_i - m_new)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            p = p * alpha[:, None]
-            vp = v_start + offs_n
-            v = _fwd_v(desc_v, v_base, stride_vn, stride_vd, b, hk, k_shift, v_start, vp, vp < k_len, offs_d,
-                       d_ok, False, EVEN_D, TMA, BLOCK_N, BLOCK_D)
-            acc = tl.dot(p.to(q.dtype), v, acc)
-            p = tl.exp2(qk * c - m_new[:, None])
-            l_i = l_i + tl.sum(p, 1)
-            m_i = m_new
-            v_start = start_n
-        vp = v_start + offs_n
-        v = _fwd_v(desc_v, v_base, stride_vn, stride_vd, b, hk, k_shift, v_start, vp, vp < k_len, offs_d,
-                   d_ok, False, EVEN_D, TMA, BLOCK_N, BLOCK_D)
-        acc = tl.dot(p.to(q.dtype), v, acc)
     return acc, l_i, m_i
 
 
@@ -433,8 +339,7 @@ def _fwd_kernel(
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, PACK: tl.constexpr, PAST_KEYS: tl.constexpr, OVERLAP: tl.constexpr,
-    LAZY: tl.constexpr,
+    USE_TMA: tl.constexpr, PACK: tl.constexpr, PAST_KEYS: tl.constexpr,
 ):
     b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo_eff, m_hi, live = _query_program(
         H, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, GROUP, PACK, BLOCK_M)
@@ -455,18 +360,11 @@ def _fwd_kernel(
         (rptr, nu_a, u_rand, ub0, nu_b, nu, ma0, nm_a, m_rand, mb0, nm_b, mc0, nm) = _query_side_plan(
             m_lo_eff, m_hi, k_len, W, G, WB, RAND + b * stride_rb, hk, stride_rh, stride_rq, KIND, CAUSAL, R, BLK,
             BLOCK_N, PAST_KEYS)
-        if OVERLAP and not HAS_SOFTCAP:
-            acc, l_i, m_i = _fwd_loop_overlap(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                                              stride_vd, DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, k_len,
-                                              sm_scale, 0, nu_a, rptr, u_rand, ub0, nu_b, ub0, nu,
-                                              BLK, EVEN_D, HEAD_DIM, BLOCK_N, TPB, (R > 0) and CAUSAL, USE_TMA,
-                                              BLOCK_D)
-        else:
-            acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                      DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale,
-                                      softcap, 0, nu_a, rptr, u_rand, ub0, nu_b, ub0, nu,
-                                      KIND, CAUSAL, BLK, False, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB,
-                                      (R > 0) and CAUSAL, USE_TMA, BLOCK_D, LAZY)
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                  DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
+                                  0, nu_a, rptr, u_rand, ub0, nu_b, ub0, nu,
+                                  KIND, CAUSAL, BLK, False, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB,
+                                  (R > 0) and CAUSAL, USE_TMA, BLOCK_D)
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
                                   ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, nm,
