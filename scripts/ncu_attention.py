@@ -3,8 +3,8 @@
     ncu --profile-from-start off --section SpeedOfLight ... python scripts/ncu_attention.py \
         --impl hf_sparse --pattern sliding_window:window=4096 --shape 32/8/128 --seq-len 16384 [--backward]
 
-``--impl sdpa`` runs ``F.scaled_dot_product_attention`` (dense causal, GQA expanded as the kernel
-benchmark does), the baseline of issue 7. With ``--backward`` the profiled range holds the backward only.
+``--impl sdpa`` runs ``F.scaled_dot_product_attention`` (dense causal, ``enable_gqa=True``) exactly as the
+kernel benchmark calls it, the baseline of issue 7. With ``--backward`` the profiled range holds the backward only.
 """
 
 from __future__ import annotations
@@ -31,9 +31,7 @@ def main() -> None:
                                requires_grad=args.backward)
     q, k, v = mk(hq), mk(hkv), mk(hkv)
     if args.impl == "sdpa":
-        k2 = k.repeat_interleave(hq // hkv, 1).detach().requires_grad_(args.backward)
-        v2 = v.repeat_interleave(hq // hkv, 1).detach().requires_grad_(args.backward)
-        call = lambda: F.scaled_dot_product_attention(q, k2, v2, is_causal=True)  # noqa: E731
+        call = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
     else:
         pat = parse_pattern(args.pattern)
         call = lambda: sparse_attention(q, k, v, pat, backend="triton")  # noqa: E731

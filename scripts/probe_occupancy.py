@@ -24,12 +24,10 @@ from hf_sparse.kernels import configs
 
 def _compiled(kernel):
     for cache in getattr(kernel, "device_caches", {}).values():
-        for ck in cache[0].values():
-            yield ck
+        yield from cache[0].values()
 
 
-def blocks_per_sm(ck) -> int:
-    cuda = ctypes.CDLL("libcuda.so.1")
+def blocks_per_sm(ck, cuda: ctypes.CDLL) -> int:
     ck._init_handles()
     n = ctypes.c_int(0)
     threads = 32 * ck.metadata.num_warps
@@ -51,9 +49,10 @@ def main() -> None:
         configs.override(kernel, cfg, kind=kind)
     hq, hkv, d = (int(x) for x in args.shape.split("/"))
     dev = torch.device("cuda")
-    q = torch.randn(1, hq, args.seq_len, d, device=dev, dtype=torch.bfloat16, requires_grad=args.backward)
-    k = torch.randn(1, hkv, args.seq_len, d, device=dev, dtype=torch.bfloat16, requires_grad=args.backward)
-    v = torch.randn(1, hkv, args.seq_len, d, device=dev, dtype=torch.bfloat16, requires_grad=args.backward)
+    mk = lambda h: torch.randn(1, h, args.seq_len, d, device=dev, dtype=torch.bfloat16,  # noqa: E731
+                               requires_grad=args.backward)
+    q, k, v = mk(hq), mk(hkv), mk(hkv)
+    cuda = ctypes.CDLL("libcuda.so.1")
     props = torch.cuda.get_device_properties(dev)
     print(f"{props.name}, {props.multi_processor_count} SMs, shape {args.shape}, configs {args.config or 'table'}")
     print(f"{'pattern':<28} {'kernel':<18} {'regs':>5} {'spill':>6} {'smem':>7} {'warps':>5} {'stages':>6} "
@@ -69,7 +68,7 @@ def main() -> None:
                 if id(ck) in seen:
                     continue
                 seen.add(id(ck))
-                per_sm = blocks_per_sm(ck)
+                per_sm = blocks_per_sm(ck, cuda)
                 md = ck.metadata
                 print(f"{spec[:28]:<28} {kernel.__name__:<18} {ck.n_regs:>5} {ck.n_spills:>6} {md.shared:>7} "
                       f"{md.num_warps:>5} {md.num_stages:>6} {per_sm:>6}")
