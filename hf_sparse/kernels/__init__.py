@@ -272,9 +272,13 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
         )
     cfg = cfg_kv
     tma = _use_tma(c, cfg, q, do, k, v) and not c["varlen"]  # padded query rows must not be read unmasked
+    dq_shift = 0
     if fused:  # dQ summed in fp32 over the key tiles; rows of block_d (the descriptor's box)
-        dqacc = torch.zeros(c["b"], c["hq"], c["tq"], c["block_d"], dtype=torch.float32, device=q.device)
         dq_tma = tma and fuse_mode == 1 and not _interpret()  # (the interpreter has no bulk reduction)
+        # query tiles start at multiples of block_m (positions; row 0 is at q_offset where there is no
+        # padding, the only case with descriptors): the buffer has room for the first one
+        dq_shift = q_offset % cfg.block_m
+        dqacc = torch.zeros(c["b"], c["hq"], dq_shift + c["tq"], c["block_d"], dtype=torch.float32, device=q.device)
         desc_dq = _descs(dq_tma, cfg.block_m, c["block_d"], dqacc)[0]
     else:
         dqacc = desc_dq = _dummy(q.device)
@@ -291,7 +295,7 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
     _bwd_dkdv_kernel[(nkt + n_global * nsplit, c["b"] * c["hkv"])](
         q, k, v, do, dk, dv, lse, delta, c["k_shift"], c["k_len"], ptr, idx,
         *_descs(tma, cfg.block_m, c["block_d"], q, do), *_descs(tma, cfg.block_n, c["block_d"], k, v), dkacc, dvacc,
-        dqacc, desc_dq,
+        dqacc, desc_dq, dq_shift, dq_shift + c["tq"],
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         ptr.stride(0) if ptr.shape[0] > 1 else 0, ptr.stride(1), idx.stride(0) if idx.shape[0] > 1 else 0,
         idx.stride(1),
@@ -306,7 +310,7 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
             VARLEN=c["varlen"], HEAD_DIM=c["d"], BLOCK_D=c["block_d"], BLOCK_N=cfg.block_n,
         )
     if fused:
-        dq = dqacc[..., :c["d"]].to(q.dtype, memory_format=torch.contiguous_format)
+        dq = dqacc[:, :, dq_shift:, :c["d"]].to(q.dtype, memory_format=torch.contiguous_format)
     return dq, dk, dv
 
 

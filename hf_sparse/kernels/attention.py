@@ -492,7 +492,7 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod,
-               desc_q, desc_do, dq_base, desc_dq, b, h, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len, W, G, WB,
+               desc_q, desc_do, dq_base, desc_dq, dq_shift, b, h, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len, W, G, WB,
                sm_scale, softcap, a0, na, RPTR, n_rand, b0, nb, c0, it_lo, it_hi,
                KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TPB: tl.constexpr,
@@ -501,7 +501,7 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, s
     """Accumulate dK, dV of one key tile over query tiles ``[it_lo, it_hi)`` of the plan (BLOCK_M rows each).
 
     ``FUSED_DQ``: also add each query tile's share of dQ, ``dS K`` (already scaled), into the fp32 buffer
-    ``dq_base`` (rows of ``BLOCK_D``), by the copy engine's bulk reduction (``DQ_TMA``, descriptor ``desc_dq``)
+    ``dq_base`` (rows of ``BLOCK_D``, query row 0 at ``dq_base``; ``dq_shift`` rows before it in the buffer), by the copy engine's bulk reduction (``DQ_TMA``, descriptor ``desc_dq``)
     or by fp32 atomics; dK is then returned scaled too (``dS`` carries the scale)."""
     d_ok = offs_d < HEAD_DIM
     for it in range(it_lo, it_hi):
@@ -541,8 +541,9 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, s
         dk = tl.dot(ds16, tl.trans(qT), dk)
         if FUSED_DQ:
             dq = tl.dot(tl.trans(ds16), k)  # [BLOCK_M, BLOCK_D]
-            if DQ_TMA:  # rows past Tq fall outside the descriptor and are dropped
-                desc_dq.atomic_add([b, h, start_m - q_start, 0], dq.reshape([1, 1, BLOCK_M, BLOCK_D]))
+            if DQ_TMA:  # rows past Tq fall outside the descriptor and are dropped; the buffer starts dq_shift
+                # rows early so that no tile starts at a negative row (the H200 faulted on those)
+                desc_dq.atomic_add([b, h, start_m - q_start + dq_shift, 0], dq.reshape([1, 1, BLOCK_M, BLOCK_D]))
             else:
                 tl.atomic_add(dq_base + rows[:, None] * BLOCK_D + offs_d[None, :], dq,
                               mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
@@ -600,7 +601,7 @@ def _key_tile_ranges(n_lo, n_hi, q_lo, q_hi, W, G, WB,
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, KSHIFT, KLEN, REV_PTR, REV_IDX, DESC_Q, DESC_DO, DESC_K, DESC_V, DKACC, DVACC,
-    DQACC, DESC_DQ,
+    DQACC, DESC_DQ, DQ_SHIFT, TQP,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -680,17 +681,17 @@ def _bwd_dkdv_kernel(
             do_base = DO + b * stride_dob + h * stride_doh
             lse_base = LSE + (b * H + h) * Tq
             delta_base = DELTA + (b * H + h) * Tq
-            dq_base = DQACC + (b * H + h) * Tq * BLOCK_D
+            dq_base = DQACC + ((b * H + h) * TQP + DQ_SHIFT) * BLOCK_D
             dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-                                stride_dom, stride_dod, DESC_Q, DESC_DO, dq_base, DESC_DQ, b, h, offs_m, offs_d, kp,
-                                q_start, row_lo, row_hi, k_len, W, G, WB, sm_scale, softcap, e, nu_a, rptr, n_rand, f, 0,
-                                f, split * cu, tl.minimum(nu, split * cu + cu),
+                                stride_dom, stride_dod, DESC_Q, DESC_DO, dq_base, DESC_DQ, DQ_SHIFT, b, h, offs_m,
+                                offs_d, kp, q_start, row_lo, row_hi, k_len, W, G, WB, sm_scale, softcap, e, nu_a, rptr,
+                                n_rand, f, 0, f, split * cu, tl.minimum(nu, split * cu + cu),
                                 KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, R > 0,
                                 USE_TMA, BLOCK_D, FUSED_DQ, DQ_TMA)
             dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-                                stride_dom, stride_dod, DESC_Q, DESC_DO, dq_base, DESC_DQ, b, h, offs_m, offs_d, kp,
-                                q_start, row_lo, row_hi, k_len, W, G, WB, sm_scale, softcap, s_lo, nm_a, rptr, 0, a,
-                                nm_b, f, split * cm, tl.minimum(nm, split * cm + cm),
+                                stride_dom, stride_dod, DESC_Q, DESC_DO, dq_base, DESC_DQ, DQ_SHIFT, b, h, offs_m,
+                                offs_d, kp, q_start, row_lo, row_hi, k_len, W, G, WB, sm_scale, softcap, s_lo, nm_a,
+                                rptr, 0, a, nm_b, f, split * cm, tl.minimum(nm, split * cm + cm),
                                 KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, False,
                                 USE_TMA, BLOCK_D, FUSED_DQ, DQ_TMA)
         if not FUSED_DQ:
