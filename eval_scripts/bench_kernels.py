@@ -164,7 +164,7 @@ def sweep(args, dev, shape: tuple[int, int, int]) -> dict[str, str]:
                 if best is not None:
                     configs.override(kernel, best[1], kind=kind)
                     c = best[1]
-                    chosen[f"{kernel}@{kind}"] = f"{c.block_m},{c.block_n},{c.num_warps},{c.num_stages},{int(c.tma)},{int(c.pack)},{c.maxnreg},{c.fuse_dq}"
+                    chosen[f"{kernel}@{kind}"] = f"{c.block_m},{c.block_n},{c.num_warps},{c.num_stages},{int(c.tma)},{int(c.pack)},{c.maxnreg}"
         q = k = v = do = None
         torch.cuda.empty_cache()
     return chosen
@@ -180,7 +180,6 @@ def run(args) -> list[dict[str, Any]]:
         configs.override(kernel, cfg, kind=kind)
     configs.set_tma({"auto": None, "on": True, "off": False}[args.tma])
     configs.set_pack({"auto": None, "on": True, "off": False}[args.pack])
-    configs.set_fuse_dq({"auto": None, "on": True, "off": False}[args.fuse_dq])
     from torch.nn.attention.flex_attention import flex_attention
 
     torch._dynamo.config.cache_size_limit = 256
@@ -290,7 +289,6 @@ def run(args) -> list[dict[str, Any]]:
                             impl=impl, pattern=spec, **{"pass": ps}, seq_len=t, head_dim=d, q_heads=hq, kv_heads=hkv,
                             tma=args.tma if impl == "hf_sparse" else None,
                             pack=args.pack if impl == "hf_sparse" else None,
-                            fuse_dq=args.fuse_dq if impl == "hf_sparse" else None,
                             flex_kernel_options=opts if impl == "flex" else None,
                             batch=1, dtype=args.dtype, median_ms=med, p20_ms=p20, p80_ms=p80,
                             tflops=flops / (med * 1e-3) / 1e12, attended_pairs=pairs, density=pairs / dense_pairs,
@@ -351,9 +349,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="our K/V tiles through tensor descriptors (Hopper TMA) [%(default)s]")
     p.add_argument("--pack", default="auto", choices=["auto", "on", "off"],
                    help="forward/dQ tiles hold a GQA group's query heads (on) or one head (off) [%(default)s]")
-    p.add_argument("--fuse-dq", default="auto", choices=["auto", "on", "off"],
-                   help="backward in one pass, dQ added into an fp32 buffer (on), or with a separate dQ kernel "
-                        "(off); auto: the tile table [%(default)s]")
     p.add_argument("--sweep", default="", help="candidates per kernel before the run, e.g. "
                    "'dq=64,64,4,3|128,64,8,2;dkdv=32,64,8,2|64,128,8,2' (timed at --sweep-seq-len)")
     p.add_argument("--sweep-seq-len", type=int, default=65536)

@@ -191,31 +191,6 @@ def test_gpu_bf16_padding_and_offset(pattern):
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("mode", [1, 2], ids=["bulk-reduction", "atomics"])
-@pytest.mark.parametrize("pattern", GPU_PATTERNS, ids=pid)
-def test_gpu_bf16_fused_backward(pattern, mode, monkeypatch):
-    # the one-pass backward (dQ added into an fp32 buffer by the dK/dV kernel) by the same bf16 rule: through
-    # the copy engine's bulk reduction (mode 1, tensor descriptors) and fp32 atomics (mode 2); padded rows
-    # take the atomics path in both modes
-    from dataclasses import replace
-
-    import hf_sparse.kernels as kernels
-
-    pick = kernels.pick_config
-    monkeypatch.setattr(kernels, "pick_config", lambda kernel, **kw: replace(pick(kernel, **kw), fuse_dq=mode)
-                        if kernel == "dkdv" else pick(kernel, **kw))
-    for shape in GPU_SHAPES[:3]:
-        _bf16_rule(*shape, pattern)
-    b, t = 2, 3000
-    kpm = torch.ones(b, t, dtype=torch.bool, device="cuda")
-    kpm[0, :517] = False
-    kpm[1, 2100:] = False
-    _bf16_rule(b, 8, 2, t, 128, pattern, key_padding_mask=kpm)
-    _bf16_rule(b, 8, 2, t, 64, pattern, q_offset=t - 700)
-
-
-@gpu
-@needs_gpu
 @pytest.mark.parametrize("pattern", GPU_PATTERNS, ids=pid)
 def test_gpu_bf16_decode_shapes(pattern):
     # one and four queries after a long prompt: the split-key decode kernel (GQA packed), and its lse in
@@ -453,9 +428,7 @@ def test_parse_kernel_config_override():
     assert parse_override("fwd=64,64,4,2,1,0,168") == ("fwd", None, KernelConfig(64, 64, 4, 2, True, False, 168))
     assert KernelConfig(64, 64, 4, 2, maxnreg=168).launch_options() == dict(num_warps=4, num_stages=2, maxnreg=168)
     assert KernelConfig(64, 64, 4, 2).launch_options() == dict(num_warps=4, num_stages=2)
-    assert parse_override("dkdv=64,64,4,1,1,1,0,2") == ("dkdv", None, KernelConfig(64, 64, 4, 1, fuse_dq=2))
-    for bad in ("dkdv=64,128,8", "attn=64,64,4,3", "fwd@2=64,64,4,3", "fwd=a,b,c,d", "fwd=64,64,4,2,1,1,0,1",
-                "dkdv=64,64,4,2,1,1,0,3", "dkdv=64,64,4,2,1,1,0,1,1"):
+    for bad in ("dkdv=64,128,8", "attn=64,64,4,3", "fwd@2=64,64,4,3", "fwd=a,b,c,d"):
         with pytest.raises(ValueError, match="bad kernel config"):
             parse_override(bad)
 

@@ -19,7 +19,7 @@ import triton
 
 from ..patterns import BigBird, Dense, Longformer, Pattern, SlidingWindow, ceil_div
 from .attention import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess, _dkdv_global_finish, _fwd_kernel
-from .configs import KernelConfig, fuse_dq_setting, pack_setting, pick_config, tma_setting
+from .configs import KernelConfig, pack_setting, pick_config, tma_setting
 from .decode import _decode_combine, _decode_kernel, _ring_append_kernel
 
 try:  # host-side tensor descriptors (Triton >= 3.4)
@@ -250,39 +250,21 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
     )
     # padded query rows are never visited by the dQ kernel: their gradient is zero
     alloc = torch.zeros if c["varlen"] else torch.empty
-    dk, dv = (alloc(x.shape, dtype=x.dtype, device=x.device) for x in (k, v))  # contiguous
+    dq, dk, dv = (alloc(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))  # contiguous
     table, ptr, idx = c["tables"]
     common = _shared_constexprs(c, pattern, softcap)
-    cfg_kv = _cfg("dkdv", c, q.dtype)
-    setting = fuse_dq_setting()
-    fuse_mode = (cfg_kv.fuse_dq or 1) if setting else (cfg_kv.fuse_dq if setting is None else 0)
-    fused = fuse_mode > 0
-    if not fused:
-        dq = alloc(q.shape, dtype=q.dtype, device=q.device)
-        cfg = _cfg("dq", c, q.dtype)
-        tma = _use_tma(c, cfg, k, v)
-        grid, launch = _query_side_launch(c, cfg, pattern, q_offset)
-        _bwd_dq_kernel[grid](
-            q, k, v, do, dq, lse, delta, c["k_shift"], c["k_len"], table,
-            *_descs(tma, cfg.block_n, c["block_d"], k, v),
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-            table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), table.stride(2),
-            c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap,
-            **common, USE_TMA=tma, **launch,
-        )
-    cfg = cfg_kv
+    cfg = _cfg("dq", c, q.dtype)
+    tma = _use_tma(c, cfg, k, v)
+    grid, launch = _query_side_launch(c, cfg, pattern, q_offset)
+    _bwd_dq_kernel[grid](
+        q, k, v, do, dq, lse, delta, c["k_shift"], c["k_len"], table, *_descs(tma, cfg.block_n, c["block_d"], k, v),
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), table.stride(2),
+        c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap,
+        **common, USE_TMA=tma, **launch,
+    )
+    cfg = _cfg("dkdv", c, q.dtype)
     tma = _use_tma(c, cfg, q, do, k, v) and not c["varlen"]  # padded query rows must not be read unmasked
-    dq_shift = 0
-    if fused:  # dQ summed in fp32 over the key tiles; rows of block_d (the descriptor's box)
-        dq_tma = tma and fuse_mode == 1 and not _interpret()  # (the interpreter has no bulk reduction)
-        # query tiles start at multiples of block_m (positions; row 0 is at q_offset where there is no
-        # padding, the only case with descriptors): the buffer has room for the first one
-        dq_shift = q_offset % cfg.block_m
-        dqacc = torch.zeros(c["b"], c["hq"], dq_shift + c["tq"], c["block_d"], dtype=torch.float32, device=q.device)
-        desc_dq = _descs(dq_tma, cfg.block_m, c["block_d"], dqacc)[0]
-    else:
-        dqacc = desc_dq = _dummy(q.device)
-        dq_tma = False
     nkt = ceil_div(c["tk"], cfg.block_n)
     n_global = ceil_div(min(p["G"], c["tk"]), cfg.block_n)  # key tiles holding global keys
     nsplit = max(1, min(_MAX_SPLITS, ceil_div(ceil_div(c["tq"], cfg.block_m), _SPLIT_TILES)))
@@ -295,13 +277,11 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
     _bwd_dkdv_kernel[(nkt + n_global * nsplit, c["b"] * c["hkv"])](
         q, k, v, do, dk, dv, lse, delta, c["k_shift"], c["k_len"], ptr, idx,
         *_descs(tma, cfg.block_m, c["block_d"], q, do), *_descs(tma, cfg.block_n, c["block_d"], k, v), dkacc, dvacc,
-        dqacc, desc_dq, dq_shift, dq_shift + c["tq"],
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         ptr.stride(0) if ptr.shape[0] > 1 else 0, ptr.stride(1), idx.stride(0) if idx.shape[0] > 1 else 0,
         idx.stride(1),
         c["tq"], c["tk"], q_offset, c["hq"], c["hkv"], p["W"], p["G"], p["WB"], scale, softcap, nkt, nsplit, gp,
         **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, SPLIT_GLOBAL=n_global > 0,
-        FUSED_DQ=fused, DQ_TMA=dq_tma,
         **cfg.launch_options(),
     )
     if n_global:
@@ -309,8 +289,6 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
             dk, dv, dkacc, dvacc, c["k_shift"], c["k_len"], *dk.stride(), *dv.stride(), c["tk"], c["hkv"], gp,
             VARLEN=c["varlen"], HEAD_DIM=c["d"], BLOCK_D=c["block_d"], BLOCK_N=cfg.block_n,
         )
-    if fused:
-        dq = dqacc[:, :, dq_shift:, :c["d"]].to(q.dtype, memory_format=torch.contiguous_format)
     return dq, dk, dv
 
 

@@ -492,17 +492,12 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod,
-               desc_q, desc_do, dq_base, desc_dq, dq_shift, b, h, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len, W, G, WB,
-               sm_scale, softcap, a0, na, RPTR, n_rand, b0, nb, c0, it_lo, it_hi,
+               desc_q, desc_do, b, h, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len, W, G, WB, sm_scale, softcap,
+               a0, na, RPTR, n_rand, b0, nb, c0, it_lo, it_hi,
                KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TPB: tl.constexpr,
-               HAS_RAND: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr, FUSED_DQ: tl.constexpr,
-               DQ_TMA: tl.constexpr):
-    """Accumulate dK, dV of one key tile over query tiles ``[it_lo, it_hi)`` of the plan (BLOCK_M rows each).
-
-    ``FUSED_DQ``: also add each query tile's share of dQ, ``dS K`` (already scaled), into the fp32 buffer
-    ``dq_base`` (rows of ``BLOCK_D``, query row 0 at ``dq_base``; ``dq_shift`` rows before it in the buffer), by the copy engine's bulk reduction (``DQ_TMA``, descriptor ``desc_dq``)
-    or by fp32 atomics; dK is then returned scaled too (``dS`` carries the scale)."""
+               HAS_RAND: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Accumulate dK, dV of one key tile over query tiles ``[it_lo, it_hi)`` of the plan (BLOCK_M rows each)."""
     d_ok = offs_d < HEAD_DIM
     for it in range(it_lo, it_hi):
         start_m, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_M, HAS_RAND)
@@ -531,22 +526,10 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, s
             pT = tl.where(vis, pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv)
         dpT = tl.dot(v, tl.trans(do))
-        if FUSED_DQ:  # the scale goes into dS once, for dK and dQ alike
-            dsT = pT * (dpT * sm_scale - delta[None, :] * sm_scale)
-        else:
-            dsT = pT * (dpT - delta[None, :])
+        dsT = pT * (dpT - delta[None, :])
         if HAS_SOFTCAP:
             dsT = dsT * (1.0 - t * t)
-        ds16 = dsT.to(qT.dtype)
-        dk = tl.dot(ds16, tl.trans(qT), dk)
-        if FUSED_DQ:
-            dq = tl.dot(tl.trans(ds16), k)  # [BLOCK_M, BLOCK_D]
-            if DQ_TMA:  # rows past Tq fall outside the descriptor and are dropped; the buffer starts dq_shift
-                # rows early so that no tile starts at a negative row (the H200 faulted on those)
-                desc_dq.atomic_add([b, h, start_m - q_start + dq_shift, 0], dq.reshape([1, 1, BLOCK_M, BLOCK_D]))
-            else:
-                tl.atomic_add(dq_base + rows[:, None] * BLOCK_D + offs_d[None, :], dq,
-                              mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
     return dk, dv
 
 
@@ -601,7 +584,6 @@ def _key_tile_ranges(n_lo, n_hi, q_lo, q_hi, W, G, WB,
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, KSHIFT, KLEN, REV_PTR, REV_IDX, DESC_Q, DESC_DO, DESC_K, DESC_V, DKACC, DVACC,
-    DQACC, DESC_DQ, DQ_SHIFT, TQP,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -613,9 +595,8 @@ def _bwd_dkdv_kernel(
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, SPLIT_GLOBAL: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, SPLIT_GLOBAL: tl.constexpr,
 ):
-    # With FUSED_DQ this kernel also computes dQ (see _dkdv_loop) and the dQ kernel does not run.
     # Key tiles holding global keys are seen by every query: one program each would run T / BLOCK_M
     # query tiles alone after the others finish. With SPLIT_GLOBAL they get NSPLIT programs each
     # (program ids from NKT on), every one over a share of the query tiles, summed by fp32 atomics.
@@ -681,21 +662,19 @@ def _bwd_dkdv_kernel(
             do_base = DO + b * stride_dob + h * stride_doh
             lse_base = LSE + (b * H + h) * Tq
             delta_base = DELTA + (b * H + h) * Tq
-            dq_base = DQACC + ((b * H + h) * TQP + DQ_SHIFT) * BLOCK_D
             dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-                                stride_dom, stride_dod, DESC_Q, DESC_DO, dq_base, DESC_DQ, DQ_SHIFT, b, h, offs_m,
-                                offs_d, kp, q_start, row_lo, row_hi, k_len, W, G, WB, sm_scale, softcap, e, nu_a, rptr,
-                                n_rand, f, 0, f, split * cu, tl.minimum(nu, split * cu + cu),
+                                stride_dom, stride_dod, DESC_Q, DESC_DO, b, h, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len,
+                                W, G, WB, sm_scale, softcap, e, nu_a, rptr, n_rand, f, 0, f,
+                                split * cu, tl.minimum(nu, split * cu + cu),
                                 KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, R > 0,
-                                USE_TMA, BLOCK_D, FUSED_DQ, DQ_TMA)
+                                USE_TMA, BLOCK_D)
             dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-                                stride_dom, stride_dod, DESC_Q, DESC_DO, dq_base, DESC_DQ, DQ_SHIFT, b, h, offs_m,
-                                offs_d, kp, q_start, row_lo, row_hi, k_len, W, G, WB, sm_scale, softcap, s_lo, nm_a,
-                                rptr, 0, a, nm_b, f, split * cm, tl.minimum(nm, split * cm + cm),
+                                stride_dom, stride_dod, DESC_Q, DESC_DO, b, h, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len,
+                                W, G, WB, sm_scale, softcap, s_lo, nm_a, rptr, 0, a, nm_b, f,
+                                split * cm, tl.minimum(nm, split * cm + cm),
                                 KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, False,
-                                USE_TMA, BLOCK_D, FUSED_DQ, DQ_TMA)
-        if not FUSED_DQ:
-            dk = dk * sm_scale
+                                USE_TMA, BLOCK_D)
+        dk = dk * sm_scale
         if is_extra:  # a share of a global tile: add into the fp32 buffer [B, Hkv, GP, BLOCK_D]
             acc_off = (pid_bh * GP + kp)[:, None] * BLOCK_D + offs_d[None, :]
             tl.atomic_add(DKACC + acc_off, dk, mask=kmask, sem="relaxed")

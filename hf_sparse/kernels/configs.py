@@ -21,9 +21,6 @@ class KernelConfig:
     tma: bool = True  # K/V tiles (boundary tiles too, without padding) through tensor descriptors where allowed
     pack: bool = True  # forward/dQ: a tile's rows are (position, head) pairs of one GQA group (K/V loaded once)
     maxnreg: int = 0  # cap on registers per thread (more programs per SM for short programs); 0: the compiler's
-    # dK/dV: 0 runs a separate dQ kernel; 1 also computes dQ here, added into an fp32 buffer by the copy engine's
-    # bulk reduction where tensor descriptors are in use (else fp32 atomics); 2 the same by fp32 atomics always
-    fuse_dq: int = 0
 
     def launch_options(self) -> dict[str, int]:
         opts = dict(num_warps=self.num_warps, num_stages=self.num_stages)
@@ -59,7 +56,7 @@ _TABLE_BIGBIRD: dict[tuple[str, int], KernelConfig] = {
 }
 
 _OVERRIDES: dict[tuple[str, int | None], KernelConfig] = {}
-_SETTINGS: dict[str, bool | None] = {"tma": None, "pack": None, "fuse_dq": None}  # None: per config (and GPU, inputs)
+_SETTINGS: dict[str, bool | None] = {"tma": None, "pack": None}  # None: per config (and GPU, inputs)
 
 
 def _set(name: str, enabled: bool | None) -> None:
@@ -79,17 +76,6 @@ def set_pack(enabled: bool | None) -> None:
     """Forward and dQ tiles hold the query heads of one GQA group (``True``) or one head per program
     (``False``) whatever the tile table says; ``None`` (default): the table's ``pack`` flag."""
     _set("pack", enabled)
-
-
-def set_fuse_dq(enabled: bool | None) -> None:
-    """Backward as one pass (``True``: the dK/dV kernel also adds each tile's dQ share into an fp32 buffer,
-    as the config's ``fuse_dq`` mode says, mode 1 if it is 0) or two (``False``: a separate dQ kernel
-    recomputes the scores); ``None`` (default): the tile table's ``fuse_dq``."""
-    _set("fuse_dq", enabled)
-
-
-def fuse_dq_setting() -> bool | None:
-    return _SETTINGS["fuse_dq"]
 
 
 def tma_setting() -> bool | None:
@@ -112,19 +98,16 @@ def override(kernel: str, config: KernelConfig | None, *, kind: int | None = Non
 def parse_override(text: str) -> tuple[str, int | None, KernelConfig]:
     """``"dkdv=64,128,8,2"``, ``"dkdv@1=32,64,4,2"`` (kind 1 only) or ``"fwd=64,64,4,3,0"`` (a fifth
     number 0: pointer loads, no tensor descriptors; a sixth number 0: one query head per program instead of
-    the GQA group packed into the rows; a seventh: a register cap, 0 for none; an eighth, dK/dV only: 1 or 2 to
-    fuse the dQ pass into it, see ``KernelConfig.fuse_dq``) -> (kernel, kind, config)."""
+    the GQA group packed into the rows; a seventh: a register cap, 0 for none) -> (kernel, kind, config)."""
     name, _, vals = text.partition("=")
     kernel, _, kind = name.partition("@")
     try:
         nums = [int(x) for x in vals.split(",")]
     except ValueError:
         nums = []
-    if kernel not in ("fwd", "dq", "dkdv") or len(nums) not in (4, 5, 6, 7, 8) or kind not in ("", "0", "1"):
+    if kernel not in ("fwd", "dq", "dkdv") or len(nums) not in (4, 5, 6, 7) or kind not in ("", "0", "1"):
         raise ValueError(f"bad kernel config {text!r}; use e.g. dkdv=64,128,8,2 (block_m,block_n,warps,stages"
-                         "[,tma 0/1[,pack 0/1[,maxnreg[,fuse_dq 0/1/2]]]]), optionally dkdv@1=... for BigBird only")
-    if kernel != "dkdv" and nums[7:8] not in ([], [0]) or nums[7:8] not in ([], [0], [1], [2]):
-        raise ValueError(f"bad kernel config {text!r}: the eighth number (fuse_dq) is 0, 1 or 2, dkdv only")
+                         "[,tma 0/1[,pack 0/1[,maxnreg]]]), optionally dkdv@1=... for BigBird only")
     return kernel, int(kind) if kind else None, KernelConfig(*nums[:4], *(bool(n) for n in nums[4:6]), *nums[6:])
 
 
