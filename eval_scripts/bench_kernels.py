@@ -164,7 +164,7 @@ def sweep(args, dev, shape: tuple[int, int, int]) -> dict[str, str]:
                 if best is not None:
                     configs.override(kernel, best[1], kind=kind)
                     c = best[1]
-                    chosen[f"{kernel}@{kind}"] = f"{c.block_m},{c.block_n},{c.num_warps},{c.num_stages},{int(c.tma)},{int(c.pack)},{c.maxnreg},{c.persist}"
+                    chosen[f"{kernel}@{kind}"] = f"{c.block_m},{c.block_n},{c.num_warps},{c.num_stages},{int(c.tma)},{int(c.pack)},{c.maxnreg}"
         q = k = v = do = None
         torch.cuda.empty_cache()
     return chosen

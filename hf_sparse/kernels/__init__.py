@@ -56,14 +56,6 @@ def _programs_to_fill(device: torch.device) -> int:
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors (2 in the interpreter, so that its persistent programs walk several tiles)."""
-    if device.type != "cuda":
-        return 2
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 @functools.lru_cache(maxsize=256)
 def kernel_params(pattern: Pattern) -> Mapping[str, int]:
     """Map a pattern onto the kernel's arguments (KIND 0: token window + globals, 1: BigBird); cached,
@@ -234,16 +226,13 @@ def forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_
     cfg = _cfg("fwd", c, q.dtype)
     table = c["tables"][0]
     grid, launch = _query_side_launch(c, cfg, pattern, q_offset)
-    n_m, n_bh = grid
-    if cfg.persist:  # a fixed set of programs walking the n_m * n_bh tiles
-        grid = (min(n_m * n_bh, cfg.persist * _sm_count(q.device)), 1)
     tma = _use_tma(c, cfg, k, v)
     _fwd_kernel[grid](
         q, k, v, out, lse, c["k_shift"], c["k_len"], table, *_descs(tma, cfg.block_n, c["block_d"], k, v),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), table.stride(2),
-        c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap, n_m, n_bh,
-        **_shared_constexprs(c, pattern, softcap), USE_TMA=tma, PERSIST=cfg.persist > 0, **launch,
+        c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap,
+        **_shared_constexprs(c, pattern, softcap), USE_TMA=tma, **launch,
     )
     return out, lse
 

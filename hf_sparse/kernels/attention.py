@@ -241,14 +241,13 @@ def _row_queries(q_offset, Tq, k_shift, k_len, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _tile_setup(b, q_offset, Tq, Tk, KSHIFT, KLEN, pid_m_raw, n_m, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
-                PACK: tl.constexpr):
+def _tile_setup(b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, PACK: tl.constexpr):
     """Batch-row geometry and this program's query tile (forward and dQ). A tile's rows are the flat
     indices ``f = position * PACK + head_in_group``: with ``PACK`` = the GQA group, the query heads of one
     KV head share every K/V tile the program loads; with ``PACK`` = 1 a program holds one head. Tiles
     start at multiples of ``BLOCK_M`` in flat space, so a tile never straddles a BigBird block
-    (``BLOCK_M`` divides the block). The tile is ``pid_m_raw`` of ``n_m`` (grid axis 0 unless persistent)."""
-    pid_m = n_m - 1 - pid_m_raw  # last query tiles (most keys when causal) first
+    (``BLOCK_M`` divides the block)."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # last query tiles (most keys when causal) first
     k_shift, k_len = _row_keys(b, Tk, KSHIFT, KLEN, VARLEN)
     q_start, row_lo, row_hi = _row_queries(q_offset, Tq, k_shift, k_len, VARLEN)
     p_first = q_start + row_lo
@@ -272,22 +271,22 @@ def _tile_rows(f_lo, p_first, p_end, q_start, row_lo, row_hi, h0, PACK: tl.const
 
 
 @triton.jit
-def _program_heads(H, pid_bh, GROUP: tl.constexpr, PACK: tl.constexpr):
-    """Batch row, first query head and KV head of head group ``pid_bh`` (of ``B * H / PACK``)."""
+def _program_heads(H, GROUP: tl.constexpr, PACK: tl.constexpr):
+    """Batch row, first query head and KV head of this program (grid axis 1: ``B * H / PACK``)."""
+    pid_bh = tl.program_id(1)
     hp = H // PACK
     h0 = (pid_bh % hp) * PACK
     return pid_bh // hp, h0, h0 // GROUP
 
 
 @triton.jit
-def _query_program(H, q_offset, Tq, Tk, KSHIFT, KLEN, pid_m_raw, n_m, pid_bh, VARLEN: tl.constexpr,
-                   GROUP: tl.constexpr, PACK: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The prologue of a forward or dQ query tile (``pid_m_raw`` of ``n_m`` in head group ``pid_bh``): batch
-    row, KV head, the row's keys, the tile's rows (positions, heads, query indices, validity), its position
-    range, and whether it holds any row."""
-    b, h0, hk = _program_heads(H, pid_bh, GROUP, PACK)
+def _query_program(H, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN: tl.constexpr, GROUP: tl.constexpr,
+                   PACK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The prologue of the forward and dQ programs: batch row, KV head, the row's keys, the tile's rows
+    (positions, heads, query indices, validity), its position range, and whether it holds any row."""
+    b, h0, hk = _program_heads(H, GROUP, PACK)
     k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, f_lo = _tile_setup(
-        b, q_offset, Tq, Tk, KSHIFT, KLEN, pid_m_raw, n_m, VARLEN, BLOCK_M, PACK)
+        b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, BLOCK_M, PACK)
     live = (f_lo < p_end * PACK) & (p_first < p_end)
     qp, heads, rows, row_ok, m_lo, m_hi = _tile_rows(f_lo, p_first, p_end, q_start, row_lo, row_hi, h0, PACK, BLOCK_M)
     return b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo, m_hi, live
@@ -329,50 +328,6 @@ def _query_side_plan(m_lo_eff, m_hi, k_len, W, G, WB, RAND, hk, stride_rh, strid
 
 
 @triton.jit
-def _q_tile(Q, b, heads, rows, ok, offs_d, d_ok, stride_qb, stride_qh, stride_qm, stride_qd):
-    """A query tile ``[BLOCK_M, BLOCK_D]`` (rows not ``ok`` read as 0)."""
-    return tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + rows[:, None] * stride_qm
-                   + offs_d[None, :] * stride_qd, mask=ok[:, None] & d_ok[None, :], other=0.0)
-
-
-@triton.jit
-def _fwd_tile(q, O, LSE, RAND, DESC_K, DESC_V, b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo_eff, m_hi,
-              k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
-              stride_rb, stride_rh, stride_rq, Tq, H, W, G, WB, sm_scale, softcap,
-              KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              R: tl.constexpr, BLK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, PAST_KEYS: tl.constexpr):
-    """One query tile of the forward: both loops over its key tiles, then the output and log-sum-exp."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    TPB: tl.constexpr = BLK // BLOCK_N
-    d_ok = offs_d < HEAD_DIM
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    (rptr, nu_a, u_rand, ub0, nu_b, nu, ma0, nm_a, m_rand, mb0, nm_b, mc0, nm) = _query_side_plan(
-        m_lo_eff, m_hi, k_len, W, G, WB, RAND + b * stride_rb, hk, stride_rh, stride_rq, KIND, CAUSAL, R, BLK,
-        BLOCK_N, PAST_KEYS)
-    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                              DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
-                              0, nu_a, rptr, u_rand, ub0, nu_b, ub0, nu,
-                              KIND, CAUSAL, BLK, False, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB,
-                              (R > 0) and CAUSAL, USE_TMA, BLOCK_D)
-    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                              DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
-                              ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, nm,
-                              KIND, CAUSAL, BLK, True, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB,
-                              (R > 0) and (PAST_KEYS or not CAUSAL), USE_TMA and not VARLEN, BLOCK_D)
-    has = l_i > 0.0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
-    o_ptrs = O + b * stride_ob + heads[:, None] * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + (b * H + heads) * Tq + rows, lse, mask=row_ok)
-
-
-@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, KSHIFT, KLEN, RAND, DESC_K, DESC_V,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -380,43 +335,47 @@ def _fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_rb, stride_rh, stride_rq,
-    Tq, Tk, q_offset, H, W, G, WB, sm_scale, softcap, N_M, N_BH,
+    Tq, Tk, q_offset, H, W, G, WB, sm_scale, softcap,
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, PACK: tl.constexpr, PAST_KEYS: tl.constexpr, PERSIST: tl.constexpr,
+    USE_TMA: tl.constexpr, PACK: tl.constexpr, PAST_KEYS: tl.constexpr,
 ):
-    # One query tile per program (grid N_M x N_BH), or PERSIST: a fixed number of programs (grid axis 0)
-    # each walking tiles t = pid, pid + nprog, ... (t % N_M the tile, t // N_M the head group), with the next
-    # tile's queries loaded while the current tile runs.
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    if PERSIST:
-        nprog = tl.num_programs(0)
-        n_tiles = N_M * N_BH
-        for t in range(tl.program_id(0), n_tiles, nprog):
-            b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo_eff, m_hi, live = _query_program(
-                H, q_offset, Tq, Tk, KSHIFT, KLEN, t % N_M, N_M, t // N_M, VARLEN, GROUP, PACK, BLOCK_M)
-            if live:
-                q = _q_tile(Q, b, heads, rows, row_ok, offs_d, d_ok, stride_qb, stride_qh, stride_qm, stride_qd)
-                _fwd_tile(q, O, LSE, RAND, DESC_K, DESC_V, b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo_eff,
-                          m_hi, K + b * stride_kb + hk * stride_kh + k_shift * stride_kn,
-                          V + b * stride_vb + hk * stride_vh + k_shift * stride_vn, stride_kn, stride_kd, stride_vn,
-                          stride_vd, stride_ob, stride_oh, stride_om, stride_od, stride_rb, stride_rh, stride_rq,
-                          Tq, H, W, G, WB, sm_scale, softcap, KIND, CAUSAL, VARLEN, HAS_SOFTCAP, R, BLK, HEAD_DIM,
-                          BLOCK_D, BLOCK_M, BLOCK_N, USE_TMA, PAST_KEYS)
-    else:
-        b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo_eff, m_hi, live = _query_program(
-            H, q_offset, Tq, Tk, KSHIFT, KLEN, tl.program_id(0), tl.num_programs(0), tl.program_id(1), VARLEN,
-            GROUP, PACK, BLOCK_M)
-        if live:
-            q = _q_tile(Q, b, heads, rows, row_ok, offs_d, d_ok, stride_qb, stride_qh, stride_qm, stride_qd)
-            _fwd_tile(q, O, LSE, RAND, DESC_K, DESC_V, b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo_eff,
-                      m_hi, K + b * stride_kb + hk * stride_kh + k_shift * stride_kn,
-                      V + b * stride_vb + hk * stride_vh + k_shift * stride_vn, stride_kn, stride_kd, stride_vn,
-                      stride_vd, stride_ob, stride_oh, stride_om, stride_od, stride_rb, stride_rh, stride_rq,
-                      Tq, H, W, G, WB, sm_scale, softcap, KIND, CAUSAL, VARLEN, HAS_SOFTCAP, R, BLK, HEAD_DIM,
-                      BLOCK_D, BLOCK_M, BLOCK_N, USE_TMA, PAST_KEYS)
+    b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo_eff, m_hi, live = _query_program(
+        H, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, GROUP, PACK, BLOCK_M)
+    if live:
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+        TPB: tl.constexpr = BLK // BLOCK_N
+        d_ok = offs_d < HEAD_DIM
+        q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        k_base = K + b * stride_kb + hk * stride_kh + k_shift * stride_kn
+        v_base = V + b * stride_vb + hk * stride_vh + k_shift * stride_vn
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        (rptr, nu_a, u_rand, ub0, nu_b, nu, ma0, nm_a, m_rand, mb0, nm_b, mc0, nm) = _query_side_plan(
+            m_lo_eff, m_hi, k_len, W, G, WB, RAND + b * stride_rb, hk, stride_rh, stride_rq, KIND, CAUSAL, R, BLK,
+            BLOCK_N, PAST_KEYS)
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                  DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
+                                  0, nu_a, rptr, u_rand, ub0, nu_b, ub0, nu,
+                                  KIND, CAUSAL, BLK, False, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB,
+                                  (R > 0) and CAUSAL, USE_TMA, BLOCK_D)
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                  DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
+                                  ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, nm,
+                                  KIND, CAUSAL, BLK, True, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB,
+                                  (R > 0) and (PAST_KEYS or not CAUSAL), USE_TMA and not VARLEN, BLOCK_D)
+        has = l_i > 0.0
+        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+        o_ptrs = O + b * stride_ob + heads[:, None] * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + (b * H + heads) * Tq + rows, lse, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,8 +455,7 @@ def _bwd_dq_kernel(
     USE_TMA: tl.constexpr, PACK: tl.constexpr, PAST_KEYS: tl.constexpr,
 ):
     b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo_eff, m_hi, live = _query_program(
-        H, q_offset, Tq, Tk, KSHIFT, KLEN, tl.program_id(0), tl.num_programs(0), tl.program_id(1), VARLEN, GROUP,
-        PACK, BLOCK_M)
+        H, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, GROUP, PACK, BLOCK_M)
     if live:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)

@@ -21,7 +21,6 @@ class KernelConfig:
     tma: bool = True  # K/V tiles (boundary tiles too, without padding) through tensor descriptors where allowed
     pack: bool = True  # forward/dQ: a tile's rows are (position, head) pairs of one GQA group (K/V loaded once)
     maxnreg: int = 0  # cap on registers per thread (more programs per SM for short programs); 0: the compiler's
-    persist: int = 0  # forward: this many programs per SM, each walking query tiles (next tile's queries prefetched)
 
     def launch_options(self) -> dict[str, int]:
         opts = dict(num_warps=self.num_warps, num_stages=self.num_stages)
@@ -99,19 +98,16 @@ def override(kernel: str, config: KernelConfig | None, *, kind: int | None = Non
 def parse_override(text: str) -> tuple[str, int | None, KernelConfig]:
     """``"dkdv=64,128,8,2"``, ``"dkdv@1=32,64,4,2"`` (kind 1 only) or ``"fwd=64,64,4,3,0"`` (a fifth
     number 0: pointer loads, no tensor descriptors; a sixth number 0: one query head per program instead of
-    the GQA group packed into the rows; a seventh: a register cap, 0 for none; an eighth, forward only:
-    persistent programs per SM, 0 for one program per tile) -> (kernel, kind, config)."""
+    the GQA group packed into the rows; a seventh: a register cap, 0 for none) -> (kernel, kind, config)."""
     name, _, vals = text.partition("=")
     kernel, _, kind = name.partition("@")
     try:
         nums = [int(x) for x in vals.split(",")]
     except ValueError:
         nums = []
-    if (kernel not in ("fwd", "dq", "dkdv") or len(nums) not in (4, 5, 6, 7, 8) or kind not in ("", "0", "1")
-            or (kernel != "fwd" and any(nums[7:])) or any(n < 0 for n in nums[6:])):
+    if kernel not in ("fwd", "dq", "dkdv") or len(nums) not in (4, 5, 6, 7) or kind not in ("", "0", "1"):
         raise ValueError(f"bad kernel config {text!r}; use e.g. dkdv=64,128,8,2 (block_m,block_n,warps,stages"
-                         "[,tma 0/1[,pack 0/1[,maxnreg[,persistent programs per SM, fwd only]]]]), optionally "
-                         "dkdv@1=... for BigBird only")
+                         "[,tma 0/1[,pack 0/1[,maxnreg]]]), optionally dkdv@1=... for BigBird only")
     return kernel, int(kind) if kind else None, KernelConfig(*nums[:4], *(bool(n) for n in nums[4:6]), *nums[6:])
 
 
