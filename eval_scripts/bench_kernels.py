@@ -175,9 +175,7 @@ def run(args) -> list[dict[str, Any]]:
         raise SystemExit("bench-kernels needs a CUDA GPU")
     from hf_sparse.kernels import configs
 
-    for item in args.config:
-        kernel, kind, cfg = configs.parse_override(item)
-        configs.override(kernel, cfg, kind=kind)
+    configs.apply_overrides(args.config)
     configs.set_tma({"auto": None, "on": True, "off": False}[args.tma])
     configs.set_pack({"auto": None, "on": True, "off": False}[args.pack])
     from torch.nn.attention.flex_attention import flex_attention

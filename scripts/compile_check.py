@@ -82,7 +82,7 @@ def compile_one(kernel, args, kwargs, num_warps, num_stages, arch=90):
     spill = re.findall(r"(\d+) bytes spill stores", info)
     return dict(regs=regs[-1] if regs else "?", spill_stores=spill[-1] if spill else "?",
                 shared=ck.metadata.shared, wgmma="wgmma" in ptx, name=fn.__name__, ok=res.returncode == 0,
-                err=info if res.returncode else "")
+                err=info if res.returncode else "", ttgir=ck.asm["ttgir"])
 
 
 def main(argv=None) -> int:
@@ -114,9 +114,7 @@ def main(argv=None) -> int:
         K._use_tma = as_on_hopper
     else:
         configs.set_tma(args.tma == "on")
-    for item in args.config:
-        kern, kind, cfg = configs.parse_override(item)
-        configs.override(kern, cfg, kind=kind)
+    configs.apply_overrides(args.config)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     os.environ.pop("TRITON_INTERPRET", None)
     sink = []

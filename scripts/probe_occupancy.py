@@ -44,9 +44,7 @@ def main() -> None:
     ap.add_argument("--config", action="append", default=[])
     ap.add_argument("--backward", action="store_true")
     args = ap.parse_args()
-    for text in args.config:
-        kernel, kind, cfg = configs.parse_override(text)
-        configs.override(kernel, cfg, kind=kind)
+    configs.apply_overrides(args.config)
     hq, hkv, d = (int(x) for x in args.shape.split("/"))
     dev = torch.device("cuda")
     mk = lambda h: torch.randn(1, h, args.seq_len, d, device=dev, dtype=torch.bfloat16,  # noqa: E731

@@ -57,25 +57,20 @@ VARIANTS = {  # name: (BM, BN, warps, stages, WS)
 
 
 def compile_only():
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import mangle_type
+    from compile_check import compile_one  # (scripts/ is on the path when this file runs as a script)
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     x = torch.empty(1, 1, 256, 128, dtype=torch.bfloat16)
     for name, (bm, bn, nw, ns, ws) in VARIANTS.items():
         dq = TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, bm, 128])
         dk = TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, bn, 128])
-        sig = {"desc_q": mangle_type(dq), "desc_k": mangle_type(dk), "desc_v": mangle_type(dk), "out_ptr": "*bf16",
-               "T": "i32", "H": "i32", "sm_scale": "fp32", "BM": "constexpr", "BN": "constexpr", "D": "constexpr",
-               "WS": "constexpr"}
-        src = ASTSource(fn=_attn, signature=sig, constexprs={"BM": bm, "BN": bn, "D": 128, "WS": ws})
         try:
-            ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": nw, "num_stages": ns})
-            tt = ck.asm["ttgir"]
+            r = compile_one(_attn, (dq, dk, dk, x, 256, 1, 0.088), dict(BM=bm, BN=bn, D=128, WS=ws), nw, ns)
+            tt = r["ttgir"]
             print(f"{name:<22} partitions {len(re.findall(r'partition[0-9]+[(]', tt))} "
                   f"dots {sorted(set(re.findall(r'warp_group_dot .*?-> tensor<([0-9]+x[0-9]+)xf32', tt)))} "
-                  f"{re.findall(r'requestedRegisters = array<i32: [0-9, ]*>', tt)} smem {ck.metadata.shared}")
+                  f"{re.findall(r'requestedRegisters = array<i32: [0-9, ]*>', tt)} regs {r['regs']} "
+                  f"spills {r['spill_stores']} smem {r['shared']}")
         except Exception as e:  # noqa: BLE001 - report and go on
             print(f"{name:<22} FAILED {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
 

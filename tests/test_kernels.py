@@ -428,6 +428,16 @@ def test_parse_kernel_config_override():
     assert parse_override("fwd=64,64,4,2,1,0,168") == ("fwd", None, KernelConfig(64, 64, 4, 2, True, False, 168))
     assert KernelConfig(64, 64, 4, 2, maxnreg=168).launch_options() == dict(num_warps=4, num_stages=2, maxnreg=168)
     assert KernelConfig(64, 64, 4, 2).launch_options() == dict(num_warps=4, num_stages=2)
+    from hf_sparse.kernels import configs
+
+    configs.apply_overrides(["dkdv@1=32,64,4,3"])  # the --config options of the benchmark and scripts
+    try:
+        assert configs.pick_config("dkdv", head_dim=128, kind=1, blk=64, dtype=torch.bfloat16,
+                                   interpret=False) == KernelConfig(32, 64, 4, 3)
+        assert configs.pick_config("dkdv", head_dim=128, kind=0, blk=64, dtype=torch.bfloat16,
+                                   interpret=False) != KernelConfig(32, 64, 4, 3)
+    finally:
+        configs.override("dkdv", None, kind=1)
     for bad in ("dkdv=64,128,8", "attn=64,64,4,3", "fwd@2=64,64,4,3", "fwd=a,b,c,d"):
         with pytest.raises(ValueError, match="bad kernel config"):
             parse_override(bad)

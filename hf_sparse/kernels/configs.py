@@ -111,6 +111,13 @@ def parse_override(text: str) -> tuple[str, int | None, KernelConfig]:
     return kernel, int(kind) if kind else None, KernelConfig(*nums[:4], *(bool(n) for n in nums[4:6]), *nums[6:])
 
 
+def apply_overrides(texts) -> None:
+    """``override`` for each ``parse_override`` string (the ``--config`` options of the benchmark and scripts)."""
+    for text in texts:
+        kernel, kind, cfg = parse_override(text)
+        override(kernel, cfg, kind=kind)
+
+
 def pick_config(kernel: str, *, head_dim: int, kind: int, blk: int, dtype: torch.dtype,
                 interpret: bool) -> KernelConfig:
     cfg = _OVERRIDES.get((kernel, kind), _OVERRIDES.get((kernel, None)))
