@@ -8,7 +8,21 @@ from __future__ import annotations
 
 from .layout import attended_pairs, block_layout, key_ranges
 from .ops import sparse_attention
-from .patterns import BigBird, Dense, Longformer, Pattern, SlidingWindow, parse_pattern
+from .patterns import (
+    BigBird,
+    Dense,
+    Fixed,
+    Longformer,
+    Pattern,
+    PerHead,
+    Primitives,
+    SlidingWindow,
+    Strided,
+    Union,
+    parse_pattern,
+    register_pattern,
+    registered_patterns,
+)
 
 __version__ = "0.1.0"
 
@@ -18,7 +32,14 @@ __all__ = [
     "SlidingWindow",
     "Longformer",
     "BigBird",
+    "Strided",
+    "Fixed",
+    "Union",
+    "PerHead",
+    "Primitives",
     "parse_pattern",
+    "register_pattern",
+    "registered_patterns",
     "sparse_attention",
     "block_layout",
     "key_ranges",

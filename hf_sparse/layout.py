@@ -5,11 +5,13 @@ the same ranges arithmetically inside the kernel; the functions below are the ho
 of those ranges, used by the reference path, by tests (which check them against
 :meth:`Pattern.allowed`) and by benchmarks (which turn them into FlexAttention ``BlockMask``s).
 
-For a run of query positions ``[q_lo, q_hi)`` a pattern needs at most three groups of keys:
+For a run of query positions ``[q_lo, q_hi)`` a pattern needs at most three groups of keys, read
+from its :class:`~hf_sparse.primitives.Primitives`:
 
-* a *window* range ``[lo, hi)`` (for :class:`Dense` the whole causal prefix),
-* a *global* range ``[0, g)`` (Longformer global tokens, BigBird global blocks),
-* BigBird's *random* blocks, which differ per KV head and per query block.
+* a *window* range ``[lo, hi)`` (the bands; the whole causal prefix for dense attention, strides,
+  key columns and patterns defined by their predicate only),
+* a *global* range ``[0, g)`` (the global prefix),
+* the *extra* (random) key blocks, which differ per KV head and per query block.
 
 Memory is ``O(T * visited keys)`` at most: nothing here builds a ``T x T`` tensor.
 """
@@ -20,14 +22,24 @@ from dataclasses import dataclass
 
 import torch
 
-from .patterns import BigBird, Dense, Longformer, Pattern, SlidingWindow, ceil_div
+from .patterns import Pattern, ceil_div
+from .primitives import Primitives
 
-__all__ = ["key_ranges", "window_range", "global_range", "BlockLayout", "block_layout", "attended_pairs"]
+__all__ = ["key_ranges", "window_range", "global_range", "BlockLayout", "block_layout", "attended_pairs",
+           "random_table", "rule_sets", "random_block_size"]
 
 
 def _clip(lo: int, hi: int, n: int) -> tuple[int, int]:
     lo, hi = max(lo, 0), min(hi, n)
     return (lo, hi) if hi > lo else (0, 0)
+
+
+def rule_sets(pattern: Pattern) -> list[Primitives | None]:
+    """The distinct primitives among the pattern's KV heads (``None``: a head defined by its predicate only)."""
+    if pattern.per_head:
+        heads = (pattern.default, *(p for _, p in pattern.heads))
+        return list(dict.fromkeys(p.primitives() for p in heads))
+    return [pattern.primitives()]
 
 
 def global_range(pattern: Pattern, q_lo: int, q_hi: int, num_keys: int) -> tuple[int, int]:
@@ -38,19 +50,26 @@ def global_range(pattern: Pattern, q_lo: int, q_hi: int, num_keys: int) -> tuple
     return _clip(0, min(g, q_hi) if pattern.causal else g, num_keys)
 
 
+def _prim_window(p: Primitives | None, causal: bool, q_lo: int, q_hi: int, num_keys: int) -> tuple[int, int]:
+    if p is None or p.stride or p.column_count:  # a rule that reaches any earlier key: the whole prefix
+        return 0, q_hi if causal else num_keys
+    lo, hi = q_hi, q_lo  # empty unless a band is on
+    if p.window:
+        w = p.window
+        lo, hi = q_lo - w + 1, q_hi if causal else q_hi - 1 + w
+    if p.window_blocks:
+        b, wb = p.block, p.window_blocks
+        lo = min(lo, (q_lo // b - wb + 1) * b)
+        hi = max(hi, q_hi if causal else ((q_hi - 1) // b + wb) * b)
+    return lo, hi
+
+
 def window_range(pattern: Pattern, q_lo: int, q_hi: int, num_keys: int) -> tuple[int, int]:
-    """The contiguous key positions ``[lo, hi)`` the local part of the pattern covers for ``[q_lo, q_hi)``."""
-    causal = pattern.causal
-    if isinstance(pattern, Dense):
-        return _clip(0, q_hi if causal else num_keys, num_keys)
-    if isinstance(pattern, (SlidingWindow, Longformer)):
-        w = pattern.window
-        return _clip(q_lo - w + 1, q_hi if causal else q_hi - 1 + w, num_keys)
-    if isinstance(pattern, BigBird):
-        b, wb = pattern.block, pattern.window_blocks
-        qb_lo, qb_hi = q_lo // b, (q_hi - 1) // b
-        return _clip((qb_lo - wb + 1) * b, q_hi if causal else (qb_hi + wb) * b, num_keys)
-    raise TypeError(f"unknown pattern type {type(pattern).__name__}")
+    """The contiguous key positions ``[lo, hi)`` the local part of the pattern covers for ``[q_lo, q_hi)``
+    (for per-head patterns: of every head; for strides, key columns and predicate-only patterns: the
+    whole causal prefix)."""
+    spans = [_prim_window(p, pattern.causal, q_lo, q_hi, num_keys) for p in rule_sets(pattern)]
+    return _clip(min(a for a, _ in spans), max(b for _, b in spans), num_keys)
 
 
 def key_ranges(pattern: Pattern, q_lo: int, q_hi: int, num_keys: int) -> list[tuple[int, int]]:
@@ -70,13 +89,39 @@ def key_ranges(pattern: Pattern, q_lo: int, q_hi: int, num_keys: int) -> list[tu
     return merged
 
 
+def random_block_size(pattern: Pattern) -> int:
+    """The block of the extra key blocks (0 when the pattern has none)."""
+    sizes = {p.block for p in rule_sets(pattern) if p is not None and p.random_blocks}
+    if len(sizes) > 1:
+        raise ValueError(f"{pattern.spec()}: heads draw extra key blocks of different sizes {sorted(sizes)}; use one block size")
+    return sizes.pop() if sizes else 0
+
+
+def random_table(pattern: Pattern, *, layer: int, kv_heads: int, num_q_blocks: int, num_k_blocks: int | None,
+                 device=None) -> torch.Tensor | None:
+    """Extra key blocks ``[kv_heads, num_q_blocks, R]`` int64 (``-1`` = none, valid entries first) of every
+    KV head, from each head's source; ``None`` when the pattern has none."""
+    heads = pattern.head_primitives(kv_heads)
+    width = max((p.random_blocks for p in heads if p is not None), default=0)
+    if width == 0:
+        return None
+    out = torch.full((kv_heads, num_q_blocks, width), -1, dtype=torch.long, device=device)
+    for source in dict.fromkeys(p.random_source for p in heads if p is not None and p.random_blocks):
+        rows = [h for h, p in enumerate(heads) if p is not None and p.random_source is source]
+        t = source.random_table(layer=layer, kv_heads=kv_heads, num_q_blocks=num_q_blocks,
+                                num_k_blocks=None if source.causal else num_k_blocks, device=device).long()
+        out[rows, :, : t.shape[-1]] = t[rows]
+    return out
+
+
 def random_key_blocks(pattern: Pattern, *, layer: int, kv_heads: int, q_block: int, num_keys: int) -> torch.Tensor:
-    """BigBird random key blocks of one query block: ``[kv_heads, r]`` int64 (``-1`` = none)."""
-    if not isinstance(pattern, BigBird) or pattern.random_blocks == 0:
+    """Extra (random) key blocks of one query block: ``[kv_heads, r]`` int64 (``-1`` = none)."""
+    blk = random_block_size(pattern)
+    if not blk:
         return torch.empty(kv_heads, 0, dtype=torch.long)
-    nkb = ceil_div(num_keys, pattern.block)
-    table = pattern.random_table(layer=layer, kv_heads=kv_heads, num_q_blocks=q_block + 1, num_k_blocks=nkb)
-    rnd = table[:, q_block].long()
+    nkb = ceil_div(num_keys, blk)
+    table = random_table(pattern, layer=layer, kv_heads=kv_heads, num_q_blocks=q_block + 1, num_k_blocks=nkb)
+    rnd = table[:, q_block]
     return torch.where(rnd < nkb, rnd, torch.full_like(rnd, -1))
 
 
@@ -139,12 +184,11 @@ def block_layout(
     cols_all = torch.arange(block_n, device=device)
     per_tile: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
     pairs = torch.zeros(kv_heads, dtype=torch.long, device=device)
+    blk = random_block_size(pattern)
     table = None
-    if isinstance(pattern, BigBird) and pattern.random_blocks:
-        nqb = ceil_div(q_offset + num_queries, pattern.block)
-        table = pattern.random_table(
-            layer=layer, kv_heads=kv_heads, num_q_blocks=nqb, num_k_blocks=ceil_div(num_keys, pattern.block), device=device
-        ).long()
+    if blk:
+        table = random_table(pattern, layer=layer, kv_heads=kv_heads, num_q_blocks=ceil_div(q_offset + num_queries, blk),
+                             num_k_blocks=ceil_div(num_keys, blk), device=device)
     maxk = 1
     for m in range(nqt):
         r0, r1 = m * block_m, min((m + 1) * block_m, num_queries)
@@ -154,11 +198,11 @@ def block_layout(
             tiles.update(range(lo // block_n, ceil_div(hi, block_n)))
         cand = torch.tensor(sorted(tiles), dtype=torch.long, device=device)
         if table is not None:
-            qbs = torch.arange(max(q_lo, 0) // pattern.block, (q_hi - 1) // pattern.block + 1, device=device)
+            qbs = torch.arange(max(q_lo, 0) // blk, (q_hi - 1) // blk + 1, device=device)
             rnd = table[:, qbs].reshape(kv_heads, -1)
             rnd = rnd[rnd >= 0]
-            first = (rnd * pattern.block) // block_n
-            last = (rnd * pattern.block + pattern.block - 1).clamp_max(num_keys - 1) // block_n
+            first = (rnd * blk) // block_n
+            last = (rnd * blk + blk - 1).clamp_max(num_keys - 1) // block_n
             extra = [torch.arange(int(a), int(b) + 1, device=device) for a, b in zip(first.tolist(), last.tolist())]
             cand = torch.unique(torch.cat([cand, *extra]))
         rows = q_lo + rows_all[: r1 - r0]
@@ -189,7 +233,7 @@ def attended_pairs(pattern: Pattern, num_queries: int, num_keys: int | None = No
                    q_offset: int = 0, device: torch.device | str | None = None) -> int:
     """Exact number of attended (query, key) pairs summed over KV heads (FLOP counts, density)."""
     num_keys = num_queries + q_offset if num_keys is None else num_keys
-    tile = pattern.block if isinstance(pattern, BigBird) else 128
+    tile = random_block_size(pattern) or 128
     lay = block_layout(pattern, num_queries, num_keys, block_m=tile, block_n=tile, kv_heads=kv_heads, layer=layer,
                        q_offset=q_offset, device=device)
     return int(lay.pairs.sum())

@@ -4,7 +4,7 @@
   attention with autograd. ``O(T^2)`` memory: for tests and small sizes only. It derives token
   positions on its own (a cumulative sum over the padding mask), independently of the block path.
 * :func:`blockwise_forward` / :func:`blockwise_backward` visit, for each chunk of queries, only the
-  keys the pattern needs (:func:`hf_sparse.layout.key_ranges` plus BigBird's random blocks), keep the
+  keys the pattern needs (:func:`hf_sparse.layout.key_ranges` plus the extra key blocks), keep the
   log-sum-exp, and recompute in the backward like FlashAttention: memory ``O(T * visited keys)`` for
   one chunk at a time and ``O(T * D)`` in total. This is the CPU backend and the fallback.
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .layout import key_ranges
-from .patterns import BigBird, Pattern, ceil_div
+from .layout import key_ranges, random_block_size, random_table, rule_sets
+from .patterns import Pattern, ceil_div
 
 __all__ = ["dense_attention", "blockwise_forward", "blockwise_backward", "SeqLayout"]
 
@@ -117,34 +117,33 @@ def _chunks(p_lo: int, p_hi: int, chunk: int):
         c += chunk
 
 
-def _chunk_keys(pattern: Pattern, c0: int, c1: int, n: int, layer: int, hkv: int, device, table):
+def _chunk_keys(pattern: Pattern, c0: int, c1: int, n: int, layer: int, hkv: int, device, table, blk: int):
     """Key positions for one query chunk: ``[Hkv, nsel]`` int64 (``-1`` = padding slot)."""
     parts = [torch.arange(lo, hi, device=device) for lo, hi in key_ranges(pattern, c0, c1, n)]
     shared = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long, device=device)
     kpos = shared.expand(hkv, -1)
     if table is not None:
-        qb = c0 // pattern.block
-        rnd = table[:, qb]  # [Hkv, R]
-        offs = torch.arange(pattern.block, device=device)
-        rpos = (rnd.unsqueeze(-1) * pattern.block + offs).view(hkv, -1)
-        rpos = torch.where((rnd.unsqueeze(-1) >= 0).expand(-1, -1, pattern.block).reshape(hkv, -1) & (rpos < n), rpos, -1)
+        rnd = table[:, c0 // blk]  # [Hkv, R]
+        offs = torch.arange(blk, device=device)
+        rpos = (rnd.unsqueeze(-1) * blk + offs).view(hkv, -1)
+        keep = (rnd.unsqueeze(-1) >= 0).expand(-1, -1, blk).reshape(hkv, -1) & (rpos < n) & ~torch.isin(rpos, shared)
+        rpos = torch.where(keep, rpos, -1)  # a block the ranges already hold is not listed twice
         kpos = torch.cat([kpos, rpos], 1)
     return kpos
 
 
-def _random_table(pattern, q, k, layer, seq: SeqLayout, b: int):
-    """BigBird's random blocks for batch row ``b`` (its own key count when non-causal), or None."""
-    if not (isinstance(pattern, BigBird) and pattern.random_blocks):
+def _random_table(pattern, q, k, layer, seq: SeqLayout, b: int, blk: int):
+    """The extra key blocks for batch row ``b`` (its own key count when non-causal), or None."""
+    if not blk:
         return None
     max_pos = seq.q_start[b] + q.shape[2]
-    return pattern.random_table(
-        layer=layer, kv_heads=k.shape[1], num_q_blocks=max(ceil_div(max_pos, pattern.block), 1),
-        num_k_blocks=None if pattern.causal else ceil_div(seq.k_len[b], pattern.block), device=q.device,
-    ).long()
+    return random_table(pattern, layer=layer, kv_heads=k.shape[1], num_q_blocks=max(ceil_div(max_pos, blk), 1),
+                        num_k_blocks=ceil_div(seq.k_len[b], blk), device=q.device)
 
 
 def _chunk_size(pattern) -> int:
-    return pattern.block if isinstance(pattern, BigBird) else 256
+    sizes = [p.chunk() for p in rule_sets(pattern) if p is not None]
+    return min(sizes) if sizes else 256
 
 
 def _chunk_scores(pattern, qc, kb, kpos, c0, c1, n, scale, softcap, layer, acc):
@@ -185,10 +184,11 @@ def blockwise_forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float
         s0, n, p0 = seq.k_shift[b], seq.k_len[b], seq.q_start[b]
         if n == 0:
             continue
-        table = _random_table(pattern, q, k, layer, seq, b)
+        blk = random_block_size(pattern)
+        table = _random_table(pattern, q, k, layer, seq, b, blk)
         kb, vb = k[b, :, s0 : s0 + n], v[b, :, s0 : s0 + n]
         for c0, c1 in _chunks(p0 + lo, p0 + hi, chunk):
-            kpos = _chunk_keys(pattern, c0, c1, n, layer, hkv, q.device, table)
+            kpos = _chunk_keys(pattern, c0, c1, n, layer, hkv, q.device, table, blk)
             if kpos.shape[1] == 0:
                 continue
             qc = q[b, :, c0 - p0 : c1 - p0].reshape(hkv, g, c1 - c0, d)
@@ -223,12 +223,13 @@ def blockwise_backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float,
         s0, n, p0 = seq.k_shift[b], seq.k_len[b], seq.q_start[b]
         if n == 0:  # nothing to attend to: all gradients of this row stay zero
             continue
-        table = _random_table(pattern, q, k, layer, seq, b)
+        blk = random_block_size(pattern)
+        table = _random_table(pattern, q, k, layer, seq, b, blk)
         kb, vb = k[b, :, s0 : s0 + n], v[b, :, s0 : s0 + n]
         dk_acc = torch.zeros(hkv * n, d, dtype=acc, device=q.device)  # flat [head * n + position]
         dv_acc = torch.zeros(hkv * n, v.shape[-1], dtype=acc, device=q.device)
         for c0, c1 in _chunks(p0 + lo, p0 + hi, chunk):
-            kpos = _chunk_keys(pattern, c0, c1, n, layer, hkv, q.device, table)
+            kpos = _chunk_keys(pattern, c0, c1, n, layer, hkv, q.device, table, blk)
             if kpos.shape[1] == 0:
                 continue
             rows = slice(c0 - p0, c1 - p0)

@@ -8,6 +8,7 @@ The expected masks below are built with plain Python loops over ``(i, j)`` from 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -355,9 +356,27 @@ BAD_SPECS = [
     ("bigbird:window_blocks=0", r"window_blocks .*got 0"),
     ("bigbird:seed=-3", r"seed .*got -3"),
     ("bigbird:block=48", r"power of two.*got 48"),
-    ("bigbird:block=8", r"power of two >= 16, got 8"),
+    ("bigbird:block=8", r"power of two >= 16 and <= 4096, got 8"),
     ("sparse_transformer:window=4", r"unknown pattern 'sparse_transformer'"),
-    ({"type": "strided"}, r"unknown pattern 'strided'"),
+    ({"type": "strided_transformer"}, r"unknown pattern 'strided_transformer'"),
+    # upper bounds: values that would overflow the kernels' positions or exhaust memory or time
+    ("sliding_window:window=99999999999999999999999", r"window must be at most 1073741824, got 99999999999999999999999"),
+    ("longformer:global_tokens=99999999999999999999999", r"global_tokens must be at most 1073741824"),
+    ("bigbird:block=1073741824", r"block must be a power of two >= 16 and <= 4096, got 1073741824"),
+    ("bigbird:random_blocks=1000000,block=16", r"random_blocks must be at most 64, got 1000000"),
+    ("bigbird:seed=4294967296", r"seed must be at most 4294967295"),
+    ("bigbird:window_blocks=67108865", r"window_blocks must be at most 67108864"),
+    ("strided:stride=0", r"stride must be an integer >= 1, got 0"),
+    ("strided:stride=4,window=2000000000", r"window must be at most 1073741824"),
+    ("fixed:block=8,summary=9", r"summary must be at most block \(8\), got 9"),
+    ("fixed:block=0", r"block must be an integer >= 1, got 0"),
+    ("sliding_window:window=1e40", r"window must be an integer .*got '1e40'"),
+    # each option once
+    ("sliding_window:window=4,window=8", r"option 'window' is given twice"),
+    ("bigbird:seed=1,block=16,seed=1", r"option 'seed' is given twice"),
+    # unions
+    ("sliding_window:window=4|", r"empty member around '\|'"),
+    ("sliding_window:window=4|sliding_window:window=4,causal=false", r"all be causal or all non-causal"),
     ("sliding_window:width=4", r"unknown option\(s\) width"),
     ({"type": "bigbird", "blocks": 64}, r"unknown option\(s\) blocks"),
     ("sliding_window:window", r"option 'window' must look like name=value"),
@@ -400,3 +419,138 @@ def test_patterns_are_frozen():
     p = SlidingWindow(window=4)
     with pytest.raises(AttributeError):
         p.window = 5  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------------------------------
+# strided, fixed, unions, per-head plans and registration: against loops over the issue's rules
+from hf_sparse import Fixed, PerHead, Strided, Union, register_pattern, registered_patterns  # noqa: E402
+from hf_sparse.patterns import Pattern, option  # noqa: E402
+
+
+def strided_rule(stride: int, window: int, i: int, j: int) -> bool:
+    return j <= i and (i - j < window or (i - j) % stride == 0)
+
+
+def fixed_rule(block: int, summary: int, i: int, j: int) -> bool:
+    return j <= i and (j // block == i // block or j % block >= block - summary)
+
+
+@pytest.mark.parametrize("stride,window", [(1, 1), (3, 2), (4, 4), (5, 1), (7, 11), (64, 64)])
+def test_strided_matches_rule(stride, window):
+    t = 70
+    want = np.array([[strided_rule(stride, window, i, j) for j in range(t)] for i in range(t)])
+    assert (allowed_matrix(Strided(stride=stride, window=window), t, t) == want).all()
+
+
+def test_strided_window_defaults_to_stride():
+    assert Strided(stride=16) == Strided(stride=16, window=16)
+    assert parse_pattern("strided:stride=16").spec() == "strided:stride=16,window=16"
+
+
+@pytest.mark.parametrize("block,summary", [(1, 1), (4, 1), (5, 2), (16, 16), (32, 3)])
+def test_fixed_matches_rule(block, summary):
+    t = 70
+    want = np.array([[fixed_rule(block, summary, i, j) for j in range(t)] for i in range(t)])
+    assert (allowed_matrix(Fixed(block=block, summary=summary), t, t) == want).all()
+
+
+def test_docstring_pictures_of_strided_and_fixed():
+    m = allowed_matrix(Strided(stride=3, window=2), 8, 8)
+    assert "".join("x" if v else "." for v in m[7]) == ".x..x.xx"
+    m = allowed_matrix(Fixed(block=4, summary=1), 10, 10)
+    assert "".join("x" if v else "." for v in m[9]) == "...x...xxx"
+
+
+UNIONS = [
+    "sliding_window:window=4|strided:stride=5",
+    "longformer:window=3,global_tokens=2|strided:stride=4,window=1",
+    "bigbird:block=16,random_blocks=2|sliding_window:window=40",
+    "fixed:block=8,summary=2|sliding_window:window=3",
+    "fixed:block=6,summary=2|dense",
+]
+
+
+@pytest.mark.parametrize("spec", UNIONS)
+def test_union_is_or_of_members(spec):
+    u = parse_pattern(spec)
+    assert isinstance(u, Union) and len(u.members) == 2
+    t = 90
+    q, k = torch.arange(t).view(-1, 1), torch.arange(t).view(1, -1)
+    for layer, head in [(0, 0), (3, 1)]:
+        got = u.allowed(q, k, layer=layer, kv_head=head)
+        want = u.members[0].allowed(q, k, layer=layer, kv_head=head) | u.members[1].allowed(q, k, layer=layer, kv_head=head)
+        assert torch.equal(got, want)
+    assert parse_pattern(u.spec()) == u and parse_pattern(u.to_dict()) == u
+
+
+def test_union_operator_flattens_and_round_trips():
+    a, b, c = SlidingWindow(window=8), Strided(stride=4), Longformer(window=2, global_tokens=1)
+    u = a | b | c
+    assert u == Union((a, b, c)) and (a | a) == a
+    assert parse_pattern(u.spec()) == u
+    assert parse_pattern("sliding_window:window=8|strided:stride=4") == a | b
+
+
+def test_union_primitives_merge_or_refuse():
+    assert (SlidingWindow(window=8) | SlidingWindow(window=16)).primitives() == SlidingWindow(window=16).primitives()
+    p = (Longformer(window=8, global_tokens=2) | Strided(stride=4, window=1)).primitives()
+    assert (p.window, p.global_tokens, p.stride) == (8, 2, 4)
+    assert (Strided(stride=4) | Strided(stride=6)).primitives() is None  # two strides: reference path only
+    assert (BigBird(block=16) | BigBird(block=32)).primitives() is None
+    assert (Fixed(block=6, summary=1) | SlidingWindow(window=4)).primitives() is None  # 6 is no power of two
+    bb = BigBird(block=16).primitives()
+    assert bb.random_disjoint and not (BigBird(block=16) | SlidingWindow(window=100)).primitives().random_disjoint
+
+
+def test_per_head_selects_each_heads_pattern():
+    plan = PerHead(SlidingWindow(window=3), ((0, Dense()), (2, Strided(stride=3, window=1))))
+    t = 20
+    q, k = torch.arange(t).view(1, -1, 1), torch.arange(t).view(1, 1, -1)
+    got = plan.allowed(q, k, kv_head=torch.arange(4).view(-1, 1, 1))
+    for h, p in enumerate([Dense(), SlidingWindow(window=3), Strided(stride=3, window=1), SlidingWindow(window=3)]):
+        assert torch.equal(got[h], p.allowed(q[0], k[0]))
+        assert torch.equal(plan.allowed(q[0], k[0], kv_head=h), got[h])
+    assert parse_pattern(plan.spec()) == plan and parse_pattern(plan.to_dict()) == plan
+    assert plan.cache_policy() is None  # the dense head keeps everything
+    assert PerHead(SlidingWindow(window=3), ((1, Longformer(window=2, global_tokens=4)),)).cache_policy() == (4, 3)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: PerHead(Dense(), ((0, Dense()), (0, Dense()))), r"head\(s\) \[0\] given twice"),
+    (lambda: PerHead(Dense(), ((-1, Dense()),)), r"integer >= 0, got -1"),
+    (lambda: PerHead(Dense(), ((0, Dense(causal=False)),)), r"must be causal like the default"),
+    (lambda: PerHead(Dense(), ((5, Dense()),)).head_primitives(4), r"KV head\(s\) \[5\], but the layer has 4"),
+    (lambda: parse_pattern("per_head[dense;x=dense]"), r"must look like KV_HEAD=pattern"),
+    (lambda: PerHead(Dense(), ((0, Dense()),)) | Dense(), r"cannot hold a per-head plan"),
+])
+def test_per_head_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@dataclass(frozen=True)
+class _EveryOther(Pattern):
+    """Predicate only: keys of the same parity as the query (a test pattern registered from outside)."""
+
+    causal: bool = option(True)
+    name = "every_other_test"
+
+    def allowed(self, q_idx, k_idx, *, layer=0, kv_head=0, num_keys=None):
+        q, k = torch.as_tensor(q_idx).long(), torch.as_tensor(k_idx).long()
+        return (k >= 0) & (k <= q) & ((q - k) % 2 == 0)
+
+
+def test_register_pattern_from_outside():
+    register_pattern("every_other_test", _EveryOther, replace=True)
+    assert "every_other_test" in registered_patterns()
+    p = parse_pattern("every_other_test")
+    assert isinstance(p, _EveryOther) and p.primitives() is None and p.cache_policy() is None
+    assert parse_pattern(p.spec()) == p
+    twin = dataclass(frozen=True)(type("Twin", (_EveryOther,), {"name": "every_other_test"}))
+    with pytest.raises(ValueError, match=r"'every_other_test' is taken by _EveryOther"):
+        register_pattern("every_other_test", twin)
+    loose = dataclass(type("Loose", (Pattern,), {"name": "loose_test"}))
+    with pytest.raises(ValueError, match=r"must be frozen"):
+        register_pattern("loose_test", loose)
+    with pytest.raises(ValueError, match=r"set the class attribute name = 'other_name'"):
+        register_pattern("other_name", _EveryOther)

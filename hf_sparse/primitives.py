@@ -1,0 +1,126 @@
+"""The primitives the kernels consume, and that patterns compose.
+
+A pattern (:mod:`hf_sparse.patterns`) states *what* a query sees through its predicate
+:meth:`~hf_sparse.Pattern.allowed`. For the block-sparse kernels, the block layouts, the reference
+path and the bounded caches, it also states it as a :class:`Primitives`: a small set of rules that
+the kernels know how to iterate fast. A query at position ``i`` sees key ``j`` (``j <= i`` when
+causal, ``0 <= j``) when any rule that is switched on allows it:
+
+==================  ======================================  ==========================================
+rule                fields                                  causal rule (non-causal in the docstring)
+==================  ======================================  ==========================================
+token band         ``window`` (0: off)                     ``i - window < j``
+block band         ``block``, ``window_blocks`` (0: off)   ``i // block - window_blocks < j // block``
+global prefix      ``global_tokens`` (0: off)              ``j < global_tokens``
+relative stride    ``stride`` (0: off)                     ``(i - j) % stride == 0``
+key columns        ``column_period``, ``column_count``     ``j % column_period >= column_period -
+                                                            column_count``
+extra key blocks   ``random_blocks`` (0: off), its source  ``j // block`` is one of the blocks that
+                                                            ``random_source.random_table`` lists for
+                                                            ``(layer, kv_head, i // block)``
+==================  ======================================  ==========================================
+
+Non-causal: the bands are symmetric (``|i - j| < window``, ``|qb - kb| < window_blocks``), and a query
+inside the global prefix (``i < global_tokens``) sees every key. Strides and columns are causal only.
+
+The union of two patterns is the union of their rules: :meth:`Primitives.union` merges two sets of
+primitives when the result is again one set (the larger band, the longer prefix, at most one stride,
+one column rule and one source of extra blocks), and returns ``None`` otherwise; such a pattern then
+runs on the reference path only. No kernel, launcher or cache names a pattern class: they read these
+fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+__all__ = ["Primitives", "DENSE_WINDOW", "MAX_POSITION"]
+
+#: Positions are below this bound on every path (the kernels' int32 arithmetic).
+MAX_POSITION = 2**30
+#: A token band this wide covers every earlier key: dense attention.
+DENSE_WINDOW = MAX_POSITION
+
+
+@dataclass(frozen=True)
+class Primitives:
+    """The rules of one pattern for one KV head (see the module docstring)."""
+
+    causal: bool = True
+    window: int = 0
+    block: int = 0
+    window_blocks: int = 0
+    global_tokens: int = 0
+    stride: int = 0
+    column_period: int = 0
+    column_count: int = 0
+    random_blocks: int = 0
+    # the pattern whose ``random_table(layer=, kv_heads=, num_q_blocks=, num_k_blocks=, device=)`` lists the
+    # extra key blocks, ``[kv_heads, num_q_blocks, random_blocks]`` (``-1`` = none, valid entries first)
+    random_source: Any = None
+    # True when the extra blocks never hold a key another rule already shows (BigBird draws them so):
+    # the kernels then visit them without a mask; otherwise they mask out what the other rules show
+    random_disjoint: bool = False
+
+    # -- derived facts ---------------------------------------------------------------------------
+    @property
+    def reaches_everywhere(self) -> bool:
+        """True when some query far from a key may still see it through a rule other than the prefix:
+        a stride, key columns, extra blocks, or a dense band."""
+        return bool(self.stride or self.column_count or self.random_blocks or self.window >= DENSE_WINDOW)
+
+    @property
+    def block_structured(self) -> bool:
+        """True when rules work in blocks of ``block`` tokens (a kernel tile may not straddle a block)."""
+        return bool(self.window_blocks or self.random_blocks)
+
+    def bounded_cache(self) -> tuple[int, int] | None:
+        """``(sinks, window)`` when decoding needs only the first ``sinks`` tokens and the last ``window``
+        tokens (the query's own included); ``None`` when a later query may see any earlier key."""
+        if not self.causal or self.reaches_everywhere or self.window_blocks:
+            return None
+        if self.window == 0 and self.global_tokens == 0:
+            return None
+        return self.global_tokens, self.window
+
+    def chunk(self) -> int:
+        """Query chunk of the reference path: one block for block-structured rules, else 256 rows."""
+        return self.block if self.block_structured else 256
+
+    # -- composition -----------------------------------------------------------------------------
+    def union(self, other: Primitives) -> Primitives | None:
+        """The primitives of the union of two patterns, or ``None`` when one set cannot express it."""
+        if self.causal != other.causal:
+            return None
+        blocks = {b for p in (self, other) if p.block_structured for b in (p.block,)}
+        if len(blocks) > 1:
+            return None
+        if self.random_blocks and other.random_blocks:
+            return None
+        if self.stride and other.stride and self.stride != other.stride:
+            return None
+        cols = {(p.column_period, p.column_count) for p in (self, other) if p.column_count}
+        if len(cols) > 1:
+            return None
+        if not self.causal and (self.window and other.window_blocks or self.window_blocks and other.window):
+            return None  # the kernels merge a token band and a block band in causal patterns only
+        rnd = self if self.random_blocks else other
+        period, count = next(iter(cols)) if cols else (0, 0)
+        merged = Primitives(
+            causal=self.causal,
+            window=max(self.window, other.window),
+            block=blocks.pop() if blocks else 0,
+            window_blocks=max(self.window_blocks, other.window_blocks),
+            global_tokens=max(self.global_tokens, other.global_tokens),
+            stride=self.stride or other.stride,
+            column_period=period,
+            column_count=count,
+            random_blocks=rnd.random_blocks,
+            random_source=rnd.random_source,
+        )
+        # extra blocks stay disjoint only if nothing was added beside the rules they were drawn against
+        solo = rnd if rnd.random_blocks else None
+        disjoint = solo is not None and solo.random_disjoint and replace(merged, random_disjoint=False) == replace(
+            solo, random_disjoint=False)
+        return replace(merged, random_disjoint=disjoint)
