@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from .ops import triton_supports, validate_qkv
-from .patterns import BigBird, Pattern, parse_pattern
+from .ops import resolve_backend, validate_qkv
+from .patterns import Pattern, parse_pattern
 
 __all__ = ["attention_with_positions"]
 
@@ -101,8 +101,7 @@ def attention_with_positions(
     q_pos, k_pos = q_pos.long(), k_pos.long()
     if tq == 0 or tk == 0:
         return q.new_zeros((b, hq, tq, dv))
-    per_head = isinstance(pat, BigBird) and pat.random_blocks > 0
-    kv_head = torch.arange(hkv, device=q.device).view(1, hkv, 1, 1) if per_head else 0
+    kv_head = torch.arange(hkv, device=q.device).view(1, hkv, 1, 1)  # head-free patterns broadcast over it
     kt = k.to(acc).transpose(-1, -2)  # [B, Hkv, D, Tk]
     va = v.to(acc)
     chunk = max(1, min(tq, _SCORE_BUDGET // max(1, b * hq * tk)))
@@ -130,26 +129,22 @@ def attention_with_positions(
     return (chunks[0] if len(chunks) == 1 else torch.cat(chunks, 2)).to(q.dtype)
 
 
-def _decode_kernel_unfit(q, k, v, pat: Pattern) -> str | None:
-    """``None`` when the Triton decode kernel can run these inputs, else why not."""
-    reason = triton_supports(q, k)
-    if reason is not None:
-        return reason
-    if isinstance(pat, BigBird):
-        return "BigBird decodes over its full-history cache with the prefill kernels, not by positions"
-    if v.shape[-1] != q.shape[-1]:
-        return f"value head dim {v.shape[-1]} differs from the query head dim {q.shape[-1]}"
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        return "gradients are needed and the decode kernel has no backward"
-    return None
-
-
 def _use_decode_kernel(backend: str, q, k, v, pat: Pattern) -> bool:
+    """Whether the Triton decode kernel serves this call (through :func:`hf_sparse.ops.resolve_backend`)."""
     if backend in ("reference", "dense"):
         return False
     if backend not in ("auto", "triton"):
         raise ValueError(f"backend={backend!r} is not one of auto, triton, reference, dense")
-    reason = _decode_kernel_unfit(q, k, v, pat)
-    if backend == "triton" and reason is not None:
-        raise ValueError(f"backend='triton' cannot run this decode: {reason}. Use backend='auto' or 'reference'.")
-    return reason is None and (backend == "triton" or q.is_cuda)
+    reason = None
+    if v.shape[-1] != q.shape[-1]:
+        reason = f"value head dim {v.shape[-1]} differs from the query head dim {q.shape[-1]}"
+    elif any(p is not None and p.random_blocks for p in pat.head_primitives(k.shape[1])):
+        reason = "patterns with extra (random) blocks decode over their full history with the prefill kernels"
+    elif torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        reason = "gradients are needed and the decode kernel has no backward"
+    if reason is not None:
+        if backend == "triton":
+            raise ValueError(f"backend='triton' cannot run this decode: {reason}. Use backend='auto' or 'reference'.")
+        return False
+    chosen = resolve_backend("triton" if backend == "triton" else "auto", q, k, pat, what="this decode")
+    return chosen == "triton" and (backend == "triton" or q.is_cuda)

@@ -17,7 +17,7 @@ import torch
 from .patterns import Pattern, parse_pattern
 from .reference import SeqLayout, blockwise_backward, blockwise_forward, dense_attention
 
-__all__ = ["sparse_attention", "padding_layout", "triton_supports", "BACKENDS"]
+__all__ = ["sparse_attention", "padding_layout", "triton_supports", "resolve_backend", "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "reference", "dense")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -41,8 +41,8 @@ def _triton_importable() -> bool:
     return True
 
 
-def triton_supports(q: torch.Tensor, k: torch.Tensor) -> str | None:
-    """``None`` when the Triton kernels can run these inputs, else the reason they cannot."""
+def triton_supports(q: torch.Tensor, k: torch.Tensor, pattern: Pattern | None = None) -> str | None:
+    """``None`` when the Triton kernels can run these inputs (and ``pattern``), else the reason they cannot."""
     if not _triton_importable():
         return "triton is not installed"
     if not (q.is_cuda or _interpreting()):
@@ -52,6 +52,10 @@ def triton_supports(q: torch.Tensor, k: torch.Tensor) -> str | None:
         return f"head_dim {d} is larger than the kernels' 256"
     if q.dtype == torch.float64:
         return "float64 inputs run on the reference path"
+    if pattern is not None:
+        from .kernels.plan import kernel_unfit
+
+        return kernel_unfit(pattern, k.shape[1])
     return None
 
 
@@ -261,7 +265,7 @@ def sparse_attention(
     if backend == "dense":
         return dense_attention(q, k, v, pat, scale=scale, softcap=softcap, key_padding_mask=key_padding_mask,
                                q_offset=q_offset, layer=layer)
-    chosen = _resolve_backend(backend, q, k)
+    chosen = resolve_backend(backend, q, k, pat)
     k_shift = k_len = None
     if key_padding_mask is not None:
         k_shift, k_len = padding_layout(key_padding_mask, check=check_padding)
@@ -273,13 +277,19 @@ def sparse_attention(
     return _forward_impl(q, k, v, *args)[0]
 
 
-def _resolve_backend(backend: str, q: torch.Tensor, k: torch.Tensor) -> str:
+def resolve_backend(backend: str, q: torch.Tensor, k: torch.Tensor, pattern: Pattern, *, what: str = "") -> str:
+    """The one place a backend is chosen: ``"triton"`` or ``"reference"`` (``"dense"`` is the caller's).
+
+    ``"triton"`` that cannot run (no Triton, CPU tensors, a pattern without kernel primitives) raises a
+    ``ValueError`` saying why; ``"auto"`` takes Triton on CUDA when it can, else the reference (with a
+    one-time warning on CUDA). ``what`` names the call in messages (e.g. ``"this decode"``)."""
     if backend == "reference":
         return "reference"
-    reason = triton_supports(q, k)
+    reason = triton_supports(q, k, pattern)
     if backend == "triton":
         if reason is not None:
-            raise ValueError(f"backend='triton' cannot run here: {reason}. Use backend='auto' or 'reference'.")
+            where = f" {what}" if what else " here"
+            raise ValueError(f"backend='triton' cannot run{where}: {reason}. Use backend='auto' or 'reference'.")
         return "triton"
     # auto
     if reason is None and q.is_cuda:

@@ -141,7 +141,7 @@ def main(argv=None) -> int:
                 K.backward(q, q, k, k, q, lse, pat, scale=0.1, k_shift=ks, k_len=kl)
                 if "decode" in args.kernels:  # a decode step over the prefill layout (any pattern)
                     K.forward(q[:, :, :1], k, k, pat, scale=0.1, k_shift=ks, k_len=kl, q_offset=255)
-                if "decode" in args.kernels and not varlen and K.kernel_params(pat)["KIND"] == 0:
+                if "decode" in args.kernels and not varlen and K.kernel_plan(pat, k.shape[1]).r == 0:
                     # one decode step by positions over 4096 slots (GQA packed), and the ring write of a bounded cache
                     kc = torch.zeros(1, 2, 4096, d, dtype=dtype)
                     K.decode_forward(q[:, :, :1], kc, kc, torch.zeros(1, 1, dtype=torch.long),

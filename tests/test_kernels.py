@@ -362,7 +362,7 @@ def test_decode_kernel_refusals_say_why():
 
     q, k, v, _ = _qkv(1, 4, 2, 20, 16, seed=2)
     pos = torch.arange(20).view(1, 20)
-    with pytest.raises(ValueError, match="backend='triton' cannot run this decode: BigBird"):
+    with pytest.raises(ValueError, match="backend='triton' cannot run this decode: patterns with extra .random. blocks"):
         attention_with_positions(q, k, v, BigBird(block=16), q_pos=pos, k_pos=pos, backend="triton")
     with pytest.raises(ValueError, match="gradients are needed"):
         attention_with_positions(q.requires_grad_(), k, v, "dense", q_pos=pos, k_pos=pos, backend="triton")

@@ -1,33 +1,34 @@
 """Host launchers for the Triton kernels (host logic only: shapes, tables, grids, configs).
 
-``forward`` returns ``(out, lse)`` and ``backward`` returns ``(dq, dk, dv)`` for any pattern of
-:mod:`hf_sparse.patterns`; ``forward`` hands calls with few queries to the decode kernel
+``forward`` returns ``(out, lse)`` and ``backward`` returns ``(dq, dk, dv)`` for any pattern whose rules
+are :class:`~hf_sparse.primitives.Primitives` (read through :mod:`.plan`, never by pattern class); ``forward`` hands calls with few queries to the decode kernel
 (:mod:`hf_sparse.kernels.decode`), which also serves ``decode_forward`` (keys by explicit positions)
 and ``ring_append`` (one decode step's write into a bounded cache). Nothing here allocates more than ``O(T * D)`` per head: the only tables
-are BigBird's ``[Hkv, num_q_blocks, R]`` random blocks and their reverse (CSR) form.
+are the extra (random) blocks ``[Hkv, num_q_blocks, R]`` and their reverse (CSR) form, and a per-head
+plan's ``[Hkv, 8]`` rule table.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping
-from types import MappingProxyType
 
 import torch
 import triton
 
-from ..patterns import BigBird, Dense, Longformer, Pattern, SlidingWindow, ceil_div
+from ..layout import random_table
+from ..patterns import Pattern, ceil_div
 from .attention import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess, _dkdv_global_finish, _fwd_kernel
 from .configs import KernelConfig, pack_setting, pick_config, tma_setting
 from .decode import _decode_combine, _decode_kernel, _ring_append_kernel
+from .plan import KernelPlan, head_table, kernel_plan, kernel_unfit
 
 try:  # host-side tensor descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older Triton: pointer loads only
     TensorDescriptor = None
 
-__all__ = ["forward", "backward", "decode_forward", "ring_append", "kernel_params"]
+__all__ = ["forward", "backward", "decode_forward", "ring_append", "kernel_plan", "kernel_unfit"]
 
 _BIG = 2**30
 # dK/dV of a key tile with global keys is split over programs of about this many query tiles each
@@ -56,33 +57,11 @@ def _programs_to_fill(device: torch.device) -> int:
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@functools.lru_cache(maxsize=256)
-def kernel_params(pattern: Pattern) -> Mapping[str, int]:
-    """Map a pattern onto the kernel's arguments (KIND 0: token window + globals, 1: BigBird); cached,
-    read-only."""
-    return MappingProxyType(_kernel_params(pattern))
-
-
-def _kernel_params(pattern: Pattern) -> dict:
-    # KIND 0 ignores BLK; it only has to be a multiple of every tile size
-    if isinstance(pattern, Dense):
-        return dict(KIND=0, W=_BIG, G=0, WB=0, BLK=256, R=0)
-    if isinstance(pattern, SlidingWindow):
-        return dict(KIND=0, W=pattern.window, G=0, WB=0, BLK=256, R=0)
-    if isinstance(pattern, Longformer):
-        return dict(KIND=0, W=pattern.window, G=pattern.global_tokens, WB=0, BLK=256, R=0)
-    if isinstance(pattern, BigBird):
-        return dict(KIND=1, W=_BIG, G=pattern.global_blocks * pattern.block, WB=pattern.window_blocks,
-                    BLK=pattern.block, R=pattern.random_blocks)
-    raise TypeError(f"no kernel for pattern type {type(pattern).__name__}")
-
-
 @functools.lru_cache(maxsize=64)
-def _random_tables(pattern: BigBird, layer: int, kv_heads: int, nqb: int, nkb: int, device: str):
+def _random_tables(pattern: Pattern, layer: int, kv_heads: int, nqb: int, nkb: int, device: str):
     """Forward table ``[Hkv, nqb, R]`` and its reverse ``(ptr [Hkv, nkb + 1], idx [Hkv, max])``."""
-    table = pattern.random_table(layer=layer, kv_heads=kv_heads, num_q_blocks=nqb,
-                                 num_k_blocks=None if pattern.causal else nkb, device=device)
-    table = torch.where(table < nkb, table, torch.full_like(table, -1)).contiguous()
+    table = random_table(pattern, layer=layer, kv_heads=kv_heads, num_q_blocks=nqb, num_k_blocks=nkb, device=device)
+    table = torch.where(table < nkb, table, torch.full_like(table, -1)).to(torch.int32).contiguous()
     t = table.long()
     heads = torch.arange(kv_heads, device=device).view(-1, 1, 1).expand_as(t)
     qbs = torch.arange(nqb, device=device).view(1, -1, 1).expand_as(t)
@@ -105,17 +84,17 @@ def _random_tables(pattern: BigBird, layer: int, kv_heads: int, nqb: int, nkb: i
 
 
 @functools.lru_cache(maxsize=64)
-def _shared_tables(pattern: BigBird, layer: int, hkv: int, nqb: int, nkb: int, device: str):
+def _shared_tables(pattern: Pattern, layer: int, hkv: int, nqb: int, nkb: int, device: str):
     """The tables of every batch row: a leading dimension of 1 (read with stride 0 over the batch)."""
     return tuple(t.unsqueeze(0) for t in _random_tables(pattern, layer, hkv, nqb, nkb, device))
 
 
-def _tables_for(pattern: BigBird, layer: int, hkv: int, nqb: int, nkb: int, k_len, device: str):
-    """Random tables with a batch dimension: shared (stride 0) unless non-causal BigBird draws per row."""
+def _tables_for(pattern: Pattern, blk: int, layer: int, hkv: int, nqb: int, nkb: int, k_len, device: str):
+    """Random tables with a batch dimension: shared (stride 0) unless a non-causal draw differs per row."""
     if pattern.causal or k_len is None:
         return _shared_tables(pattern, layer, hkv, nqb, nkb, device)
     # non-causal: each row draws from its own number of key blocks
-    rows = [_random_tables(pattern, layer, hkv, nqb, max(ceil_div(int(n), pattern.block), 1), device)
+    rows = [_random_tables(pattern, layer, hkv, nqb, max(ceil_div(int(n), blk), 1), device)
             for n in k_len.tolist()]
     # a row's key blocks past its own length are never visited, so zero padding is never read
     width = max(r[2].shape[1] for r in rows)
@@ -125,21 +104,26 @@ def _tables_for(pattern: BigBird, layer: int, hkv: int, nqb: int, nkb: int, k_le
     return table, ptr, idx
 
 
+def _tables(plan: KernelPlan, pattern: Pattern, layer: int, hkv: int, tq_end: int, tk: int, k_len, device):
+    """The extra-block tables (forward, reverse pointers, reverse indices), or one-element dummies."""
+    if not plan.r:
+        dummy = _dummy(device)
+        return dummy.view(1, 1, 1, 1), dummy.view(1, 1, 1), dummy.view(1, 1, 1)
+    nqb = max(ceil_div(tq_end, plan.blk), 1)
+    nkb = max(ceil_div(tk, plan.blk), 1)
+    return _tables_for(pattern, plan.blk, layer, hkv, nqb, nkb, k_len, str(device))
+
+
 def _common(q, k, pattern, layer, q_offset, k_shift, k_len):
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
-    p = kernel_params(pattern)
+    plan = kernel_plan(pattern, hkv)
     varlen = k_shift is not None
     dummy = _dummy(q.device)
-    tables = (dummy.view(1, 1, 1, 1), dummy.view(1, 1, 1), dummy.view(1, 1, 1))
-    if p["R"]:
-        nqb = max(ceil_div(q_offset + tq, p["BLK"]), 1)
-        nkb = max(ceil_div(tk, p["BLK"]), 1)
-        tables = _tables_for(pattern, layer, hkv, nqb, nkb, k_len, str(q.device))
     return dict(
-        b=b, hq=hq, hkv=hkv, tq=tq, tk=tk, d=d, p=p, varlen=varlen,
+        b=b, hq=hq, hkv=hkv, tq=tq, tk=tk, d=d, plan=plan, varlen=varlen, hp=head_table(plan, q.device),
         k_shift=k_shift if varlen else dummy, k_len=k_len if varlen else dummy,
-        tables=tables,
+        tables=_tables(plan, pattern, layer, hkv, q_offset + tq, tk, k_len, q.device),
         block_d=max(triton.next_power_of_2(d), 16),
     )
 
@@ -183,15 +167,16 @@ def _descs(use: bool, rows: int, block_d: int, *tensors: torch.Tensor) -> list:
 
 
 def _cfg(kernel: str, c: dict, dtype: torch.dtype) -> KernelConfig:
-    return pick_config(kernel, head_dim=c["d"], kind=c["p"]["KIND"], blk=c["p"]["BLK"], dtype=dtype,
+    return pick_config(kernel, head_dim=c["d"], kind=c["plan"].config_kind, blk=c["plan"].blk, dtype=dtype,
                        interpret=_interpret())
 
 
 def _shared_constexprs(c: dict, pattern: Pattern, softcap: float) -> dict:
     """The compile-time arguments the forward, dQ and dK/dV kernels share."""
-    p = c["p"]
-    return dict(KIND=p["KIND"], CAUSAL=pattern.causal, VARLEN=c["varlen"], HAS_SOFTCAP=bool(softcap),
-                GROUP=c["hq"] // c["hkv"], R=p["R"], BLK=p["BLK"], HEAD_DIM=c["d"], BLOCK_D=c["block_d"])
+    plan = c["plan"]
+    return dict(KIND=plan.kind, CAUSAL=plan.causal, VARLEN=c["varlen"], HAS_SOFTCAP=bool(softcap),
+                GROUP=c["hq"] // c["hkv"], R=plan.r, BLK=plan.blk, HEAD_DIM=c["d"], BLOCK_D=c["block_d"],
+                PER_HEAD=plan.per_head is not None)
 
 
 def _query_side_launch(c: dict, cfg: KernelConfig, pattern: Pattern, q_offset: int) -> tuple[tuple, dict]:
@@ -204,7 +189,7 @@ def _query_side_launch(c: dict, cfg: KernelConfig, pattern: Pattern, q_offset: i
     setting = pack_setting()
     pack = c["hq"] // c["hkv"] if (cfg.pack if setting is None else setting) else 1
     grid = (ceil_div(c["tq"] * pack, cfg.block_m) + 1, c["b"] * c["hq"] // pack)
-    past_keys = bool(c["p"]["R"]) and pattern.causal and q_offset + c["tq"] > c["tk"]
+    past_keys = bool(c["plan"].r) and pattern.causal and q_offset + c["tq"] > c["tk"]
     return grid, dict(PACK=pack, PAST_KEYS=past_keys, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                       **cfg.launch_options())
 
@@ -215,7 +200,7 @@ def forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_
         return _decode(q, k, v, pattern, scale=scale, softcap=softcap, k_shift=k_shift, k_len=k_len,
                        q_offset=q_offset, layer=layer)
     c = _common(q, k, pattern, layer, q_offset, k_shift, k_len)
-    p = c["p"]
+    rules = c["plan"].rules
     # rows that no tile covers (padding) must read as zero output and +inf log-sum-exp
     if c["varlen"]:
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
@@ -228,10 +213,10 @@ def forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_
     grid, launch = _query_side_launch(c, cfg, pattern, q_offset)
     tma = _use_tma(c, cfg, k, v)
     _fwd_kernel[grid](
-        q, k, v, out, lse, c["k_shift"], c["k_len"], table, *_descs(tma, cfg.block_n, c["block_d"], k, v),
+        q, k, v, out, lse, c["k_shift"], c["k_len"], table, c["hp"], *_descs(tma, cfg.block_n, c["block_d"], k, v),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), table.stride(2),
-        c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap,
+        c["tq"], c["tk"], q_offset, c["hq"], *rules, scale, softcap,
         **_shared_constexprs(c, pattern, softcap), USE_TMA=tma, **launch,
     )
     return out, lse
@@ -240,7 +225,7 @@ def forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_
 def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_shift=None,
              k_len=None, q_offset: int = 0, layer: int = 0):
     c = _common(q, k, pattern, layer, q_offset, k_shift, k_len)
-    p = c["p"]
+    rules = c["plan"].rules
     do = do.contiguous() if do.stride(-1) != 1 else do
     delta = torch.empty((c["b"], c["hq"], c["tq"]), dtype=torch.float32, device=q.device)
     pre_m = 64 if not _interpret() else 16
@@ -257,16 +242,17 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
     tma = _use_tma(c, cfg, k, v)
     grid, launch = _query_side_launch(c, cfg, pattern, q_offset)
     _bwd_dq_kernel[grid](
-        q, k, v, do, dq, lse, delta, c["k_shift"], c["k_len"], table, *_descs(tma, cfg.block_n, c["block_d"], k, v),
+        q, k, v, do, dq, lse, delta, c["k_shift"], c["k_len"], table, c["hp"],
+        *_descs(tma, cfg.block_n, c["block_d"], k, v),
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), table.stride(2),
-        c["tq"], c["tk"], q_offset, c["hq"], p["W"], p["G"], p["WB"], scale, softcap,
+        c["tq"], c["tk"], q_offset, c["hq"], *rules, scale, softcap,
         **common, USE_TMA=tma, **launch,
     )
     cfg = _cfg("dkdv", c, q.dtype)
     tma = _use_tma(c, cfg, q, do, k, v) and not c["varlen"]  # padded query rows must not be read unmasked
     nkt = ceil_div(c["tk"], cfg.block_n)
-    n_global = ceil_div(min(p["G"], c["tk"]), cfg.block_n)  # key tiles holding global keys
+    n_global = ceil_div(min(c["plan"].g_max, c["tk"]), cfg.block_n)  # key tiles holding global keys (any head's)
     nsplit = max(1, min(_MAX_SPLITS, ceil_div(ceil_div(c["tq"], cfg.block_m), _SPLIT_TILES)))
     gp = n_global * cfg.block_n
     if n_global:
@@ -275,12 +261,12 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
     else:
         dkacc = dvacc = torch.zeros(1, dtype=torch.float32, device=q.device)  # unused
     _bwd_dkdv_kernel[(nkt + n_global * nsplit, c["b"] * c["hkv"])](
-        q, k, v, do, dk, dv, lse, delta, c["k_shift"], c["k_len"], ptr, idx,
+        q, k, v, do, dk, dv, lse, delta, c["k_shift"], c["k_len"], ptr, idx, c["hp"],
         *_descs(tma, cfg.block_m, c["block_d"], q, do), *_descs(tma, cfg.block_n, c["block_d"], k, v), dkacc, dvacc,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         ptr.stride(0) if ptr.shape[0] > 1 else 0, ptr.stride(1), idx.stride(0) if idx.shape[0] > 1 else 0,
         idx.stride(1),
-        c["tq"], c["tk"], q_offset, c["hq"], c["hkv"], p["W"], p["G"], p["WB"], scale, softcap, nkt, nsplit, gp,
+        c["tq"], c["tk"], q_offset, c["hq"], c["hkv"], *rules, scale, softcap, nkt, nsplit, gp, n_global,
         **common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma, SPLIT_GLOBAL=n_global > 0,
         **cfg.launch_options(),
     )
@@ -299,14 +285,10 @@ def _decode(q, k, v, pattern: Pattern, *, scale: float, softcap: float, q_pos=No
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     group = hq // hkv
-    p = kernel_params(pattern)
+    plan = kernel_plan(pattern, hkv)
     positions = q_pos is not None
     dummy = _dummy(q.device)
-    table = dummy.view(1, 1, 1, 1)
-    if p["R"]:
-        nqb = max(ceil_div(q_offset + tq, p["BLK"]), 1)
-        nkb = max(ceil_div(tk, p["BLK"]), 1)
-        table = _tables_for(pattern, layer, hkv, nqb, nkb, k_len, str(q.device))[0]
+    table = _tables(plan, pattern, layer, hkv, q_offset + tq, tk, k_len, q.device)[0]
     block_d = max(triton.next_power_of_2(d), 16)
     interpret = _interpret()
     if interpret:
@@ -327,13 +309,14 @@ def _decode(q, k, v, pattern: Pattern, *, scale: float, softcap: float, q_pos=No
         q_pos = k_pos = dummy.view(1, 1)
     varlen = k_shift is not None
     _decode_kernel[(m_tiles, b * hkv, nsplit)](
-        q, k, v, q_pos, k_pos, k_shift if varlen else dummy, k_len if varlen else dummy, table, opart, mpart, lpart,
+        q, k, v, q_pos, k_pos, k_shift if varlen else dummy, k_len if varlen else dummy, table, head_table(plan, q.device),
+        opart, mpart, lpart,
         *q.stride(), *k.stride(), *v.stride(), q_pos.stride(0), k_pos.stride(0),
         table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), table.stride(2),
-        tq, tk, q_offset, hkv, nsplit, per_split, p["W"], p["G"], p["WB"], scale, softcap,
-        POSITIONS=positions, VARLEN=varlen, KIND=p["KIND"], CAUSAL=pattern.causal, HAS_SOFTCAP=bool(softcap),
-        GROUP=group, R=p["R"], BLK=p["BLK"], HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=warps, num_stages=stages,
+        tq, tk, q_offset, hkv, nsplit, per_split, *plan.rules, scale, softcap,
+        POSITIONS=positions, VARLEN=varlen, KIND=plan.kind, CAUSAL=plan.causal, HAS_SOFTCAP=bool(softcap),
+        GROUP=group, R=plan.r, BLK=plan.blk, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        PER_HEAD=plan.per_head is not None, num_warps=warps, num_stages=stages,
     )
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, tq), dtype=torch.float32, device=q.device)
@@ -348,10 +331,10 @@ def _decode(q, k, v, pattern: Pattern, *, scale: float, softcap: float, q_pos=No
 def decode_forward(q, k, v, q_pos, k_pos, pattern: Pattern, *, scale: float, softcap: float = 0.0):
     """Attention of ``q [B, Hq, Tq, D]`` over key slots ``k, v [B, Hkv, S, D]`` whose positions are
     ``k_pos [B, S]`` (``-1`` = empty), queries at ``q_pos [B, Tq]`` (``-1`` = padding, output zero).
-    Window, global and dense patterns; GQA packed, split over the slots."""
-    if kernel_params(pattern)["R"]:
-        raise NotImplementedError("decode by positions takes dense, window and Longformer patterns; BigBird decodes "
-                                  "over its full history with sparse_attention")
+    Every pattern without extra (random) blocks; GQA packed, split over the slots."""
+    if kernel_plan(pattern, k.shape[1]).r:
+        raise NotImplementedError("decode by positions takes patterns without extra (random) blocks; those decode "
+                                  "over their full history with sparse_attention")
     return _decode(q, k, v, pattern, scale=scale, softcap=softcap, q_pos=q_pos, k_pos=k_pos)[0]
 
 

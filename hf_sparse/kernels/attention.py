@@ -47,22 +47,43 @@ def _tanh(x):
     return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
 
 
+# KIND: the bits of a constexpr that say which rules a specialisation compiles in (the host's kernel plan,
+# hf_sparse.kernels.plan, sets them): 1 token band (i - W < j; non-causal |i - j| < W), 2 block band
+# (i // BLK - WB < j // BLK; non-causal symmetric), 4 stride ((i - j) % S == 0 for S > 0), 8 key columns
+# (j % CP >= CP - CC for CC > 0), 16 RAND_MASKED (the extra blocks may hold keys another rule shows: they are
+# visited masked, counting only the keys no rule shows). Globals (j < G) are always compiled in.
+
+
 @triton.jit
-def _visible(qp, kp, k_len, W, G, WB, KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr):
-    """Token-level predicate for window and global keys (random blocks are handled elsewhere)."""
+def _head_rules(HP, hk):
+    """Per-KV-head rule values ``W, G, WB, S, CP, CC`` of a per-head plan (row ``hk`` of ``[Hkv, 8]`` int32)."""
+    row = HP + hk * 8
+    return (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
+            tl.load(row + 5))
+
+
+@triton.jit
+def _visible(qp, kp, k_len, W, G, WB, S, CP, CC, KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr):
+    """Token-level predicate of the rules (extra/random blocks are handled by the loops)."""
     qp2 = qp[:, None]
     kp2 = kp[None, :]
-    if KIND == 0:
+    vis = kp2 < G
+    if KIND & 1:
         inwin = kp2 > qp2 - W
         if not CAUSAL:
             inwin = inwin & (kp2 < qp2 + W)
-    else:
+        vis = vis | inwin
+    if KIND & 2:
         qb = qp2 // BLK
         kb = kp2 // BLK
-        inwin = kb > qb - WB
+        inb = kb > qb - WB
         if not CAUSAL:
-            inwin = inwin & (kb < qb + WB)
-    vis = inwin | (kp2 < G)
+            inb = inb & (kb < qb + WB)
+        vis = vis | inb
+    if KIND & 4:
+        vis = vis | ((S > 0) & ((qp2 - kp2) % tl.maximum(S, 1) == 0))
+    if KIND & 8:
+        vis = vis | ((CC > 0) & (kp2 % tl.maximum(CP, 1) >= CP - CC))
     if CAUSAL:
         vis = vis & (kp2 <= qp2)
     else:
@@ -71,28 +92,36 @@ def _visible(qp, kp, k_len, W, G, WB, KIND: tl.constexpr, CAUSAL: tl.constexpr, 
 
 
 @triton.jit
-def _query_tile_ranges(m_lo, m_hi, k_len, W, G, WB,
+def _query_tile_ranges(m_lo, m_hi, k_len, W, G, WB, S, CP, CC,
                        KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key-tile ranges for the query positions ``[m_lo, m_hi)``: globals, then a, e, f, w_end."""
-    if KIND == 0:
+    """Key-tile ranges for the query positions ``[m_lo, m_hi)``: globals, then a, e, f, w_end.
+
+    The bands give the window ``[win_lo, win_hi)`` and its unmasked interior ``[full_lo, full_hi)``; a
+    token band and a block band together (causal) take the union of both. A stride or key columns reach
+    every earlier key: the window then starts at 0, masked outside the bands' interior."""
+    if CAUSAL:
+        win_hi = tl.minimum(m_hi, k_len)
+        full_hi = _floor_to(tl.minimum(m_lo + 1, k_len), BLOCK_N)
+    if KIND & 1:
         win_lo = tl.maximum(m_lo - W + 1, 0)
-        if CAUSAL:
-            win_hi = tl.minimum(m_hi, k_len)
-            full_hi = _floor_to(tl.minimum(m_lo + 1, k_len), BLOCK_N)
-        else:
+        full_lo = _ceil_to(tl.maximum(m_hi - W, 0), BLOCK_N)
+        if not CAUSAL:
             win_hi = tl.minimum(m_hi - 1 + W, k_len)
             full_hi = _floor_to(tl.minimum(m_lo + W, k_len), BLOCK_N)
-        full_lo = _ceil_to(tl.maximum(m_hi - W, 0), BLOCK_N)
-    else:
+    if KIND & 2:
         qb = m_lo // BLK
-        win_lo = tl.maximum((qb - WB + 1) * BLK, 0)
-        full_lo = win_lo
-        if CAUSAL:
-            win_hi = tl.minimum(m_hi, k_len)
-            full_hi = _floor_to(tl.minimum(m_lo + 1, k_len), BLOCK_N)
+        b_lo = tl.maximum((qb - WB + 1) * BLK, 0)
+        if KIND & 1:  # (causal only: the host refuses two non-causal bands)
+            win_lo = tl.minimum(win_lo, b_lo)
+            full_lo = tl.minimum(full_lo, b_lo)
         else:
-            win_hi = tl.minimum((qb + WB) * BLK, k_len)
-            full_hi = _floor_to(win_hi, BLOCK_N)
+            win_lo = b_lo
+            full_lo = b_lo
+            if not CAUSAL:
+                win_hi = tl.minimum((qb + WB) * BLK, k_len)
+                full_hi = _floor_to(win_hi, BLOCK_N)
+    if KIND & 12:
+        win_lo = tl.where((S > 0) | (CC > 0), 0, win_lo)
     if not CAUSAL:
         if m_lo < G:  # global query rows see every key: take all tiles, masked
             win_lo = 0
@@ -147,6 +176,16 @@ def _tma_tile(desc, b, h, row0, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _rand_visible(vis, is_rand, k_ok, KIND: tl.constexpr):
+    """Visibility on a tile visited as an extra (random) block: the whole block, or -- when the blocks may
+    hold keys another rule shows (``RAND_MASKED``) -- only the keys no rule shows, since the rule's own
+    visit of that tile counts the others (each pair is counted once)."""
+    if KIND & 16:
+        return tl.where(is_rand, k_ok & (vis == 0), vis)
+    return vis | (is_rand & k_ok)
+
+
+@triton.jit
 def _count_valid(RPTR, R: tl.constexpr):
     """Number of valid (>= 0) entries of a random-block row (the valid ones come first)."""
     n = 0
@@ -160,7 +199,7 @@ def _count_valid(RPTR, R: tl.constexpr):
 @triton.jit
 def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
               desc_k, desc_v, b, hk, k_shift,
-              offs_n, offs_d, qp, k_len, W, G, WB, qk_scale, softcap,
+              offs_n, offs_d, qp, k_len, W, G, WB, S, CP, CC, qk_scale, softcap,
               a0, na, RPTR, n_rand, b0, nb, c0, n_total,
               KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -189,9 +228,9 @@ def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
         elif MASKED:
             s = qk * (qk_scale * 1.4426950408889634)
         if MASKED:
-            vis = _visible(qp, kp, k_len, W, G, WB, KIND, CAUSAL, BLK)
+            vis = _visible(qp, kp, k_len, W, G, WB, S, CP, CC, KIND, CAUSAL, BLK)
             if HAS_RAND:
-                vis = vis | (is_rand & k_ok[None, :])  # a random block is visible whole (non-causal tiles)
+                vis = _rand_visible(vis, is_rand, k_ok[None, :], KIND)
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -293,7 +332,7 @@ def _query_program(H, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN: tl.constexpr, GROU
 
 
 @triton.jit
-def _query_side_plan(m_lo_eff, m_hi, k_len, W, G, WB, RAND, hk, stride_rh, stride_rq,
+def _query_side_plan(m_lo_eff, m_hi, k_len, W, G, WB, S, CP, CC, RAND, hk, stride_rh, stride_rq,
                      KIND: tl.constexpr, CAUSAL: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
                      BLOCK_N: tl.constexpr, PAST_KEYS: tl.constexpr):
     """Tile ranges of the two loops for one query tile (shared by the forward and dQ kernels).
@@ -301,7 +340,7 @@ def _query_side_plan(m_lo_eff, m_hi, k_len, W, G, WB, RAND, hk, stride_rh, strid
     A causal random block precedes its query block, so it lies inside the keys and runs unmasked --
     unless queries sit past the last key block (``PAST_KEYS``: ``q_offset + Tq > Tk``), where the last,
     partial key block may have been drawn: those tiles send their random blocks to the masked loop."""
-    g_full, g_end, a, e, f, w_end = _query_tile_ranges(m_lo_eff, m_hi, k_len, W, G, WB, KIND, CAUSAL, BLK, BLOCK_N)
+    g_full, g_end, a, e, f, w_end = _query_tile_ranges(m_lo_eff, m_hi, k_len, W, G, WB, S, CP, CC, KIND, CAUSAL, BLK, BLOCK_N)
     TPB: tl.constexpr = BLK // BLOCK_N
     if R > 0:
         rptr = RAND + hk * stride_rh + (m_lo_eff // BLK) * stride_rq
@@ -310,7 +349,9 @@ def _query_side_plan(m_lo_eff, m_hi, k_len, W, G, WB, RAND, hk, stride_rh, strid
         rptr = RAND
         n_rand = 0
     # unmasked: [0, g_full), random blocks (causal), [e, f)
-    if CAUSAL and PAST_KEYS:
+    if KIND & 16:
+        u_rand = 0
+    elif CAUSAL and PAST_KEYS:
         u_rand = tl.where(m_lo_eff // BLK > (k_len - 1) // BLK, 0, n_rand)
     elif CAUSAL:
         u_rand = n_rand
@@ -329,20 +370,22 @@ def _query_side_plan(m_lo_eff, m_hi, k_len, W, G, WB, RAND, hk, stride_rh, strid
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, KSHIFT, KLEN, RAND, DESC_K, DESC_V,
+    Q, K, V, O, LSE, KSHIFT, KLEN, RAND, HP, DESC_K, DESC_V,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_rb, stride_rh, stride_rq,
-    Tq, Tk, q_offset, H, W, G, WB, sm_scale, softcap,
+    Tq, Tk, q_offset, H, W, G, WB, S, CP, CC, sm_scale, softcap,
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, PACK: tl.constexpr, PAST_KEYS: tl.constexpr,
+    USE_TMA: tl.constexpr, PACK: tl.constexpr, PAST_KEYS: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
     b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo_eff, m_hi, live = _query_program(
         H, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, GROUP, PACK, BLOCK_M)
+    if PER_HEAD:
+        W, G, WB, S, CP, CC = _head_rules(HP, hk)
     if live:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -358,18 +401,19 @@ def _fwd_kernel(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         (rptr, nu_a, u_rand, ub0, nu_b, nu, ma0, nm_a, m_rand, mb0, nm_b, mc0, nm) = _query_side_plan(
-            m_lo_eff, m_hi, k_len, W, G, WB, RAND + b * stride_rb, hk, stride_rh, stride_rq, KIND, CAUSAL, R, BLK,
+            m_lo_eff, m_hi, k_len, W, G, WB, S, CP, CC, RAND + b * stride_rb, hk, stride_rh, stride_rq, KIND, CAUSAL, R, BLK,
             BLOCK_N, PAST_KEYS)
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                  DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
+                                  DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, S, CP, CC, sm_scale, softcap,
                                   0, nu_a, rptr, u_rand, ub0, nu_b, ub0, nu,
                                   KIND, CAUSAL, BLK, False, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB,
-                                  (R > 0) and CAUSAL, USE_TMA, BLOCK_D)
+                                  (R > 0) and CAUSAL and (KIND & 16) == 0, USE_TMA, BLOCK_D)
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                  DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
+                                  DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, S, CP, CC, sm_scale, softcap,
                                   ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, nm,
                                   KIND, CAUSAL, BLK, True, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB,
-                                  (R > 0) and (PAST_KEYS or not CAUSAL), USE_TMA and not VARLEN, BLOCK_D)
+                                  (R > 0) and (PAST_KEYS or not CAUSAL or (KIND & 16) != 0), USE_TMA and not VARLEN,
+                                  BLOCK_D)
         has = l_i > 0.0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
@@ -400,7 +444,7 @@ def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
 
 @triton.jit
 def _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-             desc_k, desc_v, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
+             desc_k, desc_v, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, S, CP, CC, sm_scale, softcap,
              a0, na, RPTR, n_rand, b0, nb, c0, n_total,
              KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
              HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TPB: tl.constexpr,
@@ -427,9 +471,9 @@ def _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, strid
             s = qk * (sm_scale * 1.4426950408889634)
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
-            vis = _visible(qp, kp, k_len, W, G, WB, KIND, CAUSAL, BLK)
+            vis = _visible(qp, kp, k_len, W, G, WB, S, CP, CC, KIND, CAUSAL, BLK)
             if HAS_RAND:
-                vis = vis | (is_rand & k_ok[None, :])
+                vis = _rand_visible(vis, is_rand, k_ok[None, :], KIND)
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, vT)
         ds = p * (dp - delta[:, None])
@@ -441,21 +485,23 @@ def _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, strid
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, KSHIFT, KLEN, RAND, DESC_K, DESC_V,
+    Q, K, V, DO, DQ, LSE, DELTA, KSHIFT, KLEN, RAND, HP, DESC_K, DESC_V,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_rb, stride_rh, stride_rq,
-    Tq, Tk, q_offset, H, W, G, WB, sm_scale, softcap,
+    Tq, Tk, q_offset, H, W, G, WB, S, CP, CC, sm_scale, softcap,
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, PACK: tl.constexpr, PAST_KEYS: tl.constexpr,
+    USE_TMA: tl.constexpr, PACK: tl.constexpr, PAST_KEYS: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
     b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo_eff, m_hi, live = _query_program(
         H, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, GROUP, PACK, BLOCK_M)
+    if PER_HEAD:
+        W, G, WB, S, CP, CC = _head_rules(HP, hk)
     if live:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -473,17 +519,19 @@ def _bwd_dq_kernel(
         v_base = V + b * stride_vb + hk * stride_vh + k_shift * stride_vn
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         (rptr, nu_a, u_rand, ub0, nu_b, nu, ma0, nm_a, m_rand, mb0, nm_b, mc0, nm) = _query_side_plan(
-            m_lo_eff, m_hi, k_len, W, G, WB, RAND + b * stride_rb, hk, stride_rh, stride_rq, KIND, CAUSAL, R, BLK,
+            m_lo_eff, m_hi, k_len, W, G, WB, S, CP, CC, RAND + b * stride_rb, hk, stride_rh, stride_rq, KIND, CAUSAL, R, BLK,
             BLOCK_N, PAST_KEYS)
         dq = _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                      DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
+                      DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, S, CP, CC, sm_scale, softcap,
                       0, nu_a, rptr, u_rand, ub0, nu_b, ub0, nu,
-                      KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB, (R > 0) and CAUSAL,
+                      KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB,
+                      (R > 0) and CAUSAL and (KIND & 16) == 0,
                       USE_TMA, BLOCK_D)
         dq = _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                      DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, sm_scale, softcap,
+                      DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, S, CP, CC, sm_scale, softcap,
                       ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, nm,
-                      KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB, (R > 0) and (PAST_KEYS or not CAUSAL),
+                      KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB,
+                      (R > 0) and (PAST_KEYS or not CAUSAL or (KIND & 16) != 0),
                       USE_TMA and not VARLEN, BLOCK_D)
         dq = dq * sm_scale
         tl.store(DQ + b * stride_dqb + heads[:, None] * stride_dqh + rows[:, None] * stride_dqm
@@ -492,7 +540,7 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod,
-               desc_q, desc_do, b, h, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len, W, G, WB, sm_scale, softcap,
+               desc_q, desc_do, b, h, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len, W, G, WB, S, CP, CC, sm_scale, softcap,
                a0, na, RPTR, n_rand, b0, nb, c0, it_lo, it_hi,
                KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TPB: tl.constexpr,
@@ -522,7 +570,9 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, s
             sT = qkT * (sm_scale * 1.4426950408889634)
         pT = tl.exp2(sT - lse[None, :])
         if MASKED:
-            vis = tl.trans(_visible(qp, kp, k_len, W, G, WB, KIND, CAUSAL, BLK))
+            vis = tl.trans(_visible(qp, kp, k_len, W, G, WB, S, CP, CC, KIND, CAUSAL, BLK))
+            if HAS_RAND:
+                vis = _rand_visible(vis, is_rand, (kp < k_len)[:, None], KIND)
             pT = tl.where(vis, pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv)
         dpT = tl.dot(v, tl.trans(do))
@@ -534,7 +584,7 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, s
 
 
 @triton.jit
-def _key_tile_ranges(n_lo, n_hi, q_lo, q_hi, W, G, WB,
+def _key_tile_ranges(n_lo, n_hi, q_lo, q_hi, W, G, WB, S, CP, CC,
                      KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, BLOCK_M: tl.constexpr):
     """Query-position ranges that see keys ``[n_lo, n_hi)``, valid queries being ``[q_lo, q_hi)``.
 
@@ -542,7 +592,7 @@ def _key_tile_ranges(n_lo, n_hi, q_lo, q_hi, W, G, WB,
     ``a, e, f, w_end`` (masked ``[a, e)``, unmasked ``[e, f)``, masked ``[f, w_end)``).
     """
     q_lo_al = _floor_to(q_lo, BLOCK_M)
-    if KIND == 0:
+    if KIND & 1:
         if CAUSAL:
             lo = n_lo
             full_lo = n_hi - 1
@@ -551,16 +601,23 @@ def _key_tile_ranges(n_lo, n_hi, q_lo, q_hi, W, G, WB,
             full_lo = n_hi - W
         hi = n_hi - 1 + W
         full_hi = n_lo + W
-    else:
+    if KIND & 2:
         kb = n_lo // BLK
-        if CAUSAL:
-            lo = n_lo
-            full_lo = n_hi - 1
+        b_hi = (kb + WB) * BLK
+        if KIND & 1:  # (causal only) the union of both bands
+            hi = tl.maximum(hi, b_hi)
+            full_hi = tl.maximum(full_hi, b_hi)
         else:
-            lo = (kb - WB + 1) * BLK
-            full_lo = lo
-        hi = (kb + WB) * BLK
-        full_hi = hi
+            if CAUSAL:
+                lo = n_lo
+                full_lo = n_hi - 1
+            else:
+                lo = (kb - WB + 1) * BLK
+                full_lo = lo
+            hi = b_hi
+            full_hi = hi
+    if KIND & 12:  # a stride or key columns: every later query may see this tile
+        hi = tl.where((S > 0) | (CC > 0), q_hi, hi)
     if n_lo < G:  # the tile holds global keys: every later query (every query if non-causal) sees them
         if not CAUSAL:
             lo = 0
@@ -583,7 +640,7 @@ def _key_tile_ranges(n_lo, n_hi, q_lo, q_hi, W, G, WB,
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, KSHIFT, KLEN, REV_PTR, REV_IDX, DESC_Q, DESC_DO, DESC_K, DESC_V, DKACC, DVACC,
+    Q, K, V, DO, DK, DV, LSE, DELTA, KSHIFT, KLEN, REV_PTR, REV_IDX, HP, DESC_Q, DESC_DO, DESC_K, DESC_V, DKACC, DVACC,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -591,11 +648,11 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_pb, stride_ph, stride_ib, stride_ih,
-    Tq, Tk, q_offset, H, HKV, W, G, WB, sm_scale, softcap, NKT, NSPLIT, GP,
+    Tq, Tk, q_offset, H, HKV, W, G, WB, S, CP, CC, sm_scale, softcap, NKT, NSPLIT, GP, NG,
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, SPLIT_GLOBAL: tl.constexpr,
+    USE_TMA: tl.constexpr, SPLIT_GLOBAL: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
     # Key tiles holding global keys are seen by every query: one program each would run T / BLOCK_M
     # query tiles alone after the others finish. With SPLIT_GLOBAL they get NSPLIT programs each
@@ -607,7 +664,7 @@ def _bwd_dkdv_kernel(
         pid_n = tl.where(is_extra, (pid - NKT) // NSPLIT, pid)
         split = tl.where(is_extra, (pid - NKT) % NSPLIT, 0)
         nsplit = tl.where(is_extra, NSPLIT, 1)
-        skip = (pid_n * BLOCK_N < G) & (pid < NKT)  # a global tile's own program: the extra ones do it
+        skip = (pid_n < NG) & (pid < NKT)  # a global tile's own program: the extra ones do it
     else:
         is_extra = False
         pid_n = pid
@@ -616,6 +673,8 @@ def _bwd_dkdv_kernel(
         skip = False
     b = pid_bh // HKV
     hk = pid_bh % HKV
+    if PER_HEAD:
+        W, G, WB, S, CP, CC = _head_rules(HP, hk)
     k_shift, k_len = _row_keys(b, Tk, KSHIFT, KLEN, VARLEN)
     q_start, row_lo, row_hi = _row_queries(q_offset, Tq, k_shift, k_len, VARLEN)
     n_lo = pid_n * BLOCK_N
@@ -640,7 +699,7 @@ def _bwd_dkdv_kernel(
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         q_lo = q_start + row_lo
         q_hi = q_start + row_hi
-        s_lo, s_end, a, e, f, w_end = _key_tile_ranges(n_lo, n_hi, q_lo, q_hi, W, G, WB, KIND, CAUSAL, BLK, BLOCK_M)
+        s_lo, s_end, a, e, f, w_end = _key_tile_ranges(n_lo, n_hi, q_lo, q_hi, W, G, WB, S, CP, CC, KIND, CAUSAL, BLK, BLOCK_M)
         if R > 0:  # query blocks that drew this key block at random: a CSR row of the reverse table
             kb = n_lo // BLK
             j0 = tl.load(REV_PTR + b * stride_pb + hk * stride_ph + kb)
@@ -649,11 +708,16 @@ def _bwd_dkdv_kernel(
         else:
             n_rand = 0
             rptr = REV_IDX
+        if KIND & 16:  # extra blocks that may hold keys another rule shows: masked, like the boundary tiles
+            u_rand = 0
+        else:
+            u_rand = n_rand
+        m_rand = n_rand - u_rand
         nu_a = (f - e) // BLOCK_M
-        nu = nu_a + n_rand
+        nu = nu_a + u_rand
         nm_a = (s_end - s_lo) // BLOCK_M
         nm_b = (e - a) // BLOCK_M
-        nm = nm_a + nm_b + (w_end - f) // BLOCK_M
+        nm = nm_a + m_rand + nm_b + (w_end - f) // BLOCK_M
         cu = (nu + nsplit - 1) // nsplit  # this program's share of each loop (all of it unless split)
         cm = (nm + nsplit - 1) // nsplit
         for g in range(GROUP):
@@ -664,15 +728,15 @@ def _bwd_dkdv_kernel(
             delta_base = DELTA + (b * H + h) * Tq
             dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
                                 stride_dom, stride_dod, DESC_Q, DESC_DO, b, h, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len,
-                                W, G, WB, sm_scale, softcap, e, nu_a, rptr, n_rand, f, 0, f,
+                                W, G, WB, S, CP, CC, sm_scale, softcap, e, nu_a, rptr, u_rand, f, 0, f,
                                 split * cu, tl.minimum(nu, split * cu + cu),
-                                KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, R > 0,
+                                KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, (R > 0) and (KIND & 16) == 0,
                                 USE_TMA, BLOCK_D)
             dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
                                 stride_dom, stride_dod, DESC_Q, DESC_DO, b, h, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len,
-                                W, G, WB, sm_scale, softcap, s_lo, nm_a, rptr, 0, a, nm_b, f,
+                                W, G, WB, S, CP, CC, sm_scale, softcap, s_lo, nm_a, rptr, m_rand, a, nm_b, f,
                                 split * cm, tl.minimum(nm, split * cm + cm),
-                                KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, False,
+                                KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, (R > 0) and (KIND & 16) != 0,
                                 USE_TMA, BLOCK_D)
         dk = dk * sm_scale
         if is_extra:  # a share of a global tile: add into the fp32 buffer [B, Hkv, GP, BLOCK_D]

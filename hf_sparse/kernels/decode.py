@@ -16,20 +16,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention import _row_keys, _tanh, _visible
+from .attention import _head_rules, _row_keys, _tanh, _visible
 
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, QPOS, KPOS, KSHIFT, KLEN, RAND, OPART, MPART, LPART,
+    Q, K, V, QPOS, KPOS, KSHIFT, KLEN, RAND, HP, OPART, MPART, LPART,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_qpb, stride_kpb, stride_rb, stride_rh, stride_rq,
-    Tq, Tk, q_offset, HKV, NSPLIT, KEYS_PER_SPLIT, W, G, WB, sm_scale, softcap,
+    Tq, Tk, q_offset, HKV, NSPLIT, KEYS_PER_SPLIT, W, G, WB, S, CP, CC, sm_scale, softcap,
     POSITIONS: tl.constexpr, VARLEN: tl.constexpr, KIND: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PER_HEAD: tl.constexpr,
 ):
     """Partial attention of rows ``query * GROUP + head`` over the slots ``[pid_s * KEYS_PER_SPLIT, ...)``.
 
@@ -43,6 +44,8 @@ def _decode_kernel(
     pid_s = tl.program_id(2)
     b = pid_bh // HKV
     hk = pid_bh % HKV
+    if PER_HEAD:
+        W, G, WB, S, CP, CC = _head_rules(HP, hk)
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qi = r // GROUP
     h = hk * GROUP + r % GROUP
@@ -65,12 +68,18 @@ def _decode_kernel(
     # the span of positions any row here may see through its window (POSITIONS: every slot)
     q_min = tl.min(tl.where(qp >= 0, qp, 2**30), 0)
     q_max = tl.max(qp, 0)
-    if KIND == 0:
+    if KIND & 1:
         span_lo = q_min - W + 1
         span_hi = q_max if CAUSAL else q_max + W - 1
-    else:
-        span_lo = (q_min // BLK - WB + 1) * BLK
-        span_hi = q_max if CAUSAL else (q_max // BLK + WB) * BLK - 1
+    if KIND & 2:
+        b_lo = (q_min // BLK - WB + 1) * BLK
+        if KIND & 1:  # (causal only)
+            span_lo = tl.minimum(span_lo, b_lo)
+        else:
+            span_lo = b_lo
+            span_hi = q_max if CAUSAL else (q_max // BLK + WB) * BLK - 1
+    if KIND & 12:  # a stride or key columns reach every earlier key
+        span_lo = tl.where((S > 0) | (CC > 0), 0, span_lo)
     if not CAUSAL:
         if q_min < G:  # a global query row sees every key
             span_lo = q_min * 0  # same integer type as the positions (int64 position tables)
@@ -110,8 +119,8 @@ def _decode_kernel(
             else:
                 s = qk * (sm_scale * 1.4426950408889634)
             # the token-level predicate by position; empty slots (-1) and padded queries see nothing
-            vis = _visible(qp, kp, k_lim, W, G, WB, KIND, CAUSAL, BLK)
-            if R > 0:
+            vis = _visible(qp, kp, k_lim, W, G, WB, S, CP, CC, KIND, CAUSAL, BLK)
+            if R > 0:  # each slot is read once here, so an extra block simply adds its keys
                 kb = kp // BLK
                 for j in tl.static_range(R):
                     rb = tl.load(rb_base + j, mask=qp >= 0, other=-1)
