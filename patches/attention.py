@@ -31,75 +31,17 @@ pattern replaces the model's attention there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from hf_sparse.decode import attention_with_positions
 from hf_sparse.ops import BACKENDS, padding_layout, sparse_attention
-from hf_sparse.patterns import Pattern, parse_pattern
+from hf_sparse.patterns import Pattern
 
 from ._compat import ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS, eager_attention_for
 from .cache import WINDOW_LAYER_ATTR, window_layer_fits
+from .options import ATTN_NAME, SparseOptions, options_of
 
 __all__ = ["ATTN_NAME", "HybridMask", "SparseOptions", "hf_sparse_attention", "hf_sparse_mask", "options_of"]
-
-ATTN_NAME = "hf_sparse"
-
-
-# ---------------------------------------------------------------------------------------------
-# options stored in config.hf_sparse
-@dataclass(frozen=True)
-class SparseOptions:
-    """The parsed form of ``config.hf_sparse``."""
-
-    pattern: Pattern
-    layers: frozenset[int] | None  # None: every layer
-    backend: str
-    previous: str
-
-    @property
-    def all_layers(self) -> bool:
-        return self.layers is None
-
-    @property
-    def first_layer(self) -> int:
-        return 0 if self.layers is None else min(self.layers)
-
-    def patches(self, layer_idx: int | None) -> bool:
-        return self.layers is None or layer_idx in self.layers
-
-
-# Parsed options by value of config.hf_sparse. A plain dict rather than functools.lru_cache: under
-# torch.compile, dynamo reads a global dict (and guards on the config values that make the key), while
-# it would trace through an lru_cache wrapper into the pattern parser, which it cannot compile.
-_OPTIONS: dict[tuple, SparseOptions] = {}
-
-
-def options_of(config) -> SparseOptions:
-    """The options stored in ``config.hf_sparse`` (parsed once per distinct value)."""
-    stored = getattr(config, "hf_sparse", None)
-    if not isinstance(stored, dict) or "pattern" not in stored:
-        raise RuntimeError(
-            f"config._attn_implementation is {ATTN_NAME!r} but config.hf_sparse holds no pattern ({stored!r}); "
-            "call hf_sparse.patch_model(model, pattern) instead of setting the implementation by hand"
-        )
-    layers = stored.get("layers")
-    key = (
-        tuple(sorted(stored["pattern"].items())),
-        None if layers is None else tuple(layers),
-        stored.get("backend", "auto"),
-        stored.get("previous_attn_implementation", "sdpa"),
-    )
-    opts = _OPTIONS.get(key)
-    if opts is None:
-        if len(_OPTIONS) >= 256:
-            _OPTIONS.clear()
-        pattern_items, layer_tuple, backend, previous = key
-        opts = SparseOptions(parse_pattern(dict(pattern_items)), None if layer_tuple is None else frozenset(layer_tuple),
-                             backend, previous)
-        _OPTIONS[key] = opts
-    return opts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,14 +226,16 @@ def hf_sparse_attention(
         )
     if scaling is None:
         scaling = getattr(module, "scaling", None)
-    bounded = _bounded_cache_inputs(module, key, opts.pattern)
+    pattern = opts.pattern_for(layer)
+    bounded = _bounded_cache_inputs(module, key, pattern)
     if bounded is not None and not bounded.prefix:
-        # keys from a bounded cache: sinks + ring buffer, slots not in position order
-        if sq > 1 and _padding_leads(bounded.q_pos):
-            out = _chunk_over_bounded(query, key, value, bounded, opts.pattern, scale=scaling, softcap=softcap,
+        # keys from a bounded cache: sinks + ring buffer, slots not in position order. The chunk shortcut
+        # holds when every head treats the sinks as global keys (not for a plan mixing window-only heads)
+        if sq > 1 and not pattern.per_head and _padding_leads(bounded.q_pos):
+            out = _chunk_over_bounded(query, key, value, bounded, pattern, scale=scaling, softcap=softcap,
                                       layer=layer, backend=opts.backend)
         else:
-            out = attention_with_positions(query, key, value, opts.pattern, q_pos=bounded.q_pos,
+            out = attention_with_positions(query, key, value, pattern, q_pos=bounded.q_pos,
                                            k_pos=bounded.k_pos, scale=scaling, softcap=softcap, layer=layer,
                                            backend=opts.backend)
         return out.transpose(1, 2).contiguous(), None
@@ -312,7 +256,7 @@ def hf_sparse_attention(
         _check_not_packed(kwargs.get("position_ids"))
 
     out = sparse_attention(
-        query, key, value, opts.pattern, scale=scaling, key_padding_mask=padding, q_offset=skv - sq, layer=layer,
+        query, key, value, pattern, scale=scaling, key_padding_mask=padding, q_offset=skv - sq, layer=layer,
         softcap=softcap, backend=opts.backend, check_padding=False,
     )
     return out.transpose(1, 2).contiguous(), None

@@ -55,7 +55,9 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
 
-from hf_sparse.patterns import Longformer, Pattern, SlidingWindow
+from hf_sparse.patterns import Pattern
+
+from .options import options_of
 
 __all__ = ["SparseWindowLayer", "SparseCache", "AttentionInputs", "cache_layer_for", "install_sparse_layers",
            "cache_bytes", "generated_cache", "window_layer_fits", "WINDOW_LAYER_ATTR"]
@@ -321,21 +323,19 @@ class SparseWindowLayer(CacheLayerMixin):
 
 
 def cache_layer_for(pattern: Pattern) -> CacheLayerMixin:
-    """The cache layer a patched layer gets: bounded for a causal window (with sinks), else full history."""
-    if isinstance(pattern, SlidingWindow) and pattern.causal:
-        return SparseWindowLayer(window=pattern.window)
-    if isinstance(pattern, Longformer) and pattern.causal:
-        return SparseWindowLayer(window=pattern.window, sinks=pattern.global_tokens)
-    return DynamicLayer()
+    """The cache layer a patched layer gets, from :meth:`~hf_sparse.Pattern.cache_policy`: bounded (sinks and
+    a window) when later queries see only those, else the full history."""
+    policy = pattern.cache_policy()
+    if policy is None:
+        return DynamicLayer()
+    sinks, window = policy
+    return SparseWindowLayer(window=window, sinks=sinks)
 
 
 def window_layer_fits(layer: SparseWindowLayer, pattern: Pattern) -> bool:
     """Whether ``layer`` keeps every key that ``pattern`` lets a later query see."""
-    if isinstance(pattern, SlidingWindow) and pattern.causal:
-        return layer.window >= pattern.window
-    if isinstance(pattern, Longformer) and pattern.causal:
-        return layer.window >= pattern.window and layer.sinks >= pattern.global_tokens
-    return False
+    policy = pattern.cache_policy()
+    return policy is not None and layer.window >= policy[1] and layer.sinks >= policy[0]
 
 
 def _num_layers(config) -> int:
@@ -348,8 +348,6 @@ def install_sparse_layers(cache, config) -> None:
     Unpatched layers keep what the cache has (the model's own full or sliding layers). Raises if a
     patched layer already holds tokens: a cache cannot be converted once filled.
     """
-    from .attention import options_of
-
     opts = options_of(config)
     n = _num_layers(config)
     layers = cache.layers
@@ -366,7 +364,7 @@ def install_sparse_layers(cache, config) -> None:
                 f"hf_sparse layer {i}: the cache already holds {held} tokens; a filled cache cannot be made sparse. "
                 "Create it before the first forward (SparseCache(model)) or let generate create it"
             )
-        layers[i] = cache_layer_for(opts.pattern)
+        layers[i] = cache_layer_for(opts.pattern_for(i))
 
 
 class SparseCache(DynamicCache):

@@ -30,9 +30,10 @@ import torch
 from hf_sparse.patterns import Pattern, parse_pattern
 
 from ._compat import AttentionInterface, AttentionMaskInterface
-from .attention import ATTN_NAME, check_backend, hf_sparse_attention, hf_sparse_mask, options_of
+from .attention import ATTN_NAME, check_backend, hf_sparse_attention, hf_sparse_mask
 from .cache import install_sparse_layers
 from .history import add_history_hook, remove_history_hook
+from .options import layer_plans, options_of
 
 __all__ = ["patch_model", "unpatch_model", "register", "SUPPORTED_MODEL_TYPES"]
 
@@ -166,6 +167,7 @@ def patch_model(
     *,
     layers: list[int] | None = None,
     backend: str = "auto",
+    head_patterns: dict[tuple[int, int], Pattern | str | dict] | None = None,
 ):
     """Make ``model`` attend with a sparse ``pattern``, in place, and return it.
 
@@ -179,6 +181,9 @@ def patch_model(
             attention implementation, sliding window included.
         backend: ``"auto"`` (Triton on CUDA, else the PyTorch reference), ``"triton"``, ``"reference"`` or
             ``"dense"`` (tests only), see :func:`hf_sparse.sparse_attention`.
+        head_patterns: ``{(layer, kv_head): pattern}``: these KV heads (and the query heads of their GQA
+            group) use their own pattern (``"dense"`` keeps a retrieval head exact); the others use
+            ``pattern``. All heads of a layer still run in one kernel launch. Saved in the config.
 
     Patching again replaces the pattern; :func:`unpatch_model` restores the previous implementation.
     Under left padding, pass ``position_ids = attention_mask.cumsum(-1) - 1`` (as ``generate`` does):
@@ -204,11 +209,14 @@ def patch_model(
             layers = stored.get("layers")
         if backend == "auto":
             backend = stored.get("backend", "auto")
+        if head_patterns is None:
+            head_patterns = {(int(i), int(h)): p for i, h, p in stored.get("head_patterns") or []}
     pat = parse_pattern(pattern)
     if not pat.causal:
         raise ValueError(f"pattern {pat.spec()} is non-causal; decoders need causal patterns (causal=true)")
     check_backend(backend)
     layer_list = _check_layers(layers, config.num_hidden_layers)
+    heads_stored = _check_head_patterns(head_patterns, pat, layer_list, config)
 
     current = config._attn_implementation
     if current == ATTN_NAME:
@@ -230,6 +238,8 @@ def patch_model(
         "backend": backend,
         "previous_attn_implementation": previous,
     }
+    if heads_stored:
+        config.hf_sparse["head_patterns"] = heads_stored
     try:
         options_of(config)  # parse once, outside any torch.compile trace
         model.set_attn_implementation(ATTN_NAME)
@@ -241,14 +251,56 @@ def patch_model(
         raise RuntimeError(
             f"set_attn_implementation({ATTN_NAME!r}) left {type(model).__name__} on {config._attn_implementation!r}"
         )
-    spec = pat.spec()
+    opts = options_of(config)
     for module in modules:
         if layer_list is None or module.layer_idx in layer_list:
-            _decorate(module, spec)
+            _decorate(module, opts.pattern_for(module.layer_idx).spec())
         else:
             _undecorate(module)
     _wrap_generate_cache(model)
     return model
+
+
+def _kv_heads(config) -> int:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+
+
+def _check_head_patterns(head_patterns, pattern: Pattern, layer_list, config) -> list:
+    """Validate ``head_patterns=`` against the model: ``[[layer, kv_head, pattern dict], ...]`` to store."""
+    kv_heads = _kv_heads(config)
+    if pattern.per_head:
+        pattern.check_heads(kv_heads)
+    if not head_patterns:
+        return []
+    if not isinstance(head_patterns, dict):
+        raise ValueError(f"head_patterns must be a dict {{(layer, kv_head): pattern}}, got {type(head_patterns).__name__}")
+    n_layers = config.num_hidden_layers
+    out = []
+    for key, p in sorted(head_patterns.items(), key=lambda kv: tuple(kv[0]) if isinstance(kv[0], tuple) else (0, 0)):
+        if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                 for x in key)):
+            raise ValueError(f"head_patterns keys are (layer, kv_head) pairs of integers, got {key!r}")
+        layer, head = key
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"head_patterns names layer {layer}, but the model has {n_layers} layers (0..{n_layers - 1})")
+        if layer_list is not None and layer not in layer_list:
+            raise ValueError(f"head_patterns names layer {layer}, which layers={layer_list} leaves unpatched; "
+                             "patch it too or drop the entry")
+        if not 0 <= head < kv_heads:
+            raise ValueError(f"head_patterns names KV head {head} of layer {layer}, but the model has {kv_heads} KV "
+                             f"heads (0..{kv_heads - 1}); query heads h map to KV head h // {max(1, _q_per_kv(config))}")
+        hp = parse_pattern(p)
+        if not hp.causal or hp.per_head:
+            raise ValueError(f"head_patterns[{key}] = {hp.spec()}: give one causal pattern per head")
+        out.append([layer, head, hp.to_dict()])
+    layer_plans(pattern, out)  # the same checks the stored form gets on load
+    return out
+
+
+def _q_per_kv(config) -> int:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return text.num_attention_heads // _kv_heads(config)
 
 
 def _restore_config(config, stored) -> None:

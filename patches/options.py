@@ -1,0 +1,99 @@
+"""The options a patched model carries in ``config.hf_sparse``, parsed once per distinct value.
+
+Both the attention function (:mod:`.attention`) and the caches (:mod:`.cache`) read them; neither
+imports the other for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hf_sparse.patterns import Pattern, PerHead, parse_pattern
+
+__all__ = ["ATTN_NAME", "SparseOptions", "options_of", "layer_plans"]
+
+ATTN_NAME = "hf_sparse"
+
+
+@dataclass(frozen=True)
+class SparseOptions:
+    """The parsed form of ``config.hf_sparse``."""
+
+    pattern: Pattern
+    layers: frozenset[int] | None  # None: every layer
+    backend: str
+    previous: str
+    by_layer: tuple[tuple[int, Pattern], ...] = ()  # layers whose KV heads differ: their per-head plan
+
+    def pattern_for(self, layer_idx: int | None) -> Pattern:
+        """The pattern of one layer: its per-head plan where ``head_patterns`` named some of its heads."""
+        for i, p in self.by_layer:
+            if i == layer_idx:
+                return p
+        return self.pattern
+
+    @property
+    def all_layers(self) -> bool:
+        return self.layers is None
+
+    @property
+    def first_layer(self) -> int:
+        return 0 if self.layers is None else min(self.layers)
+
+    def patches(self, layer_idx: int | None) -> bool:
+        return self.layers is None or layer_idx in self.layers
+
+
+# Parsed options by value of config.hf_sparse. A plain dict rather than functools.lru_cache: under
+# torch.compile, dynamo reads a global dict (and guards on the config values that make the key), while
+# it would trace through an lru_cache wrapper into the pattern parser, which it cannot compile.
+_OPTIONS: dict[tuple, SparseOptions] = {}
+
+
+def options_of(config) -> SparseOptions:
+    """The options stored in ``config.hf_sparse`` (parsed once per distinct value)."""
+    stored = getattr(config, "hf_sparse", None)
+    if not isinstance(stored, dict) or "pattern" not in stored:
+        raise RuntimeError(
+            f"config._attn_implementation is {ATTN_NAME!r} but config.hf_sparse holds no pattern ({stored!r}); "
+            "call hf_sparse.patch_model(model, pattern) instead of setting the implementation by hand"
+        )
+    layers = stored.get("layers")
+    heads = stored.get("head_patterns") or []
+    key = (
+        _freeze(stored["pattern"]),
+        None if layers is None else tuple(layers),
+        stored.get("backend", "auto"),
+        stored.get("previous_attn_implementation", "sdpa"),
+        _freeze(heads),
+    )
+    opts = _OPTIONS.get(key)
+    if opts is None:
+        if len(_OPTIONS) >= 256:
+            _OPTIONS.clear()
+        _, layer_tuple, backend, previous, _ = key
+        pattern = parse_pattern(stored["pattern"])
+        opts = SparseOptions(pattern, None if layer_tuple is None else frozenset(layer_tuple), backend, previous,
+                             layer_plans(pattern, heads))
+        _OPTIONS[key] = opts
+    return opts
+
+
+def _freeze(obj):
+    """A hashable key of a stored value (dicts and lists nest in unions and plans); plain enough for dynamo."""
+    if isinstance(obj, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in obj.items()))
+    if isinstance(obj, (list, tuple)):
+        return ("[",) + tuple(_freeze(v) for v in obj)
+    return obj
+
+
+def layer_plans(pattern: Pattern, head_patterns) -> tuple[tuple[int, Pattern], ...]:
+    """Per-layer plans from ``[[layer, kv_head, pattern], ...]`` (the stored form of ``head_patterns=``)."""
+    per_layer: dict[int, list[tuple[int, Pattern]]] = {}
+    for item in head_patterns:
+        layer, head, p = item
+        per_layer.setdefault(int(layer), []).append((int(head), parse_pattern(p)))
+    if per_layer and pattern.per_head:
+        raise ValueError("give head_patterns= or a per-head pattern, not both")
+    return tuple((layer, PerHead(pattern, tuple(heads))) for layer, heads in sorted(per_layer.items()))
