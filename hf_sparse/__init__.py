@@ -6,6 +6,7 @@ The core (this package) has no ``transformers`` import; :func:`patch_model` and
 
 from __future__ import annotations
 
+from .flex import block_mask
 from .layout import attended_pairs, block_layout, key_ranges
 from .ops import sparse_attention
 from .patterns import (
@@ -44,6 +45,7 @@ __all__ = [
     "block_layout",
     "key_ranges",
     "attended_pairs",
+    "block_mask",
     "patch_model",
     "unpatch_model",
 ]

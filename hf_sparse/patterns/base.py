@@ -142,6 +142,14 @@ class Pattern:
         """True when the rule differs between KV heads (it then needs ``kv_head`` in :meth:`allowed`)."""
         return False
 
+    def mask_mod(self, *, layer: int = 0, kv_heads: int = 1, group: int = 1, q_offset: int = 0,
+                 num_keys: int | None = None, device=None):
+        """This pattern as a FlexAttention ``mask_mod`` (see :func:`hf_sparse.flex.mask_mod`)."""
+        from ..flex import mask_mod
+
+        return mask_mod(self, layer=layer, kv_heads=kv_heads, group=group, q_offset=q_offset, num_keys=num_keys,
+                        device=device)
+
     def __or__(self, other: Pattern) -> Pattern:
         from .union import Union
 
