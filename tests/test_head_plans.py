@@ -20,8 +20,15 @@ from hf_sparse.patches import patch_model  # noqa: E402
 from test_patches import _generate, assert_real_close, explicit_mask_logits, run  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from hf_sparse import Dense, Longformer, Pattern, PerHead, SlidingWindow, Strided, parse_pattern  # noqa: E402
-from hf_sparse import register_pattern  # noqa: E402
+from hf_sparse import (  # noqa: E402
+    Dense,
+    Longformer,
+    Pattern,
+    PerHead,
+    SlidingWindow,
+    parse_pattern,
+    register_pattern,  # noqa: E402
+)
 from hf_sparse.patterns import option  # noqa: E402
 
 T = 40
