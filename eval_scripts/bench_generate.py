@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from hf_sparse import BigBird, Dense, Longformer, Pattern, SlidingWindow, parse_pattern
+from hf_sparse import Pattern, parse_pattern
 
 DEFAULT_PATTERNS = "sliding_window:window=4096;longformer:window=4096,global_tokens=4;bigbird;dense"
 CONFIGS = ("llama-8b-shaped", "smollm2", "tiny")
@@ -164,16 +164,11 @@ def generate_once(model, ids: torch.Tensor, new_tokens: int, device: torch.devic
 
 
 def visible_tokens(pattern: Pattern | None, total: int) -> int:
-    """KV entries the last query of a ``total``-token sequence reads under ``pattern`` (None: dense)."""
-    if pattern is None or isinstance(pattern, Dense):
+    """KV entries the last query of a ``total``-token sequence reads under ``pattern`` (None: dense), KV head 0."""
+    if pattern is None:
         return total
-    if isinstance(pattern, SlidingWindow):
-        return min(total, pattern.window)
-    if isinstance(pattern, Longformer):
-        return min(total, pattern.window + pattern.global_tokens)
-    if isinstance(pattern, BigBird):
-        return min(total, (pattern.window_blocks + pattern.global_blocks + pattern.random_blocks) * pattern.block)
-    return total
+    keys = torch.arange(total)
+    return int(pattern.allowed(torch.tensor(total - 1), keys, kv_head=0, num_keys=total).sum())
 
 
 def kv_bytes_per_token(model) -> int:

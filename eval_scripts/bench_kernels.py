@@ -26,7 +26,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hf_sparse import BigBird, Dense, Pattern, block_layout, parse_pattern, sparse_attention
+from hf_sparse import Pattern, block_layout, block_mask, parse_pattern, sparse_attention
+from hf_sparse.kernels.plan import kernel_plan
+from hf_sparse.layout import random_block_size
+from hf_sparse.patterns.base import split_outside_brackets
+from hf_sparse.primitives import DENSE_WINDOW
 
 DEFAULT_PATTERNS = "sliding_window:window=4096;longformer:window=4096,global_tokens=4;bigbird;dense"
 
@@ -44,51 +48,33 @@ def _bench(fn, *, grad_to_none=None) -> tuple[float, float, float]:
     return tuple(float(x) for x in q)  # median, p20, p80 in ms
 
 
+def _is_dense(pattern: Pattern) -> bool:
+    prims = pattern.primitives()
+    return prims is not None and prims.window >= DENSE_WINDOW
+
+
+def _tile(pattern: Pattern) -> int:
+    return random_block_size(pattern) or 128
+
+
 def pattern_layout(pattern: Pattern, t: int, hkv: int, device):
-    """``(layout or None, attended pairs per query head)``; Dense skips the O(T^2) layout walk."""
-    if isinstance(pattern, Dense):
+    """``(layout or None, attended pairs per query head)``; dense attention skips the O(T^2) layout walk."""
+    if _is_dense(pattern):
         pairs = t * (t + 1) // 2 if pattern.causal else t * t
         return None, pairs
-    tile = pattern.block if isinstance(pattern, BigBird) else 128
-    heads = hkv if isinstance(pattern, BigBird) and pattern.random_blocks else 1
+    tile = _tile(pattern)
+    heads = hkv if pattern.per_head or random_block_size(pattern) else 1
     lay = block_layout(pattern, t, t, block_m=tile, block_n=tile, kv_heads=heads, device=device)
     return lay, int(lay.pairs.sum()) // heads
 
 
 def flex_block_mask(pattern: Pattern, lay, t: int, hq: int, hkv: int, device) -> Any:
-    """A FlexAttention ``BlockMask`` with exactly our tile layout (full tiles need no mask_mod)."""
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+    """A FlexAttention ``BlockMask`` of the pattern (:func:`hf_sparse.block_mask`, with our tiles)."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
     if lay is None:  # dense causal
         return create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx, None, None, t, t, device=device)
-    tile = lay.block_m
-    nkt = -(-t // tile)
-    idx, full = lay.kv_index.long(), lay.kv_full
-    valid = idx >= 0
-
-    def dense_order(sel):
-        count = sel.sum(-1).to(torch.int32)
-        key = torch.where(sel, idx, torch.full_like(idx, nkt + 1))
-        order, _ = key.sort(-1)
-        out = torch.zeros(*idx.shape[:-1], nkt, dtype=torch.int32, device=device)
-        width = min(order.shape[-1], nkt)
-        out[..., :width] = order[..., :width].clamp_max(nkt - 1).to(torch.int32)
-        return count, out
-
-    part_n, part_i = dense_order(valid & ~full)
-    full_n, full_i = dense_order(valid & full)
-    if idx.shape[0] > 1:  # per KV head -> per query head
-        rep = hq // hkv
-        part_n, part_i, full_n, full_i = (x.repeat_interleave(rep, 0) for x in (part_n, part_i, full_n, full_i))
-    w = getattr(pattern, "window", None) or t + 1
-    w_t = torch.tensor(w, device=device)
-    g_t = torch.tensor(pattern.global_tokens_total, device=device)
-
-    def mask_mod(b, h, q_idx, kv_idx):  # only partial tiles evaluate it: the window edge and the diagonal
-        return (kv_idx <= q_idx) & ((q_idx - kv_idx < w_t) | (kv_idx < g_t))
-
-    return BlockMask.from_kv_blocks(part_n[None], part_i[None], full_n[None], full_i[None], BLOCK_SIZE=tile,
-                                    mask_mod=mask_mod, seq_lengths=(t, t))
+    return block_mask(pattern, t, t, heads=hq, kv_heads=hkv, block_size=lay.block_m, device=device)
 
 
 def flex_options(lay) -> dict | None:
@@ -136,15 +122,16 @@ def sweep(args, dev, shape: tuple[int, int, int]) -> dict[str, str]:
         k = torch.randn(1, hkv, t, d, device=dev, dtype=torch.bfloat16)
         v = torch.randn(1, hkv, t, d, device=dev, dtype=torch.bfloat16)
         do = torch.randn_like(q)
-        for spec in args.sweep_patterns.split(";"):
+        for spec in split_outside_brackets(args.sweep_patterns, ";"):
             pat = parse_pattern(spec)
-            kind = 1 if isinstance(pat, BigBird) else 0
+            plan = kernel_plan(pat, hkv)
+            kind = plan.config_kind
             for item in args.sweep.split(";"):
                 kernel = item.partition("=")[0].partition("@")[0]
                 cands = [configs.parse_override(f"{kernel}={c}")[2] for c in item.partition("=")[2].split("|")]
                 best = None
                 for cfg in cands:
-                    if kind == 1 and (cfg.block_m > pat.block or cfg.block_n > pat.block):
+                    if kind == 1 and (cfg.block_m > plan.blk or cfg.block_n > plan.blk):
                         continue
                     configs.override(kernel, cfg, kind=kind)
                     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
@@ -185,7 +172,7 @@ def run(args) -> list[dict[str, Any]]:
     dev = torch.device("cuda")
     env = _env()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    patterns = [parse_pattern(p) for p in args.patterns.split(";")]
+    patterns = [parse_pattern(p) for p in split_outside_brackets(args.patterns, ";")]
     shapes = [tuple(int(x) for x in s.split("/")) for s in args.shapes.split(",")]
     lens = [int(x) for x in args.seq_lens.split(",") if x]
     fwd_only = [int(x) for x in args.fwd_only_seq_lens.split(",") if x]

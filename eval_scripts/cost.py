@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from hf_sparse import BigBird, Pattern, attended_pairs
+from hf_sparse import Pattern, attended_pairs
+from hf_sparse.layout import random_block_size
 
 __all__ = ["density", "CostMeter"]
 
@@ -17,15 +18,13 @@ __all__ = ["density", "CostMeter"]
 def density(pattern: Pattern | None, length: int, kv_heads: int = 1) -> float:
     """Attended (query, key) pairs over dense causal pairs ``L (L + 1) / 2`` per KV head, for layer 0.
 
-    ``None`` (the unpatched model) is 1.0. BigBird's random blocks differ per layer and head; layer 0
-    over all KV heads stands for the model (the counts of other layers differ by a few blocks at most).
+    ``None`` (the unpatched model) is 1.0. Random blocks differ per layer and head; layer 0 over all
+    KV heads stands for the model (the counts of other layers differ by a few blocks at most).
     """
     if pattern is None:
         return 1.0
-    if not (isinstance(pattern, BigBird) and pattern.random_blocks):
-        # Only BigBird's random blocks depend on the head; one head gives the same density. (It also
-        # sidesteps a core bug: block_layout(kv_heads > 1) fails for head-independent patterns.)
-        kv_heads = 1
+    if not (pattern.per_head or random_block_size(pattern)):
+        kv_heads = 1  # every head attends the same pairs
     pairs = attended_pairs(pattern, length, kv_heads=kv_heads)
     return pairs / (kv_heads * length * (length + 1) / 2)
 

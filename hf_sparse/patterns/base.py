@@ -36,6 +36,7 @@ __all__ = [
     "parse_pattern",
     "as_long",
     "ceil_div",
+    "split_outside_brackets",
 ]
 
 
@@ -275,7 +276,7 @@ def _parse_one(text: str, shown: str) -> Pattern:
     return _build(kind, opts, shown)
 
 
-def _split_top(text: str, sep: str) -> list[str]:
+def split_outside_brackets(text: str, sep: str) -> list[str]:
     """Split at ``sep`` outside brackets (a per-head plan's members may hold unions)."""
     parts, depth, cur = [], 0, []
     for ch in text:
@@ -311,7 +312,7 @@ def parse_pattern(spec: Pattern | str | dict) -> Pattern:
             raise ValueError(f"pattern dict {spec!r} has no 'type'; e.g. {{'type': 'bigbird', 'block': 64}}")
         return _build(str(kind), opts, repr(spec))
     if isinstance(spec, str):
-        parts = _split_top(spec, "|")
+        parts = split_outside_brackets(spec, "|")
         if len(parts) == 1 and spec.strip().lower().startswith("per_head["):
             from .per_head import PerHead
 
