@@ -36,8 +36,11 @@ def pid(p) -> str:
         s = f"bb{p.block}-wb{p.window_blocks}-gb{p.global_blocks}-rb{p.random_blocks}" + (
             f"-s{p.seed}" if p.seed else ""
         )
-    else:
-        s = type(p).__name__
+    else:  # any other pattern: its spec, shortened
+        s = p.spec().replace("sliding_window", "sw").replace("causal=true", "").replace("window", "w")
+        s = "".join(c if c.isalnum() else "-" for c in s).strip("-")
+        while "--" in s:
+            s = s.replace("--", "-")
     return s if p.causal else s + "-noncausal"
 
 

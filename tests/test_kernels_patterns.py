@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import needs_interpreter, pid
+from helpers import HAS_CUDA, HAS_TRITON, needs_interpreter, pid
 
 from hf_sparse import BigBird, Dense, Fixed, Longformer, PerHead, SlidingWindow, Strided, sparse_attention
 from hf_sparse.decode import attention_with_positions
 from hf_sparse.kernels.plan import kernel_plan, kernel_unfit
 
-pytestmark = [needs_interpreter, pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PATTERNS = [
     Strided(stride=5, window=3),
@@ -55,6 +55,7 @@ def _assert_matches_oracle(q, k, v, do, pattern, grads_of, atol=3e-5, **kw):
         assert diff.max() <= atol, f"{pattern.spec()} {name}: max {diff.max():.2e} at {int(diff.argmax())}"
 
 
+@needs_interpreter
 @pytest.mark.parametrize("pattern", PATTERNS, ids=pid)
 def test_kernels_match_oracle(pattern):
     assert kernel_unfit(pattern, 2) is None
@@ -63,6 +64,7 @@ def test_kernels_match_oracle(pattern):
         _assert_matches_oracle(q, k, v, do, pattern, (q, k, v))
 
 
+@needs_interpreter
 @pytest.mark.parametrize("pattern", PATTERNS[::2], ids=pid)
 def test_kernels_padding_and_q_offset(pattern):
     b, hq, hkv, t, d = 3, 4, 2, 45, 16
@@ -76,6 +78,7 @@ def test_kernels_padding_and_q_offset(pattern):
         _assert_matches_oracle(qq, k, v, dd, pattern, (q, k, v), **kw)
 
 
+@needs_interpreter
 @pytest.mark.parametrize("pattern", PATTERNS, ids=pid)
 def test_decode_kernel_few_queries(pattern, monkeypatch):
     # one and three new queries after a prompt: the split-key decode kernel (and its lse for the backward)
@@ -90,6 +93,7 @@ def test_decode_kernel_few_queries(pattern, monkeypatch):
     assert calls
 
 
+@needs_interpreter
 @pytest.mark.parametrize("pattern", [p for p in PATTERNS if not kernel_plan(p, 2).r], ids=pid)
 def test_decode_by_positions(pattern):
     # slots in scrambled order with empty slots: the decode kernel by positions against the PyTorch path
@@ -103,6 +107,7 @@ def test_decode_by_positions(pattern):
     assert (ours - want).abs().max() < 3e-5
 
 
+@needs_interpreter
 def test_predicate_only_patterns_say_what_the_kernels_need():
     p = Fixed(block=6, summary=2)  # no power of two: no kernel primitives
     q, k, v, _ = _qkv(1, 2, 1, 20, 16)
@@ -113,3 +118,27 @@ def test_predicate_only_patterns_say_what_the_kernels_need():
     assert torch.allclose(out, sparse_attention(q, k, v, p, backend="dense"), atol=1e-6)
     with pytest.raises(ValueError, match=r"blocks of different sizes \[16, 32\]"):
         kernel_plan(PerHead(BigBird(block=16), ((1, BigBird(block=32)),)), 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: bf16 against a float32 reference, flash-attention's "at most twice PyTorch's bf16 error" rule
+GPU_PATTERNS = [
+    Strided(stride=128, window=256),
+    SlidingWindow(window=512) | Strided(stride=512, window=1),
+    Fixed(block=128, summary=16),
+    SlidingWindow(window=1024) | BigBird(block=64, window_blocks=1, global_blocks=0, random_blocks=3),
+    PerHead(SlidingWindow(window=256), ((0, Dense()),)),
+    PerHead(SlidingWindow(window=256), ((0, BigBird()), (1, Strided(stride=64, window=64)))),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("shape", [(2, 9, 3, 4113, 64), (1, 8, 2, 8192, 128)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("pattern", GPU_PATTERNS, ids=pid)
+def test_gpu_bf16_error_rule(pattern, shape):
+    from test_kernels import _bf16_rule
+
+    _bf16_rule(*shape, pattern)
+    b, hq, hkv, t, d = shape
+    _bf16_rule(b, hq, hkv, t, d, pattern, q_offset=t - 3)  # the decode kernel
