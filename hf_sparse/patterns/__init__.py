@@ -12,8 +12,20 @@ pattern is a frozen dataclass subclass of :class:`Pattern` registered with :func
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from ..primitives import Primitives
-from .base import Pattern, ceil_div, option, option_ranges, parse_pattern, register_pattern, registered_patterns
+from .base import (
+    Pattern,
+    ceil_div,
+    check_options,
+    option,
+    option_ranges,
+    parse_pattern,
+    register_pattern,
+    registered_patterns,
+)
 from .bigbird import BigBird, bigbird_random_blocks
 from .dense import Dense
 from .fixed import Fixed
@@ -38,6 +50,7 @@ __all__ = [
     "register_pattern",
     "registered_patterns",
     "option",
+    "check_options",
     "option_ranges",
     "bigbird_random_blocks",
     "ceil_div",
@@ -46,3 +59,7 @@ __all__ = [
 
 #: The built-in single patterns, by name.
 PATTERN_NAMES = ("dense", "sliding_window", "longformer", "bigbird", "strided", "fixed")
+
+# Every module of this package registers its pattern on import: a new built-in pattern is one module.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
