@@ -35,7 +35,7 @@ from .cache import install_sparse_layers
 from .history import add_history_hook, remove_history_hook
 from .options import layer_plans, options_of
 
-__all__ = ["patch_model", "unpatch_model", "register", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["patch_model", "unpatch_model", "register", "check_backend_available", "SUPPORTED_MODEL_TYPES"]
 
 # model_type -> note; each is tested on a tiny model (tests/test_patches.py) with the registry path.
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -114,6 +114,35 @@ def _check_layers(layers, num_layers: int) -> list[int] | None:
     return sorted(items)
 
 
+def check_backend_available(backend: str, pattern: Pattern | str | dict | None = None, *,
+                            device: torch.device | str | None = None, head_dim: int | None = None,
+                            kv_heads: int = 1) -> str:
+    """``backend`` when it can run here, else a ``ValueError`` that names it and the fix.
+
+    The name is checked by :func:`~hf_sparse.patches.attention.check_backend`. ``"triton"`` must also be able
+    to run on ``device`` (default: the current CUDA device when there is one, else the CPU): Triton installed,
+    CUDA or ``TRITON_INTERPRET=1``, a head dim and a ``pattern`` the kernels take. :func:`hf_sparse.ops.resolve_backend`
+    decides that at every forward; it decides here too, for an empty probe of the model's shape, so a backend
+    that cannot run fails in ``patch_model`` (or at a command's start), not at the first forward.
+    """
+    check_backend(backend)
+    if backend == "triton":
+        from hf_sparse.ops import resolve_backend
+
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        probe = torch.empty(1, kv_heads, 0, head_dim or 64, device=device)
+        resolve_backend(backend, probe, probe, None if pattern is None else parse_pattern(pattern))
+    return backend
+
+
+def _model_device(model) -> torch.device | None:
+    """The model's device when it is already on CUDA; None (the default of the check) otherwise, since a model
+    is often patched on the CPU and moved afterwards."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None and param.device.type == "cuda" else None
+
+
 def _extra_repr(self) -> str:
     base = type(self).extra_repr(self)
     return f"{base}, hf_sparse={self.hf_sparse_pattern}" if base else f"hf_sparse={self.hf_sparse_pattern}"
@@ -180,7 +209,8 @@ def patch_model(
         layers: indices of the layers to patch (``None``: all). The others keep the model's own
             attention implementation, sliding window included.
         backend: ``"auto"`` (Triton on CUDA, else the PyTorch reference), ``"triton"``, ``"reference"`` or
-            ``"dense"`` (tests only), see :func:`hf_sparse.sparse_attention`.
+            ``"dense"`` (tests only), see :func:`hf_sparse.sparse_attention`. ``"triton"`` where it cannot
+            run (no Triton, no CUDA nor ``TRITON_INTERPRET=1``) raises ``ValueError`` here, before any forward.
         head_patterns: ``{(layer, kv_head): pattern}``: these KV heads (and the query heads of their GQA
             group) use their own pattern (``"dense"`` keeps a retrieval head exact); the others use
             ``pattern``. All heads of a layer still run in one kernel launch. Saved in the config.
@@ -198,6 +228,7 @@ def patch_model(
     """
     config = _check_model(model)
     stored = getattr(config, "hf_sparse", None)
+    backend_from_config = False
     if pattern is None:
         if not isinstance(stored, dict) or "pattern" not in stored:
             raise ValueError(
@@ -209,6 +240,7 @@ def patch_model(
             layers = stored.get("layers")
         if backend == "auto":
             backend = stored.get("backend", "auto")
+            backend_from_config = backend != "auto"
         if head_patterns is None:
             head_patterns = {(int(i), int(h)): p for i, h, p in stored.get("head_patterns") or []}
     pat = parse_pattern(pattern)
@@ -217,6 +249,16 @@ def patch_model(
     check_backend(backend)
     layer_list = _check_layers(layers, config.num_hidden_layers)
     heads_stored = _check_head_patterns(head_patterns, pat, layer_list, config)
+    modules = _attention_modules(model)
+    try:  # before any forward: the base pattern and each layer's per-head plan, as the layers will run them
+        for plan in (pat, *(p for _, p in layer_plans(pat, heads_stored))):
+            check_backend_available(backend, plan, device=_model_device(model), kv_heads=_kv_heads(config),
+                                    head_dim=getattr(modules[0], "head_dim", None) if modules else None)
+    except ValueError as err:
+        if backend_from_config:
+            raise ValueError(f"{err} (backend={backend!r} is the one stored in model.config.hf_sparse; pass "
+                             "patch_model(model, backend='reference') to run it here)") from None
+        raise
 
     current = config._attn_implementation
     if current == ATTN_NAME:
@@ -226,7 +268,6 @@ def patch_model(
         previous = current or "eager"
 
     register()
-    modules = _attention_modules(model)
     if len({m.layer_idx for m in modules}) != config.num_hidden_layers:
         raise NotImplementedError(
             f"found {len(modules)} attention modules with a layer_idx in {type(model).__name__} for "
