@@ -16,6 +16,7 @@ from .errors import EvalError
 from .options import (
     DEFAULT_DEPTHS,
     DEFAULT_LENGTHS,
+    DEFAULT_MAX_DOCS,
     DEFAULT_PATTERNS,
     RunOptions,
     parse_depths,
@@ -43,7 +44,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-column", default="text", help="text field of .jsonl rows and hub rows [%(default)s]")
     g.add_argument("--join-rows", action="store_true",
                    help="concatenate all rows of a hub dataset into one document (for line-per-row sets: wikitext)")
-    g.add_argument("--max-docs", type=int, default=8,
+    g.add_argument("--max-docs", type=int, default=DEFAULT_MAX_DOCS,
                    help="use the first N documents long enough for the shortest length; 0 = all [%(default)s]")
     g = p.add_argument_group("what to compare")
     g.add_argument("--patterns", default=DEFAULT_PATTERNS,
@@ -122,17 +123,30 @@ def _bench(argv: list[str]) -> int:
 
 
 def _report(out: str, make_plots: bool) -> str:
-    from .report import render_report
+    """The summary tables, then the paths of the files (the plots included): the last lines a run prints."""
+    from .report import PLOTS, render_report
 
     text = render_report(out, make_plots=make_plots)
+    folder = Path(out)
     print(text)
-    files = ["results.jsonl", "summary.md", "summary.csv"]
-    if make_plots:
-        from .report import PLOTS
-
-        files += [p for p in PLOTS if (Path(out) / p).exists()]
-    print(f"written to {out}/: " + ", ".join(files), file=sys.stderr)
+    print("results: " + ", ".join(str(folder / f) for f in ("results.jsonl", "summary.md", "summary.csv")))
+    plots = [str(folder / p) for p in PLOTS if make_plots and (folder / p).exists()]
+    if plots:
+        print("plots: " + ", ".join(plots))
+    sys.stdout.flush()
     return text
+
+
+def _interrupted(command: str, out: str | None) -> int:
+    """Ctrl-C: one line that says how to go on, exit status 130 (128 + SIGINT), as a shell reports it."""
+    if sys.stderr.isatty():
+        print(file=sys.stderr)  # past a progress bar's unfinished line
+    if out is None or command == "report":
+        print(f"{PROG}: interrupted", file=sys.stderr)
+    else:
+        print(f"{PROG}: interrupted; the units finished so far are in {Path(out) / 'results.jsonl'}: run the same "
+              "command again to resume from there", file=sys.stderr)
+    return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     except EvalError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return _interrupted(args.command, getattr(args, "out", None))
     return 0
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ from pathlib import Path
 
 from .errors import EvalError
 
-__all__ = ["Document", "DataSpec", "iter_documents", "tokenize_documents", "TokenizedCorpus", "add_bos"]
+__all__ = ["Document", "DataSpec", "iter_documents", "tokenize_documents", "TokenizedCorpus", "add_bos",
+           "check_dataset", "check_out_outside_dataset", "local_files", "read_text_file"]
 
 BUILTIN = "stdlib"
 _TEXT_SUFFIXES = (".txt", ".md", ".rst")
@@ -36,6 +38,10 @@ _JSONL_SUFFIXES = (".jsonl",)
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "tkinter",
                      "turtledemo", "ensurepip", "pydoc_data", "encodings", "__pycache__", "config-3"}
 _STDLIB_SKIP_FILES = {"html/entities.py", "locale.py", "unicodedata.py"}
+# Characters that text does not contain: C0/C1 controls other than tab, newlines and form feed, and U+FFFD
+# (bytes that were already undecodable). A file with more than 1% of them is not text.
+_NOT_TEXT = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\ufffd]")
+_MAX_NOT_TEXT = 0.01
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,86 @@ def _read_text(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
+def read_text_file(path: Path) -> str:
+    """A document file's text; :class:`EvalError` naming the file when it is not UTF-8 text (a binary file,
+    random bytes, another encoding), instead of scoring replacement characters as if they were words."""
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise EvalError(f"--dataset: {path} is not a text file (it has NUL bytes at byte {data.index(0)}); "
+                        "give UTF-8 .txt/.md/.rst files")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise EvalError(f"--dataset: {path} is not UTF-8 text (byte {err.start} is {data[err.start]:#04x}); "
+                        "convert it first (e.g. iconv -t utf-8) or leave it out") from None
+    bad = len(_NOT_TEXT.findall(text))
+    if bad > _MAX_NOT_TEXT * len(text):
+        raise EvalError(f"--dataset: {path} is not text ({bad} of its {len(text)} characters are control "
+                        "characters); give UTF-8 .txt/.md/.rst files")
+    return text
+
+
+def _run_output(path: Path) -> str | None:
+    """What ``path`` is when a run of ours wrote it (``results.jsonl`` and ``summary.md`` of hf-sparse-eval,
+    ``metrics.jsonl`` of examples/finetune.py), else None. Judged by the file's first line,
+    so a corpus file that only shares the name is read as usual."""
+    if path.name not in ("results.jsonl", "metrics.jsonl", "summary.md") or not path.is_file():
+        return None
+    try:
+        with path.open(encoding="utf-8") as f:
+            first = f.readline().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if path.suffix == ".jsonl":
+        try:
+            row = json.loads(first)
+        except json.JSONDecodeError:
+            return None
+        if isinstance(row, dict) and "task" in row and "time" in row:
+            return "results of an earlier hf-sparse-eval run"
+        if isinstance(row, dict) and {"step", "loss", "lr"} <= row.keys():
+            return "training metrics of an earlier examples/finetune.py run"
+        return None
+    if first.startswith("# hf-sparse-eval summary"):
+        return "summary of an earlier hf-sparse-eval run"
+    return None
+
+
+def _refuse_run_output(path: Path, root: Path) -> None:
+    what = _run_output(path)
+    if what is None:
+        return
+    if path == root:
+        where = "give a file of your own documents"
+    elif path.parent == root:
+        where = "the folder is an earlier run's output folder; give a folder of your own documents"
+    else:
+        where = f"move {path.parent.relative_to(root).as_posix()} out of it, or give a folder of documents only"
+    rel = path.name if path == root else path.relative_to(root).as_posix()
+    raise EvalError(f"--dataset {root}: {rel} holds the {what}, not documents ({where})")
+
+
+def check_out_outside_dataset(spec: DataSpec, out: str | Path, option: str = "--out") -> None:
+    """An output folder inside a ``--dataset`` folder would make this run's results the next run's documents."""
+    if spec.name == BUILTIN:
+        return
+    data = Path(spec.name).expanduser()
+    if not data.is_dir():
+        return
+    data, target = data.resolve(), Path(out).expanduser().resolve()
+    if target == data or data in target.parents:
+        raise EvalError(f"{option} {out} is inside --dataset {spec.name}: the next run would read this run's "
+                        f"results as documents; choose an {option} outside the dataset folder")
+
+
 def _iter_jsonl(path: Path, column: str, label: str) -> Iterator[Document]:
+    try:
+        yield from _iter_jsonl_rows(path, column, label)
+    except UnicodeDecodeError as err:
+        raise EvalError(f"--dataset: {path} is not UTF-8 text (byte {err.start}); give UTF-8 .jsonl files") from None
+
+
+def _iter_jsonl_rows(path: Path, column: str, label: str) -> Iterator[Document]:
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f):
             if not line.strip():
@@ -110,15 +195,26 @@ def _iter_jsonl(path: Path, column: str, label: str) -> Iterator[Document]:
                 yield Document(f"{label}:{n}", row[column])
 
 
-def _iter_local(path: Path, column: str) -> Iterator[Document]:
+def local_files(path: Path) -> list[Path]:
+    """The document files of a local ``--dataset``: the file, or the folder's files (recursively, sorted).
+    Refused before any is read: a folder without documents, a file type we do not read, and the output of an
+    earlier run (its ``results.jsonl`` would be read as data otherwise)."""
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _TEXT_SUFFIXES + _JSONL_SUFFIXES)
         if not files:
             raise EvalError(f"--dataset {path}: the folder has no .txt, .md, .rst or .jsonl file")
-        for p in files:
-            yield from _iter_local_file(p, p.relative_to(path).as_posix(), column)
     else:
-        yield from _iter_local_file(path, path.name, column)
+        if path.suffix.lower() not in _TEXT_SUFFIXES + _JSONL_SUFFIXES:
+            raise EvalError(f"--dataset {path}: unsupported file type {path.suffix!r}; use .txt, .md, .rst or .jsonl")
+        files = [path]
+    for p in files:
+        _refuse_run_output(p, path)
+    return files
+
+
+def _iter_local(path: Path, column: str) -> Iterator[Document]:
+    for p in local_files(path):
+        yield from _iter_local_file(p, p.relative_to(path).as_posix() if path.is_dir() else path.name, column)
 
 
 def _iter_local_file(path: Path, label: str, column: str) -> Iterator[Document]:
@@ -126,16 +222,20 @@ def _iter_local_file(path: Path, label: str, column: str) -> Iterator[Document]:
     if suffix in _JSONL_SUFFIXES:
         yield from _iter_jsonl(path, column, label)
     elif suffix in _TEXT_SUFFIXES:
-        yield Document(label, _read_text(path))
+        yield Document(label, read_text_file(path))
     else:
         raise EvalError(f"--dataset {path}: unsupported file type {suffix!r}; use .txt, .md, .rst or .jsonl")
+
+
+def _needs_datasets(name: str) -> str:
+    return (f"--dataset {name} is a hub dataset and needs the 'datasets' package: pip install datasets "
+            f"(or pip install -e \".[hub]\"; or use --dataset {BUILTIN}, or local .txt/.jsonl files)")
 
 
 def _iter_hub(spec: DataSpec) -> Iterator[Document]:
     name = spec.name.removeprefix("hf:")
     if importlib.util.find_spec("datasets") is None:
-        raise EvalError(f"--dataset {name} is a hub dataset and needs the 'datasets' package: pip install datasets "
-                        f"(or use --dataset {BUILTIN}, or local .txt/.jsonl files)")
+        raise EvalError(_needs_datasets(name))
     import datasets
 
     try:
@@ -162,6 +262,25 @@ def _check_column(row: dict, column: str, name: str) -> None:
         raise EvalError(f"dataset {name!r} has no column {column!r} (columns: {', '.join(row)}); use --text-column")
 
 
+def _is_hub_name(name: str) -> bool:
+    return name.startswith("hf:") or not (Path(name).suffix or name.startswith((".", "/", "~")))
+
+
+def check_dataset(spec: DataSpec) -> None:
+    """What can be said of ``--dataset`` before a tokenizer or model loads: a local path that does not exist,
+    holds no documents or is an earlier run's output, or a hub name without the ``datasets`` package. (A
+    file that is not UTF-8 text is refused when it is read, still before any model loads.)"""
+    if spec.name == BUILTIN:
+        return
+    path = Path(spec.name).expanduser()
+    if path.exists():
+        local_files(path)
+    elif not _is_hub_name(spec.name):
+        raise EvalError(f"--dataset {spec.name}: no such file or folder")
+    elif importlib.util.find_spec("datasets") is None:
+        raise EvalError(_needs_datasets(spec.name.removeprefix("hf:")))
+
+
 def iter_documents(spec: DataSpec) -> Iterator[Document]:
     """Documents in a fixed order (lazy: a hub dataset is streamed, only as far as needed)."""
     if spec.name == BUILTIN:
@@ -172,7 +291,7 @@ def iter_documents(spec: DataSpec) -> Iterator[Document]:
     if path.exists():
         yield from _iter_local(path, spec.text_column)
         return
-    if spec.name.startswith("hf:") or not (path.suffix or spec.name.startswith((".", "/", "~"))):
+    if _is_hub_name(spec.name):
         yield from _iter_hub(spec)
         return
     raise EvalError(f"--dataset {spec.name}: no such file or folder")

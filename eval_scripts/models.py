@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,9 +73,54 @@ def resolve_model(spec: str) -> ModelSource:
         if not (path / "config.json").exists():
             raise EvalError(f"--model {spec}: the folder has no config.json; is it a transformers model folder?")
         return ModelSource(spec, str(path.resolve()))
-    if spec.count("/") > 1 or spec.startswith((".", "/")):
-        raise EvalError(f"--model {spec}: no such folder (and it is not a hub id like 'HuggingFaceTB/SmolLM2-135M')")
+    hint = f"a hub id looks like 'HuggingFaceTB/SmolLM2-135M'; the offline default is '{SMOLLM2_ALIAS}'"
+    if _looks_like_path(spec):
+        raise EvalError(f"--model {spec}: no such folder ({hint})")
+    if not _in_hub_cache(spec):
+        if "/" not in spec:  # a bare word that is no folder here: a mistyped path far more often than a hub id
+            raise EvalError(f"--model {spec}: no such folder, and no hub model of that name in the local cache ({hint})")
+        _check_on_hub(spec)
     return ModelSource(spec, spec)
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A local path, never a hub id (``namespace/name``): relative or absolute markers, or more than one ``/``."""
+    return (spec.startswith((".", "/", "~")) or spec.endswith("/") or spec.count("/") > 1 or "\\" in spec
+            or not spec.strip())
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # not a valid repo id, or no huggingface_hub: not in the cache
+        return False
+
+
+def _check_on_hub(repo_id: str) -> None:
+    """One request, before anything loads: a hub id that is not there, or a hub that cannot be reached, is said
+    at once (transformers would retry the download for a minute, then blame the tokenizer)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise EvalError(f"--model {repo_id}: no such folder, and not in the local Hugging Face cache while "
+                        "HF_HUB_OFFLINE is set; give a local folder or a .gguf file, or download it first")
+    try:
+        from huggingface_hub import model_info
+        from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    except ImportError:
+        return
+    try:
+        model_info(repo_id, timeout=10)
+    except GatedRepoError:
+        return  # there, behind a licence: transformers says how to get access
+    except RepositoryNotFoundError:
+        raise EvalError(f"--model {repo_id}: no such folder, and no such model on the hub (a private one needs "
+                        "`hf auth login`)") from None
+    except HfHubHTTPError:
+        return  # the hub answered; transformers reports the rest
+    except Exception as err:  # network errors of whichever HTTP client huggingface_hub uses
+        raise EvalError(f"--model {repo_id}: no such folder, and the hub cannot be reached to download it "
+                        f"({type(err).__name__}: {err}); give a local folder or a .gguf file") from None
 
 
 def load_tokenizer(source: ModelSource):

@@ -11,6 +11,7 @@ import contextlib
 import datetime as _dt
 import importlib
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,7 +21,15 @@ import torch
 
 from . import passkey as pk
 from .cost import CostMeter, density
-from .data import DataSpec, TokenizedCorpus, add_bos, iter_documents, tokenize_documents
+from .data import (
+    DataSpec,
+    TokenizedCorpus,
+    add_bos,
+    check_dataset,
+    check_out_outside_dataset,
+    iter_documents,
+    tokenize_documents,
+)
 from .errors import EvalError
 from .models import load_model, load_tokenizer, max_positions, resolve_device, resolve_dtype, resolve_model
 from .options import PatternChoice, RunOptions
@@ -52,6 +61,20 @@ def _patch_api() -> tuple[Callable, Callable]:
     except (ImportError, AttributeError) as err:
         raise EvalError(f"sparse patterns need hf_sparse.patch_model, which is not available here ({err}); "
                         "run --patterns full only, or install the complete hf-sparse") from None
+
+
+def check_backend_here(backend: str, device: torch.device) -> None:
+    """``--backend`` must be able to run on ``device`` (e.g. ``triton`` needs Triton and CUDA): checked at the
+    start, by ``patch_model``'s own check, so a run never computes the baseline and then fails."""
+    try:
+        check = importlib.import_module("hf_sparse.patches.model").check_backend_available
+    except (ImportError, AttributeError) as err:
+        raise EvalError(f"sparse patterns need hf_sparse.patches, which is not available here ({err}); "
+                        "run --patterns full only, or install the complete hf-sparse") from None
+    try:
+        check(backend, device=device)
+    except ValueError as err:
+        raise EvalError(f"--backend {backend}: {err}") from None
 
 
 @contextlib.contextmanager
@@ -91,10 +114,14 @@ class _Run:
         self.dtype = resolve_dtype(o.dtype, self.device)
         if any(not c.is_baseline for c in o.patterns):
             _patch_api()
+            check_backend_here(o.backend, self.device)
         self.source = resolve_model(o.model)
+        self.data = DataSpec(o.dataset, o.dataset_config, o.dataset_split, o.text_column, o.join_rows)
+        if "perplexity" in self.tasks:
+            check_dataset(self.data)
+            check_out_outside_dataset(self.data, o.out)
         self.tokenizer = load_tokenizer(self.source)
         self.prefix = add_bos(self.tokenizer)
-        self.data = DataSpec(o.dataset, o.dataset_config, o.dataset_split, o.text_column, o.join_rows)
         self.corpus: TokenizedCorpus | None = None
         if "perplexity" in self.tasks:
             self._prepare_corpus()
@@ -201,10 +228,16 @@ class _Run:
                 "skipped_short": self.corpus.skipped_short,
                 "per_length": {str(L): self.corpus.count_at(L, len(self.prefix)) for L in o.lengths}},
         })
-        for choice in o.patterns:
+        counts = {spec: sum(len(v) for part in pair for v in part.values()) for spec, pair in self.todo.items()}
+        total, done, start = sum(counts.values()), 0, time.perf_counter()
+        for i, choice in enumerate(o.patterns, 1):
             ppl_todo, pk_todo = self.todo[choice.spec]
-            if not any(ppl_todo.values()) and not any(pk_todo.values()):
+            if not counts[choice.spec]:
                 continue
+            # one line per pattern: progress that a log file (CI, nohup) shows too, not only a terminal's bars
+            _log(f"[{i}/{len(o.patterns)}] {choice.label}: {counts[choice.spec]} units "
+                 f"({done}/{total} done, {time.perf_counter() - start:.0f} s)")
+            done += counts[choice.spec]
             with applied(self.model, choice, o.backend):
                 for length, units in ppl_todo.items():
                     self._run_ppl(choice, length, units)
@@ -303,9 +336,10 @@ class _Run:
 
 def run_eval(opts: RunOptions, tasks: tuple[str, ...] = TASKS) -> RunStats:
     """Check, load, evaluate; results go to ``opts.out/results.jsonl`` unit by unit."""
+    start = time.perf_counter()
     run = _Run(opts, tasks)
     run.prepare()
     stats = run.execute()
     done = ", ".join(f"{t}: {stats.computed[t]} computed, {stats.resumed[t]} already done" for t in tasks)
-    _log(f"{done}" + (f"; {stats.failed} failed" if stats.failed else ""))
+    _log(f"{done}" + (f"; {stats.failed} failed" if stats.failed else "") + f" ({time.perf_counter() - start:.0f} s)")
     return stats

@@ -11,6 +11,7 @@ import csv
 import importlib.util
 import json
 import math
+import random
 import sys
 from pathlib import Path
 
@@ -321,3 +322,136 @@ def test_hub_dataset_goes_through_datasets_load_dataset(monkeypatch):
     assert len(joined) == 1 and joined[0].text == " = A = \nfirst line\nsecond line\n"
     with pytest.raises(EvalError, match="no column 'article'"):
         list(iter_documents(DataSpec("wikitext", text_column="article")))
+
+
+# -- first contact: inputs the command cannot use are refused before any row (issue 17) ------------------
+def _refused(capsys, out: Path, *needles: str) -> str:
+    err = capsys.readouterr().err
+    assert "hf-sparse-eval: error:" in err and all(n in err for n in needles), err
+    assert "Traceback" not in err
+    assert not (out / "results.jsonl").exists()  # no baseline row, no run record
+    return err
+
+
+def test_triton_backend_that_cannot_run_is_refused_before_the_baseline(model_dir, files, tmp_path, capsys,
+                                                                       monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present: --backend triton can run here")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "out"
+    assert run(model_dir, files, out, "--backend", "triton", "--patterns", "full,bigbird:block=16",
+               "--context-lengths", "32") == 2
+    _refused(capsys, out, "--backend triton", "cannot run here", "'reference'")
+    # --patterns full alone patches nothing: the backend is not used, so it is not in the way
+    assert run(model_dir, files, out, "--backend", "triton", "--patterns", "full", "--context-lengths", "32") == 0
+
+
+@pytest.mark.parametrize("spec", ["nonexistent_dir", "./nonexistent_dir", "no/such/folder", "nonexistent_dir/"])
+def test_missing_model_folder_is_said_without_asking_the_hub(files, tmp_path, capsys, monkeypatch, spec):
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_hub)
+    monkeypatch.setattr(huggingface_hub, "model_info", no_hub)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert main(["perplexity", "--model", spec, "--dataset", str(files), "--out", str(out), "--no-progress"]) == 2
+    _refused(capsys, out, f"--model {spec}: no such folder")
+
+
+def test_hub_id_not_cached_is_looked_up_once(files, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def unreachable(repo_id, **kwargs):
+        calls.append(repo_id)
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    out = tmp_path / "out"
+    args = ["perplexity", "--model", "nobody-here/no-model", "--dataset", str(files), "--out", str(out)]
+    assert main(args) == 2
+    _refused(capsys, out, "no such folder, and the hub cannot be reached")
+    assert calls == ["nobody-here/no-model"]  # one request, no retries
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(args) == 2
+    _refused(capsys, out, "HF_HUB_OFFLINE")
+    assert len(calls) == 1
+
+
+def test_earlier_run_output_is_not_a_dataset(model_dir, files, tmp_path, capsys):
+    first = tmp_path / "runs" / "first"
+    assert run(model_dir, files, first, "--patterns", "full", "--context-lengths", "32") == 0
+    before = (first / "results.jsonl").read_text()
+    capsys.readouterr()
+    out = tmp_path / "out"
+    for dataset, needle in [(first, "results.jsonl holds the results of an earlier hf-sparse-eval run"),
+                            (first / "results.jsonl", "holds the results of an earlier"),
+                            (tmp_path / "runs", "first/results.jsonl holds the results")]:
+        assert run(model_dir, dataset, out, "--patterns", "full", "--context-lengths", "32") == 2
+        _refused(capsys, out, f"--dataset {dataset}", needle)
+    (first / "results.jsonl").unlink()  # a summary.md alone marks it as well
+    assert run(model_dir, first, out, "--patterns", "full", "--context-lengths", "32") == 2
+    _refused(capsys, out, "summary.md holds the summary of an earlier hf-sparse-eval run")
+    assert before  # the earlier run is left as it was
+    # an --out inside the dataset folder would become the next run's data
+    inside = files / "eval_out"
+    assert run(model_dir, files, inside, "--patterns", "full", "--context-lengths", "32") == 2
+    _refused(capsys, inside, "is inside --dataset", "outside the dataset folder")
+    assert not inside.exists()
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    (bytes(random.Random(0).randrange(256) for _ in range(4000)), "is not"),  # random bytes
+    (b"plain words\x00and a NUL byte " * 20, "NUL bytes"),
+    ("caf\u00e9 au lait, cr\u00e8me br\u00fbl\u00e9e ".encode("latin-1") * 20, "is not UTF-8 text"),
+    (bytes(range(1, 9)) * 200 + b"a few words", "control characters"),
+], ids=["random", "nul", "latin1", "controls"])
+def test_binary_text_file_is_refused_by_name(model_dir, tmp_path, capsys, content, needle):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "good.txt").write_text(sentences(3, 60))
+    (data / "z_binary.txt").write_bytes(content)
+    out = tmp_path / "out"
+    assert run(model_dir, data, out, "--patterns", "full", "--context-lengths", "32", "--max-docs", "0") == 2
+    _refused(capsys, out, str(data / "z_binary.txt"), needle)
+
+
+def test_ctrl_c_is_one_line_and_the_run_resumes(model_dir, files, tmp_path, capsys, monkeypatch):
+    from hf_sparse.eval import runner
+
+    real, calls = runner.token_nll, []
+
+    def interrupted_on_the_second_unit(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "token_nll", interrupted_on_the_second_unit)
+    args = ("--patterns", "full", "--context-lengths", "32")
+    assert run(model_dir, files, tmp_path, *args) == 130
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last == (f"hf-sparse-eval: interrupted; the units finished so far are in {tmp_path / 'results.jsonl'}: "
+                    "run the same command again to resume from there")
+    assert "Traceback" not in err and len(units(tmp_path)) == 1
+    monkeypatch.setattr(runner, "token_nll", real)
+    assert run(model_dir, files, tmp_path, *args) == 0
+    assert "1 computed, 1 already done" in capsys.readouterr().err
+    assert len(units(tmp_path)) == 2
+
+
+def test_run_prints_progress_and_ends_with_the_tables_and_the_plot_paths(model_dir, files, tmp_path, capsys):
+    assert main(["run", "--model", str(model_dir), "--dataset", str(files), "--device", "cpu", "--out", str(tmp_path),
+                 "--no-progress", "--patterns", "full,sliding_window:window=16", "--context-lengths", "96",
+                 "--depths", "0", "--backend", "reference"]) == 0
+    captured = capsys.readouterr()
+    assert "[1/2] full: 3 units (0/6 done" in captured.err and "[2/2] sliding_window:window=16: 3 units (3/6" in captured.err
+    lines = captured.out.rstrip().splitlines()
+    assert "## Perplexity" in captured.out
+    assert lines[-2] == "results: " + ", ".join(str(tmp_path / f) for f in ("results.jsonl", "summary.md", "summary.csv"))
+    assert lines[-1] == "plots: " + ", ".join(str(tmp_path / p) for p in PLOTS)
