@@ -46,6 +46,7 @@ import datetime as _dt
 import gc
 import itertools
 import json
+import math
 import os
 import shutil
 import sys
@@ -55,9 +56,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hf_sparse.eval.data import DataSpec, Document, add_bos, iter_documents, tokenize_documents
+from hf_sparse.eval.data import (
+    DataSpec,
+    Document,
+    add_bos,
+    check_dataset,
+    check_out_outside_dataset,
+    iter_documents,
+    tokenize_documents,
+)
 from hf_sparse.eval.errors import EvalError
-from hf_sparse.eval.models import load_model, load_tokenizer, resolve_model
+from hf_sparse.eval.models import load_model, load_tokenizer, resolve_dtype, resolve_model
 from hf_sparse.eval.options import PatternChoice, RunOptions
 from hf_sparse.eval.report import render_report, summarize
 from hf_sparse.eval.results import environment_info, read_results
@@ -155,17 +164,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Every numeric option and its range: (name, low, high, low included, high included, what to give). Checked
+# before anything loads, so a bad value is one line, not a traceback from torch minutes later.
+_INF = float("inf")
+NUMERIC_RANGES = (
+    ("seq_len", 16, _INF, True, True, "tokens per sequence, e.g. 2048"),
+    ("max_steps", 1, _INF, True, True, "optimizer steps, e.g. 100"),
+    ("batch_size", 1, _INF, True, True, "sequences per process per micro step, e.g. 1"),
+    ("grad_accum", 1, _INF, True, True, "micro steps per optimizer step, e.g. 1"),
+    ("learning_rate", 0.0, 1.0, False, True, "a peak learning rate such as 2e-5"),
+    ("weight_decay", 0.0, _INF, True, True, "0 (none) or e.g. 0.01"),
+    ("warmup_steps", 0, _INF, True, True, "0 or a few steps"),
+    ("seed", 0, 2**32 - 1, True, True, "an integer in [0, 2**32 - 1]"),
+    ("lora_r", 1, _INF, True, True, "the adapter rank, e.g. 16"),
+    ("lora_alpha", 0.0, _INF, False, True, "e.g. 32"),
+    ("lora_dropout", 0.0, 1.0, True, False, "a probability in [0, 1), e.g. 0.05"),
+    ("max_docs", 0, _INF, True, True, "0 (no limit) or a count"),
+    ("save_every", 0, _INF, True, True, "0 (never) or a step count"),
+    ("save_total_limit", 0, _INF, True, True, "0 (keep all) or a count"),
+    ("stop_at_step", 1, _INF, True, True, "a step in [1, --max-steps]"),
+    ("eval_fraction", 0.0, 1.0, False, False, "a share in (0, 1), e.g. 0.1"),
+    ("eval_seq_len", 16, _INF, True, True, "tokens per evaluated window, e.g. 2048"),
+    ("eval_max_docs", 0, _INF, True, True, "0 (all) or a count"),
+    ("eval_max_windows", 0, _INF, True, True, "0 (all) or a count"),
+)
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """A :class:`FinetuneError` naming the first option out of its range (NaN and infinity included)."""
+    for name, low, high, low_in, high_in, what in NUMERIC_RANGES:
+        value = getattr(args, name, None)
+        if value is None:  # an option whose default is computed from the others
+            continue
+        ok = (math.isfinite(value) and (value >= low if low_in else value > low)
+              and (value <= high if high_in else value < high))
+        if not ok:
+            lo = f"{'>=' if low_in else '>'} {low}"
+            hi = "" if high == _INF else f" and {'<=' if high_in else '<'} {high}"
+            raise FinetuneError(f"--{name.replace('_', '-')} must be {lo}{hi}, got {value}; give {what}")
+
+
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("seq_len", "max_steps", "batch_size", "grad_accum", "lora_r"):
-        if getattr(args, name) < 1:
-            raise FinetuneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_docs", "save_every", "save_total_limit", "eval_max_docs", "eval_max_windows"):
-        if getattr(args, name) < 0:
-            raise FinetuneError(f"--{name.replace('_', '-')} must be >= 0 (0 = no limit), got {getattr(args, name)}")
-    if args.seq_len < 16:
-        raise FinetuneError(f"--seq-len {args.seq_len} is too short; use at least 16 tokens")
-    if not 0.0 < args.eval_fraction < 1.0:
-        raise FinetuneError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
+    check_ranges(args)
     try:
         pattern = parse_pattern(args.pattern)
     except ValueError as err:
@@ -186,6 +226,24 @@ def check_args(args: argparse.Namespace) -> None:
     args.lora_targets = ",".join(t.strip() for t in args.lora_targets.split(",") if t.strip())
     if args.lora and not args.lora_targets:
         raise FinetuneError("--lora-targets is empty; e.g. q_proj,k_proj,v_proj,o_proj")
+    # what needs the machine or the disk, still before anything loads or is written
+    from hf_sparse.patches.model import check_backend_available
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where accelerate will train
+    try:
+        check_backend_available(args.backend, device=device)
+    except ValueError as err:
+        raise FinetuneError(f"--backend {args.backend}: {err}") from None
+    resolve_model(args.model)  # a missing folder says so here, without asking the hub
+    for name in (args.dataset, args.eval_dataset):
+        if name:
+            check_dataset(DataSpec(name))
+            check_out_outside_dataset(DataSpec(name), args.output_dir, "--output-dir")
+    if not args.no_eval:
+        try:
+            resolve_dtype(args.eval_dtype, device)
+        except EvalError as err:
+            raise FinetuneError(str(err).replace("--dtype", "--eval-dtype", 1)) from None
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -641,6 +699,16 @@ def _eval_line(out: Path) -> str:
     return "\n".join(lines)
 
 
+def interrupted_message(out: Path) -> str:
+    """What Ctrl-C leaves and how to go on, in one line."""
+    found = list_checkpoints(out)
+    if found:
+        return (f"finetune.py: interrupted; the last checkpoint is {found[-1][1]} (step {found[-1][0]}): run the same "
+                "command with --resume to continue from it")
+    return ("finetune.py: interrupted before the first checkpoint (--save-every); run the same command again to "
+            "start over")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -649,6 +717,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FinetuneError, EvalError) as err:
         print(f"finetune.py: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":  # under accelerate launch every process gets the signal: one line
+            if sys.stderr.isatty():
+                print(file=sys.stderr)  # past a progress bar's unfinished line
+            print(interrupted_message(Path(args.output_dir)), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

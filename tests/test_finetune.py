@@ -304,3 +304,103 @@ def test_errors_are_one_line(model_dir, corpus, tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     assert run(model_dir, corpus / "train", tmp_path / "x", "--seq-len", "100000", "--no-eval") == 2
     assert "shorter than --seq-len" in capsys.readouterr().err
+
+
+# -- first contact: every input checked before any work (issue 17) ------------------------------------------
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--learning-rate", "-1"], "--learning-rate must be > 0.0 and <= 1.0, got -1.0"),
+    (["--learning-rate", "0"], "--learning-rate must be > 0.0"),
+    (["--learning-rate", "nan"], "--learning-rate must be > 0.0 and <= 1.0, got nan"),
+    (["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
+    (["--batch-size", "-2"], "--batch-size must be >= 1, got -2"),
+    (["--grad-accum", "0"], "--grad-accum must be >= 1, got 0"),
+    (["--seq-len", "8"], "--seq-len must be >= 16, got 8"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0.0, got -0.1"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be >= 0, got -1"),
+    (["--warmup-steps", "50"], "--warmup-steps must be in [0, --max-steps=3], got 50"),
+    (["--seed", "-1"], "--seed must be >= 0 and <= 4294967295, got -1"),
+    (["--lora-r", "0"], "--lora-r must be >= 1, got 0"),
+    (["--lora-alpha", "0"], "--lora-alpha must be > 0.0, got 0.0"),
+    (["--lora-dropout", "1"], "--lora-dropout must be >= 0.0 and < 1.0, got 1.0"),
+    (["--save-every", "-1"], "--save-every must be >= 0, got -1"),
+    (["--stop-at-step", "0"], "--stop-at-step must be >= 1, got 0"),
+    (["--eval-fraction", "1.5"], "--eval-fraction must be > 0.0 and < 1.0, got 1.5"),
+    (["--eval-seq-len", "4"], "--eval-seq-len must be >= 16, got 4"),
+    (["--eval-max-windows", "-3"], "--eval-max-windows must be >= 0, got -3"),
+    (["--eval-dtype", "float8"], "--eval-dtype 'float8' is not supported"),
+    (["--model", "nonexistent_dir"], "--model nonexistent_dir: no such folder"),
+    (["--model", "./no/such/folder"], "no such folder"),
+    (["--dataset", "no/such/file.txt"], "no such file or folder"),
+])
+def test_bad_options_stop_before_any_work(model_dir, corpus, tmp_path, capsys, extra, message):
+    out = tmp_path / "x"
+    args = ["--model", str(model_dir), "--dataset", str(corpus / "train"), "--max-steps", "3"]
+    args = [a for i, a in enumerate(args) if not (a in extra[::2] or (i and args[i - 1] in extra[::2]))]
+    assert finetune.main(["--pattern", PATTERNS["sliding_window"], "--seq-len", str(SEQ), "--output-dir", str(out),
+                          "--backend", "reference", "--no-progress", *args, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("finetune.py: error:") and message in err and "Traceback" not in err, err
+    assert not out.exists()  # nothing written, nothing loaded
+
+
+def test_triton_backend_that_cannot_run_is_refused_up_front(model_dir, corpus, tmp_path, capsys, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present: --backend triton can run here")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "x"
+    assert finetune.main(["--model", str(model_dir), "--pattern", PATTERNS["bigbird"], "--dataset",
+                          str(corpus / "train"), "--output-dir", str(out), "--backend", "triton"]) == 2
+    err = capsys.readouterr().err
+    assert "--backend triton: backend='triton' cannot run here" in err and "'reference'" in err
+    assert not out.exists()
+
+
+def test_binary_data_and_output_folders_are_refused(model_dir, corpus, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 50)
+    assert run(model_dir, data, tmp_path / "x", "--no-eval") == 2
+    assert f"{data / 'notes.txt'} is not a text file" in capsys.readouterr().err
+    assert run(model_dir, corpus / "train", corpus / "train" / "run", "--no-eval") == 2
+    assert "--output-dir" in capsys.readouterr().err and not (corpus / "train" / "run").exists()
+    # an earlier run's output folder is no training data (its metrics.jsonl, its eval results)
+    earlier = tmp_path / "earlier"
+    assert run(model_dir, corpus / "train", earlier, "--max-steps", "1", "--no-eval", "--save-every", "0") == 0
+    assert run(model_dir, earlier, tmp_path / "y", "--no-eval") == 2
+    assert "metrics.jsonl holds the training metrics of an earlier examples/finetune.py run" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_resume_continues(model_dir, corpus, tmp_path, capsys, monkeypatch):
+    common = ("--max-steps", "4", "--save-every", "2", "--no-eval", "--learning-rate", "5e-3")
+    out = tmp_path / "x"
+    real = finetune.PackedData.batch
+
+    def interrupted_at_step_4(self, first, count):
+        if first >= 3:  # batch size 1, one process: sample 3 is step 4's
+            raise KeyboardInterrupt
+        return real(self, first, count)
+
+    monkeypatch.setattr(finetune.PackedData, "batch", interrupted_at_step_4)
+    assert run(model_dir, corpus / "train", out, *common) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (f"finetune.py: interrupted; the last checkpoint is "
+                                            f"{out / 'checkpoints' / 'step_2'} (step 2): run the same command with "
+                                            "--resume to continue from it")
+    assert "Traceback" not in err
+    monkeypatch.setattr(finetune.PackedData, "batch", real)
+    finetune_state_reset()
+    assert run(model_dir, corpus / "train", out, *common, "--resume") == 0
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+    # interrupted before the first checkpoint: start over, without --resume
+    monkeypatch.setattr(finetune.PackedData, "batch", interrupted_at_step_4)
+    finetune_state_reset()
+    assert run(model_dir, corpus / "train", tmp_path / "z", "--max-steps", "4", "--no-eval") == 130
+    assert "before the first checkpoint" in capsys.readouterr().err
+
+
+def finetune_state_reset() -> None:
+    # two runs inside one test: accelerate's process-wide state starts clean for the second (as between tests)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
