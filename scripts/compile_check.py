@@ -102,7 +102,9 @@ def main(argv=None) -> int:
     from hf_sparse import parse_pattern
     from hf_sparse.kernels import configs
     if args.tma == "table":  # decide as on an H200 (the inputs here are CPU tensors)
-        use_tma = K._use_tma
+        import hf_sparse.kernels.gradients as kb
+        import hf_sparse.kernels.prefill as kp
+        from hf_sparse.kernels.launch import _use_tma as use_tma
 
         def as_on_hopper(c, cfg, *tensors):
             configs.set_tma(cfg.tma)
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
             finally:
                 configs.set_tma(None)
 
-        K._use_tma = as_on_hopper
+        kp._use_tma = kb._use_tma = as_on_hopper
     else:
         configs.set_tma(args.tma == "on")
     configs.apply_overrides(args.config)

@@ -112,7 +112,7 @@ def test_interpreter_fp16_softcap_odd_head_dim():
 @pytest.mark.parametrize("decode_rows", [64, 0], ids=["decode-kernel", "prefill-kernel"])
 def test_interpreter_rows_without_keys_are_zero(decode_rows, monkeypatch):
     # queries past the keys with a short window see nothing: zeros, finite gradients (both forward kernels)
-    import hf_sparse.kernels as kernels
+    import hf_sparse.kernels.prefill as kernels
 
     monkeypatch.setattr(kernels, "_DECODE_MAX_ROWS", decode_rows)
     q, k, v, do = _qkv(1, 2, 1, 20, 16, seed=7)
@@ -319,7 +319,7 @@ def test_interpreter_load_paths_agree(pattern, tma):
 def test_interpreter_global_key_tiles_split_over_programs(pattern, monkeypatch):
     # dK/dV of the key tiles holding global keys is shared out over several programs (one query tile
     # each here) and summed by atomics: same gradients as the reference, padded batches included
-    import hf_sparse.kernels as kernels
+    import hf_sparse.kernels.gradients as kernels
 
     monkeypatch.setattr(kernels, "_SPLIT_TILES", 1)
     b, hq, hkv, t, d = 2, 4, 2, 70, 16
@@ -385,7 +385,7 @@ def test_interpreter_few_queries_run_the_decode_kernel(pattern, monkeypatch):
     # sparse_attention with a few queries (decode, the first chunk after a prompt) runs the split-key decode
     # kernel; its log-sum-exp feeds the usual backward. Against the reference: outputs and gradients, padded
     # rows, queries at the end and at the start (global query rows of non-causal patterns)
-    import hf_sparse.kernels as kernels
+    import hf_sparse.kernels.prefill as kernels
 
     calls = []
     decode = kernels._decode
@@ -406,7 +406,7 @@ def test_interpreter_few_queries_run_the_decode_kernel(pattern, monkeypatch):
 def test_interpreter_queries_past_the_keys_and_empty_inputs(decode_rows, monkeypatch):
     # without padding, queries placed after the last key (q_offset + Tq > Tk) are real rows that see every
     # key their pattern allows (both forward kernels); zero queries or zero keys give empty / zero outputs
-    import hf_sparse.kernels as kernels
+    import hf_sparse.kernels.prefill as kernels
 
     monkeypatch.setattr(kernels, "_DECODE_MAX_ROWS", decode_rows)
     q, k, v, do = _qkv(1, 2, 1, 16, 16, seed=4)

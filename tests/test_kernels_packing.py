@@ -59,7 +59,7 @@ class _Setup:
     """Force packing on/off, tile overrides and the decode threshold; record the PACK each launch used."""
 
     def __init__(self, monkeypatch, pack, tiles=None, decode_rows=None, tma=None):
-        import hf_sparse.kernels as kernels
+        import hf_sparse.kernels.prefill as kernels
         from hf_sparse.kernels import configs
 
         self.configs, self.pack, self.tiles, self.tma = configs, pack, tiles or {}, tma

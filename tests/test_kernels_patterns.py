@@ -82,7 +82,7 @@ def test_kernels_padding_and_q_offset(pattern):
 @pytest.mark.parametrize("pattern", PATTERNS, ids=pid)
 def test_decode_kernel_few_queries(pattern, monkeypatch):
     # one and three new queries after a prompt: the split-key decode kernel (and its lse for the backward)
-    import hf_sparse.kernels as kernels
+    import hf_sparse.kernels.prefill as kernels
 
     calls = []
     decode = kernels._decode

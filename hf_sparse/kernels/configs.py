@@ -31,11 +31,10 @@ class KernelConfig:
 
 # (kernel, head_dim bucket) -> config; head_dim bucket is 64 for <= 64, else 128 (and 256 above)
 _TABLE: dict[tuple[str, int], KernelConfig] = {
-    # head dims 64 and 128: the winners of the H200 sweeps (docs/kernel-notes.md, results/kernels*.jsonl),
-    # all through tensor descriptors (TMA) since boundary tiles use them too (round 4: far fewer registers).
-    # GQA packing (pack): the dQ kernel gains from it (H200 A/B at 64k); the forward measured slower packed
-    # in round 3 (head dim 64 by ~28%, 128 by ~4%, with the same loop body) and within +-1% in round 4, so it
-    # runs one head per program
+    # head dims 64 and 128: the winners of the H200 sweeps (docs/kernel-notes.md, tile table), all through
+    # tensor descriptors (TMA) since boundary tiles use them too (far fewer registers). GQA packing (pack):
+    # the dQ kernel gains from it (H200 A/B at 64k); the forward measured slower packed (head dim 64 by ~28%,
+    # 128 by ~4%, same loop body; within +-1% once boundary tiles used TMA), so it runs one head per program
     ("fwd", 64): KernelConfig(64, 64, 4, 2, pack=False),
     ("fwd", 128): KernelConfig(64, 64, 4, 3, pack=False),
     ("fwd", 256): KernelConfig(64, 32, 4, 2, tma=False, pack=False),  # head dim 256: not run on a GPU
@@ -47,10 +46,11 @@ _TABLE: dict[tuple[str, int], KernelConfig] = {
     ("dkdv", 256): KernelConfig(16, 32, 4, 2, tma=False),
 }
 
-# BigBird (kind 1) entries where its sweep beat the window tiles cut down to one 64-token block
+# block-structured plans (kind 1: block bands, extra blocks) where BigBird's sweep beat the window tiles cut
+# down to one 64-token block
 _TABLE_BIGBIRD: dict[tuple[str, int], KernelConfig] = {
     ("fwd", 64): KernelConfig(64, 64, 4, 2, pack=False),
-    ("fwd", 128): KernelConfig(64, 32, 4, 2, pack=False),  # round 5 A/B: 1.50-1.51 vs 1.55-1.56 ms at 64k
+    ("fwd", 128): KernelConfig(64, 32, 4, 2, pack=False),  # H200 A/B: 1.50-1.51 vs 1.55-1.56 ms at 64k
     ("dq", 64): KernelConfig(64, 64, 4, 3, pack=False),
     ("dq", 128): KernelConfig(64, 64, 4, 2, pack=False),
 }
