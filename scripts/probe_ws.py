@@ -5,7 +5,7 @@ descriptors as in our kernels), with and without warp specialization, against cu
     python scripts/probe_ws.py [--seq-len 16384] [--heads 32] [--variants A,B] [--no-sdpa] [--compile-only]
 
 Run each variant in its own process under ``timeout`` on the GPU: a warp-specialized kernel that deadlocks
-hangs the process (round 6, call 4: the first run of all variants in one process never returned).
+hangs the process (on the H200 with Triton 3.6, a run of all variants in one process never returned).
 
 ``--compile-only`` (any machine): compile for sm_90 and print whether the loop was split into partitions.
 """

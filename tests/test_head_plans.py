@@ -70,12 +70,14 @@ def test_new_patterns_equal_explicit_mask(spec):
     assert_real_close(got, want, mask)
 
 
-@pytest.mark.parametrize("heads", [
-    PLAN,  # a dense head and a strided head: full-history cache
-    {(0, 1): "longformer:window=4,global_tokens=3"},  # bounded: sinks of one head, window of the other
-], ids=["full", "bounded"])
-def test_generate_with_a_plan_equals_recomputation(heads):
-    model = patch_model(tiny("mistral", sliding_window=5), "sliding_window:window=6", head_patterns=heads,
+@pytest.mark.parametrize("default,heads", [
+    ("sliding_window:window=6", PLAN),  # a dense head and a strided head: full-history cache
+    ("sliding_window:window=6", {(0, 1): "longformer:window=4,global_tokens=3"}),  # bounded, per-head sinks
+    ("sliding_window:window=6|longformer:window=3,global_tokens=2", {}),  # a union with a bounded cache
+    ("strided:stride=4,window=3", {}),  # full history
+], ids=["plan-full", "plan-bounded", "union-bounded", "strided"])
+def test_generate_with_a_plan_equals_recomputation(default, heads):
+    model = patch_model(tiny("mistral", sliding_window=5), default, head_patterns=heads or None,
                         backend="reference")
     ids = tokens(2, 20, seed=5)
     mask = left_padding([20, 13], 20)
