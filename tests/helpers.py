@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch
 
-from hf_sparse import BigBird, Dense, Longformer, SlidingWindow
+from hf_sparse import BigBird, Dense, Fixed, Longformer, Pattern, PerHead, SlidingWindow, Strided
+from hf_sparse.patterns import option
 
 # the Triton kernels' CPU tests run in Triton's interpreter (TRITON_INTERPRET=1) on machines without CUDA
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -78,3 +80,27 @@ def save_tiny_llama(folder, texts: list[str], *, vocab_size: int, max_positions:
                       pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(folder)
+
+
+# strided and fixed patterns, unions and a per-head plan: the composed cases of the layout and reference tests
+COMPOSED = [
+    Strided(stride=5, window=3),
+    Strided(stride=16, window=1),
+    Fixed(block=16, summary=3),
+    Fixed(block=6, summary=2),  # no power of two: predicate only
+    SlidingWindow(window=9) | Strided(stride=7, window=1),
+    Longformer(window=5, global_tokens=2) | BigBird(block=16, window_blocks=1, global_blocks=0, random_blocks=2),
+    PerHead(SlidingWindow(window=9), ((0, Dense()), (1, Strided(stride=6, window=2)))),
+]
+
+
+@dataclass(frozen=True)
+class Parity(Pattern):
+    """Predicate only (no primitives): keys at an even distance. Tests register it as a user would."""
+
+    causal: bool = option(True)
+    name = "parity_test"
+
+    def allowed(self, q_idx, k_idx, *, layer=0, kv_head=0, num_keys=None):
+        q, k = torch.as_tensor(q_idx).long(), torch.as_tensor(k_idx).long()
+        return (k >= 0) & (k <= q) & ((q - k) % 2 == 0)

@@ -8,13 +8,13 @@ oracle (``explicit_masks`` of ``tests/test_patches.py``). CPU, float32, ``backen
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import Parity  # noqa: E402
 from hf_models import left_padding, tiny, tokens  # noqa: E402
 from hf_sparse.patches import patch_model  # noqa: E402
 from test_patches import _generate, assert_real_close, explicit_mask_logits, run  # noqa: E402
@@ -29,7 +29,6 @@ from hf_sparse import (  # noqa: E402
     parse_pattern,
     register_pattern,  # noqa: E402
 )
-from hf_sparse.patterns import option  # noqa: E402
 
 T = 40
 PLAN = {(0, 0): "dense", (1, 1): "strided:stride=5,window=2"}
@@ -131,18 +130,6 @@ def test_head_pattern_on_an_unpatched_layer_is_refused():
 def test_per_head_pattern_naming_a_missing_head_is_refused():
     with pytest.raises(ValueError, match=r"KV head\(s\) \[3\], but the layer has 2"):
         patch_model(tiny("llama"), PerHead(SlidingWindow(window=4), ((3, Dense()),)))
-
-
-@dataclass(frozen=True)
-class Parity(Pattern):
-    """Predicate only, registered from this test module: keys at an even distance."""
-
-    causal: bool = option(True)
-    name = "parity_test"
-
-    def allowed(self, q_idx, k_idx, *, layer=0, kv_head=0, num_keys=None):
-        q, k = torch.as_tensor(q_idx).long(), torch.as_tensor(k_idx).long()
-        return (k >= 0) & (k <= q) & ((q - k) % 2 == 0)
 
 
 def test_registered_pattern_runs_through_patch_model(tmp_path):

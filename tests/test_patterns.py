@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from helpers import pid
+from helpers import Parity, pid
 
 from hf_sparse import BigBird, Dense, Longformer, SlidingWindow, parse_pattern
 from hf_sparse.patterns import bigbird_random_blocks
@@ -424,7 +424,7 @@ def test_patterns_are_frozen():
 # ---------------------------------------------------------------------------------------------
 # strided, fixed, unions, per-head plans and registration: against loops over the issue's rules
 from hf_sparse import Fixed, PerHead, Strided, Union, register_pattern, registered_patterns  # noqa: E402
-from hf_sparse.patterns import Pattern, option  # noqa: E402
+from hf_sparse.patterns import Pattern  # noqa: E402
 
 
 def strided_rule(stride: int, window: int, i: int, j: int) -> bool:
@@ -528,29 +528,17 @@ def test_per_head_errors(make, match):
         make()
 
 
-@dataclass(frozen=True)
-class _EveryOther(Pattern):
-    """Predicate only: keys of the same parity as the query (a test pattern registered from outside)."""
-
-    causal: bool = option(True)
-    name = "every_other_test"
-
-    def allowed(self, q_idx, k_idx, *, layer=0, kv_head=0, num_keys=None):
-        q, k = torch.as_tensor(q_idx).long(), torch.as_tensor(k_idx).long()
-        return (k >= 0) & (k <= q) & ((q - k) % 2 == 0)
-
-
 def test_register_pattern_from_outside():
-    register_pattern("every_other_test", _EveryOther, replace=True)
-    assert "every_other_test" in registered_patterns()
-    p = parse_pattern("every_other_test")
-    assert isinstance(p, _EveryOther) and p.primitives() is None and p.cache_policy() is None
+    register_pattern("parity_test", Parity, replace=True)
+    assert "parity_test" in registered_patterns()
+    p = parse_pattern("parity_test")
+    assert isinstance(p, Parity) and p.primitives() is None and p.cache_policy() is None
     assert parse_pattern(p.spec()) == p
-    twin = dataclass(frozen=True)(type("Twin", (_EveryOther,), {"name": "every_other_test"}))
-    with pytest.raises(ValueError, match=r"'every_other_test' is taken by _EveryOther"):
-        register_pattern("every_other_test", twin)
+    twin = dataclass(frozen=True)(type("Twin", (Parity,), {"name": "parity_test"}))
+    with pytest.raises(ValueError, match=r"'parity_test' is taken by Parity"):
+        register_pattern("parity_test", twin)
     loose = dataclass(type("Loose", (Pattern,), {"name": "loose_test"}))
     with pytest.raises(ValueError, match=r"must be frozen"):
         register_pattern("loose_test", loose)
     with pytest.raises(ValueError, match=r"set the class attribute name = 'other_name'"):
-        register_pattern("other_name", _EveryOther)
+        register_pattern("other_name", Parity)

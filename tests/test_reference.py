@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import pid
+from helpers import COMPOSED, pid
 
 from hf_sparse import BigBird, Dense, Fixed, Longformer, PerHead, SlidingWindow, Strided, sparse_attention
 
@@ -72,13 +72,7 @@ PATTERNS = [
     BigBird(block=16, window_blocks=1, global_blocks=0, random_blocks=0),
     BigBird(block=16, window_blocks=1, global_blocks=1, random_blocks=3, seed=3),
     BigBird(block=16, window_blocks=2, global_blocks=1, random_blocks=2, causal=False),
-    Strided(stride=5, window=3),
-    Strided(stride=16, window=1),
-    Fixed(block=16, summary=3),
-    Fixed(block=6, summary=2),  # no power of two: predicate only
-    SlidingWindow(window=9) | Strided(stride=7, window=1),
-    Longformer(window=5, global_tokens=2) | BigBird(block=16, window_blocks=1, global_blocks=0, random_blocks=2),
-    PerHead(SlidingWindow(window=9), ((0, Dense()), (1, Strided(stride=6, window=2)))),
+    *COMPOSED,
 ]
 
 SHAPES = [  # (B, T, Hq, Hkv, D): GQA, MQA, MHA; T not a multiple of the block or chunk
