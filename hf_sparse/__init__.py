@@ -1,11 +1,15 @@
 """hf-sparse: sparse attention for pretrained Hugging Face decoders.
 
 The core (this package) has no ``transformers`` import; :func:`patch_model` and
-:func:`unpatch_model` live in :mod:`hf_sparse.patches` and are loaded on first use.
+:func:`unpatch_model` live in :mod:`hf_sparse.patches` and are loaded on first use. Once transformers
+itself is loaded, :mod:`hf_sparse.patches` is imported too, which registers the ``"hf_sparse"``
+attention backend, so ``from_pretrained(path, attn_implementation="hf_sparse")`` restores a saved
+pattern (:mod:`hf_sparse._autoregister`).
 """
 
 from __future__ import annotations
 
+from . import _autoregister
 from .flex import block_mask
 from .layout import attended_pairs, block_layout, key_ranges
 from .ops import sparse_attention
@@ -26,6 +30,8 @@ from .patterns import (
 )
 
 __version__ = "0.1.0"
+
+_autoregister.install()
 
 __all__ = [
     "Pattern",

@@ -18,14 +18,32 @@ Everything goes through transformers' registries (``AttentionInterface``, ``Atte
   without it keeps full-history caches in ``generate``.
 
 Layers not in ``layers=`` keep the model's own attention, its sliding window included.
+
+Loading a saved model (the pattern travels in ``config.hf_sparse``):
+
+* ``from_pretrained(path, attn_implementation="hf_sparse")`` builds the model on our backend (registered
+  once transformers is loaded, :mod:`hf_sparse._autoregister`), and :func:`on_module_registered` -- a
+  torch module-registration hook installed when this package is imported -- gives its attention
+  modules and its ``generate`` what ``patch_model`` gives them, while the model is being built, so the
+  first forward already keeps full histories and ``generate`` its bounded cache. ``patch_model(model)``
+  after a plain load does the same.
+* a plain ``from_pretrained(path)`` runs the model's own attention. While the model is patched,
+  ``save_pretrained`` also writes the family's own config fields where they state the pattern exactly
+  (:func:`native_fields`: a causal sliding window on every layer of Mistral, Qwen 2 or Qwen 3), so a
+  plain load of such a checkpoint runs the same attention in transformers alone. Otherwise a plain load
+  is dense, and building it after ``import hf_sparse`` warns once (transformers offers no hook that
+  could do more without our package).
 """
 
 from __future__ import annotations
 
 import types
+import warnings
+import weakref
 from typing import Any
 
 import torch
+from transformers.configuration_utils import PreTrainedConfig
 
 from hf_sparse.patterns import Pattern, parse_pattern
 
@@ -35,7 +53,8 @@ from .cache import install_sparse_layers
 from .history import add_history_hook, remove_history_hook
 from .options import layer_plans, options_of
 
-__all__ = ["patch_model", "unpatch_model", "register", "check_backend_available", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["patch_model", "unpatch_model", "register", "check_backend_available", "native_fields",
+           "on_module_registered", "install_load_hook", "SUPPORTED_MODEL_TYPES"]
 
 # model_type -> note; each is tested on a tiny model (tests/test_patches.py) with the registry path.
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -56,12 +75,13 @@ def register() -> None:
     AttentionMaskInterface.register(ATTN_NAME, hf_sparse_mask)
 
 
+def _is_attention_module(m: torch.nn.Module) -> bool:
+    return (type(m).__name__.endswith("Attention") and isinstance(getattr(m, "layer_idx", None), int)
+            and hasattr(m, "config"))
+
+
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [
-        m for m in model.modules()
-        if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "layer_idx", None), int)
-        and hasattr(m, "config")
-    ]
+    return [m for m in model.modules() if _is_attention_module(m)]
 
 
 def _check_model(model) -> Any:
@@ -171,7 +191,7 @@ def _prepare_sparse_cache_for_generation(self, generation_config, model_kwargs, 
 
     before = {name: model_kwargs.get(name) for name in _CACHE_KWARGS}
     result = type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
-    if isinstance(getattr(self.config, "hf_sparse", None), dict):
+    if isinstance(getattr(self.config, "hf_sparse", None), dict) and self.config._attn_implementation == ATTN_NAME:
         for name in _CACHE_KWARGS:
             cache = model_kwargs.get(name)
             # only a plain DynamicCache that generate has just built; offloaded caches keep full history
@@ -188,6 +208,138 @@ def _wrap_generate_cache(model) -> None:
 
 def _unwrap_generate_cache(model) -> None:
     model.__dict__.pop(_PREPARE_CACHE, None)
+
+
+# -- saving: the family's own fields where they state the pattern exactly ------------------------------
+def _sliding_window_of(opts) -> int | None:
+    """``W`` when every layer runs one causal ``sliding_window:window=W`` (no per-head plan), else None."""
+    if not opts.all_layers or opts.by_layer:
+        return None
+    d = opts.pattern.to_dict()
+    if d.get("type") != "sliding_window" or not d.get("causal", True):
+        return None
+    return int(d["window"])
+
+
+def native_fields(config) -> dict[str, Any]:
+    """The config fields with which transformers alone runs the pattern of ``config.hf_sparse`` exactly, or ``{}``.
+
+    A causal sliding window ``W`` on every layer: Mistral's ``sliding_window = W`` (HF's convention is ours:
+    the window counts the query); Qwen 2 and Qwen 3 also need ``use_sliding_window`` and every layer typed
+    ``"sliding_attention"``. Nothing else (global tokens, BigBird, strides, per-head plans, ``layers=``) has
+    a native field.
+    """
+    if not isinstance(getattr(config, "hf_sparse", None), dict):
+        return {}
+    window = _sliding_window_of(options_of(config))
+    if window is None:
+        return {}
+    model_type = getattr(config, "model_type", None)
+    if model_type == "mistral" and getattr(config, "layer_types", None) is None:
+        return {"sliding_window": window}
+    if model_type in ("qwen2", "qwen3"):
+        return {"use_sliding_window": True, "sliding_window": window, "max_window_layers": 0,
+                "layer_types": ["sliding_attention"] * config.num_hidden_layers}
+    return {}
+
+
+_MISSING = object()
+
+
+def _save_pretrained_with_native_fields(self, *args, **kwargs):
+    """``save_pretrained`` that also writes :func:`native_fields` (and lists them in ``hf_sparse``), then
+    puts the live config back: the running model keeps its own fields, only the saved file changes."""
+    config = self.config
+    fields = native_fields(config) if config._attn_implementation == ATTN_NAME else {}
+    if not fields:
+        return type(self).save_pretrained(self, *args, **kwargs)
+    before = {name: config.__dict__.get(name, _MISSING) for name in (*fields, "hf_sparse")}
+    try:
+        for name, value in fields.items():
+            setattr(config, name, value)
+        config.hf_sparse = {**before["hf_sparse"], "native_fields": dict(fields)}
+        return type(self).save_pretrained(self, *args, **kwargs)
+    finally:
+        for name, value in before.items():
+            if value is _MISSING:
+                config.__dict__.pop(name, None)
+            else:
+                config.__dict__[name] = value
+
+
+def _wrap_save(model) -> None:
+    if hasattr(type(model), "save_pretrained"):
+        model.__dict__["save_pretrained"] = types.MethodType(_save_pretrained_with_native_fields, model)
+
+
+def _unwrap_save(model) -> None:
+    model.__dict__.pop("save_pretrained", None)
+
+
+# -- loading: models built with attn_implementation="hf_sparse" ------------------------------------
+_WARNED: dict[int, weakref.ref] = {}  # id -> config whose plain load has been warned about (configs are unhashable)
+
+
+def _warn_once(config) -> bool:
+    ref = _WARNED.get(id(config))
+    if ref is not None and ref() is config:
+        return False
+    if len(_WARNED) > 64:
+        _WARNED.clear()
+    _WARNED[id(config)] = weakref.ref(config)
+    return True
+
+
+def on_module_registered(parent: torch.nn.Module, name: str, child: torch.nn.Module):
+    """torch's global module-registration hook (``register_module_module_registration_hook``).
+
+    While transformers builds a model (``from_pretrained`` / ``from_config``) whose config carries
+    ``hf_sparse``: with ``attn_implementation="hf_sparse"``, each patched attention module is decorated as
+    ``patch_model`` does it (history hook, ``print(model)``), and the model that holds the decoder gets the
+    ``generate`` and ``save_pretrained`` wrappers -- all before the first forward, which a lazy setup in the
+    attention function could not do (it runs after the cache update). With another implementation, the
+    model runs dense attention while its config names a pattern: warn once. Any other module costs one
+    ``getattr``.
+    """
+    # vars(): no Module.__getattr__ (a wrapper such as torch.compile's OptimizedModule forwards it to a child
+    # that is not registered yet while this hook runs)
+    config = vars(child).get("config")
+    if not isinstance(config, PreTrainedConfig):
+        return None
+    stored = getattr(config, "hf_sparse", None)
+    ours = config._attn_implementation == ATTN_NAME
+    if _is_attention_module(child):
+        if ours:
+            opts = options_of(config)  # a config without a pattern fails here, with the fix in the message
+            if opts.patches(child.layer_idx):
+                _decorate(child, opts.pattern_for(child.layer_idx).spec())
+        elif isinstance(stored, dict) and "native_fields" not in stored and _warn_once(config):
+            try:
+                spec = parse_pattern(stored.get("pattern")).spec()
+            except Exception:  # a pattern class registered in another process: name it as stored
+                spec = stored.get("pattern")
+            warnings.warn(
+                f"this {getattr(config, 'model_type', '')} config carries an hf_sparse pattern ({spec}), "
+                f"but the model is built with attn_implementation={config._attn_implementation!r}, so it runs full "
+                "attention. Load it with from_pretrained(path, attn_implementation='hf_sparse') or call "
+                "hf_sparse.patch_model(model)",
+                UserWarning, stacklevel=2,
+            )
+    elif ours and isinstance(stored, dict) and vars(parent).get("config") is config:
+        _wrap_generate_cache(parent)
+        _wrap_save(parent)
+    return None
+
+
+_LOAD_HOOK = []
+
+
+def install_load_hook() -> None:
+    """Install :func:`on_module_registered` (once per process)."""
+    if not _LOAD_HOOK:
+        from torch.nn.modules.module import register_module_module_registration_hook
+
+        _LOAD_HOOK.append(register_module_module_registration_hook(on_module_registered))
 
 
 def patch_model(
@@ -299,6 +451,7 @@ def patch_model(
         else:
             _undecorate(module)
     _wrap_generate_cache(model)
+    _wrap_save(model)
     return model
 
 
@@ -362,6 +515,7 @@ def unpatch_model(model):
     for module in _attention_modules(model):
         _undecorate(module)
     _unwrap_generate_cache(model)
+    _unwrap_save(model)
     if hasattr(config, "hf_sparse"):
         del config.hf_sparse
     return model

@@ -56,7 +56,8 @@ def options_of(config) -> SparseOptions:
     if not isinstance(stored, dict) or "pattern" not in stored:
         raise RuntimeError(
             f"config._attn_implementation is {ATTN_NAME!r} but config.hf_sparse holds no pattern ({stored!r}); "
-            "call hf_sparse.patch_model(model, pattern) instead of setting the implementation by hand"
+            "call hf_sparse.patch_model(model, pattern) instead of setting the implementation by hand (from_pretrained("
+            "path, attn_implementation='hf_sparse') restores a pattern that a patched model saved in its config)"
         )
     layers = stored.get("layers")
     heads = stored.get("head_patterns") or []
