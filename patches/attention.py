@@ -40,6 +40,7 @@ from hf_sparse.patterns import Pattern
 from ._compat import ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS, eager_attention_for
 from .cache import WINDOW_LAYER_ATTR, window_layer_fits
 from .options import ATTN_NAME, SparseOptions, options_of
+from .packing import forget_layout, packed_attention, packed_layout
 
 __all__ = ["ATTN_NAME", "HybridMask", "SparseOptions", "hf_sparse_attention", "hf_sparse_mask", "options_of"]
 
@@ -106,6 +107,7 @@ def hf_sparse_mask(
     if config is None:
         raise ValueError("hf_sparse_mask needs config= (transformers passes the model config)")
     opts = options_of(config)
+    forget_layout()  # a new forward: its packed layout (if any) is found again from its own tensors
     if kwargs.get("use_vmap"):
         # transformers sets use_vmap only for custom or/and mask functions (e.g. image tokens that attend
         # bidirectionally): a sparse pattern cannot honour them.
@@ -149,14 +151,37 @@ def hf_sparse_mask(
 
 # ---------------------------------------------------------------------------------------------
 # attention
-def _check_not_packed(position_ids: torch.Tensor | None) -> None:
-    if position_ids is None or torch.compiler.is_compiling() or position_ids.shape[-1] < 2:
-        return
-    if bool((position_ids.diff(dim=-1) != 1).any()):
+def _packed_layout(query: torch.Tensor, key: torch.Tensor, padding, kwargs: dict):
+    """The documents of a packed batch (:mod:`hf_sparse.patches.packing`), or None for one sequence per row.
+
+    ``cu_seq_lens_q/k`` mark packing explicitly; restarting ``position_ids`` mark it when there is no padding
+    mask (left padding gives its padding slots made-up positions). Either needs the keys to be the queries.
+    """
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    position_ids = kwargs.get("position_ids")
+    explicit = cu_q is not None or cu_k is not None
+    if not explicit and (padding is not None or position_ids is None or query.shape[2] < 2):
+        return None
+    if torch.compiler.is_compiling():
+        if explicit:
+            raise NotImplementedError(
+                "hf_sparse: packed sequences (cu_seq_lens_q/k) under torch.compile are not supported (the document "
+                "layout is data-dependent); run the packed batch eagerly or pass one sequence per row"
+            )
+        return None  # position restarts are not looked for while tracing
+    if explicit and padding is not None:
         raise NotImplementedError(
-            "hf_sparse: position_ids restart inside a row (packed sequences without attention_mask); the sparse "
-            "patterns count positions per row, so pass one sequence per row with a left/right-padding attention_mask"
+            "hf_sparse: cu_seq_lens_q/k together with a padding attention_mask; give one or the other"
         )
+    sq, skv = query.shape[2], key.shape[2]
+    layout = packed_layout(query.shape[0], sq, cu_seq_lens=cu_q if cu_q is not None else cu_k, cu_seq_lens_k=cu_k,
+                           position_ids=position_ids, device=query.device)
+    if layout is not None and skv != sq:
+        raise NotImplementedError(
+            f"hf_sparse: a packed batch ({layout.documents} documents) after {skv - sq} cached keys; packed sequences "
+            "are supported without past keys only (training, scoring, a first forward)"
+        )
+    return layout
 
 
 def _bounded_cache_inputs(module: torch.nn.Module, key: torch.Tensor, pattern: Pattern):
@@ -211,11 +236,6 @@ def hf_sparse_attention(
             f"hf_sparse: attention dropout ({dropout}) is not supported by the sparse kernels; set "
             "config.attention_dropout = 0.0 or call model.eval()"
         )
-    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
-        raise NotImplementedError(
-            "hf_sparse: packed sequences (cu_seq_lens_q/k, e.g. from DataCollatorWithFlattening) are not supported; "
-            "pass one sequence per row with a padding attention_mask"
-        )
     padding = attention_mask.padding if isinstance(attention_mask, HybridMask) else attention_mask
     sq, skv = query.shape[2], key.shape[2]
     if padding is not None and (not isinstance(padding, torch.Tensor) or padding.dim() != 2):
@@ -252,8 +272,11 @@ def hf_sparse_attention(
                 f"hf_sparse layer {layer}: got {skv} key slots for {tokens} tokens (a static cache); patched layers "
                 "support dynamic caches only for now (cache_implementation=None)"
             )
-    elif layer == opts.first_layer and sq > 1:
-        _check_not_packed(kwargs.get("position_ids"))
+    layout = _packed_layout(query, key, padding, kwargs)
+    if layout is not None:
+        out = packed_attention(query, key, value, layout, pattern, scale=scaling, layer=layer, softcap=softcap,
+                               backend=opts.backend)
+        return out, None
 
     out = sparse_attention(
         query, key, value, pattern, scale=scaling, key_padding_mask=padding, q_offset=skv - sq, layer=layer,

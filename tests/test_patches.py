@@ -613,11 +613,14 @@ def test_dropout_in_training_is_refused():
         model(tokens(1, 8), use_cache=False)
 
 
-def test_packed_sequences_are_refused():
+def test_packed_sequences_after_cached_keys_are_refused():
+    # packed rows without a cache run each document alone (tests/test_packing.py); over cached keys they cannot
     model = patch_model(tiny("llama"), "dense", backend="reference")
     pos = torch.cat([torch.arange(10), torch.arange(6)]).unsqueeze(0)
+    cache = transformers.DynamicCache(config=model.config)
     with pytest.raises(NotImplementedError, match="packed"), torch.no_grad():
-        model(tokens(1, 16), position_ids=pos, use_cache=False)
+        model(tokens(1, 4), use_cache=True, **cache_kwargs(cache))
+        model(tokens(1, 16), position_ids=pos + 4, use_cache=True, **cache_kwargs(cache))
 
 
 def test_padding_with_holes_is_refused():
