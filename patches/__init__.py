@@ -13,7 +13,7 @@ attn_implementation="hf_sparse")`` restores a pattern saved with the model.
 
 from __future__ import annotations
 
-from ._compat import MIN_TRANSFORMERS  # noqa: F401  (raises a clear ImportError on transformers < 5)
+from ._compat import MIN_TRANSFORMERS  # noqa: F401  (raises a clear ImportError on transformers < 5.4)
 from .attention import ATTN_NAME, HybridMask, hf_sparse_attention, hf_sparse_mask
 from .cache import SparseCache, SparseWindowLayer
 from .model import SUPPORTED_MODEL_TYPES, install_load_hook, native_fields, patch_model, register, unpatch_model

@@ -1,6 +1,9 @@
 """The few places where transformers 5.x versions differ, and the version gate.
 
-Checked against transformers 5.17 and 5.24. Everything else in :mod:`hf_sparse.patches` uses public
+Checked against transformers 5.4, 5.17, 5.24 and 5.25. 5.4 is the floor: it is the first release whose
+``create_causal_mask`` calls mask functions with ``q_length`` / ``q_offset`` (5.0-5.3 pass ``cache_position``,
+and the cache layers' ``get_mask_sizes`` took it too), which :func:`hf_sparse_mask` and the bounded cache
+layers implement. Everything else in :mod:`hf_sparse.patches` uses public
 or long-stable names (``AttentionInterface``, ``AttentionMaskInterface``, ``set_attn_implementation``,
 ``cache_utils.DynamicLayer``).
 """
@@ -13,22 +16,23 @@ try:
     import transformers
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "hf_sparse.patches needs transformers>=5.0 (pip install 'hf-sparse[hf]'); the core "
+        "hf_sparse.patches needs transformers>=5.4 (pip install 'hf-sparse[hf]'); the core "
         "(hf_sparse.sparse_attention) works without it"
     ) from err
 
 from packaging.version import Version
 
-MIN_TRANSFORMERS = "5.0"
+MIN_TRANSFORMERS = "5.4"
 
 
 def check_transformers_version(version: str) -> None:
-    """Raise a clear ``ImportError`` for transformers older than 5.0 (no registries to hook into)."""
+    """Raise a clear ``ImportError`` for transformers older than 5.4 (no registries before 5.0, another mask
+    interface before 5.4)."""
     if Version(version).release < Version(MIN_TRANSFORMERS).release:
         raise ImportError(
             f"hf_sparse.patches needs transformers>={MIN_TRANSFORMERS} (its AttentionInterface/AttentionMaskInterface "
-            f"registries and set_attn_implementation); found transformers {version}. "
-            "Upgrade with: pip install -U 'transformers>=5.0'"
+            f"registries, set_attn_implementation, and mask functions called with q_length); found transformers "
+            f"{version}. Upgrade with: pip install -U 'transformers>={MIN_TRANSFORMERS}'"
         )
 
 

@@ -353,7 +353,7 @@ def patch_model(
     """Make ``model`` attend with a sparse ``pattern``, in place, and return it.
 
     Args:
-        model: a supported ``*ForCausalLM`` (see ``SUPPORTED_MODEL_TYPES``), transformers >= 5.
+        model: a supported ``*ForCausalLM`` (see ``SUPPORTED_MODEL_TYPES``), transformers >= 5.4.
         pattern: anything :func:`hf_sparse.parse_pattern` takes (``"longformer:window=1024,global_tokens=4"``,
             a dict, a :class:`~hf_sparse.Pattern`); causal patterns only. ``None`` re-applies the pattern
             stored in ``model.config.hf_sparse`` (e.g. after ``from_pretrained``), with its ``layers`` and

@@ -593,9 +593,11 @@ def test_model_that_cannot_switch_implementation_is_refused(monkeypatch):
 def test_old_transformers_is_refused():
     from hf_sparse.patches._compat import check_transformers_version
 
-    with pytest.raises(ImportError, match=r"transformers>=5\.0.*4\.57\.1"):
+    with pytest.raises(ImportError, match=r"transformers>=5\.4.*4\.57\.1"):
         check_transformers_version("4.57.1")
-    check_transformers_version("5.0.0rc1")
+    with pytest.raises(ImportError, match=r"transformers>=5\.4.*q_length.*5\.3\.0"):  # another mask interface
+        check_transformers_version("5.3.0")
+    check_transformers_version("5.4.0rc1")
     check_transformers_version(transformers.__version__)
 
 
