@@ -50,12 +50,14 @@ class PackedLayout:
     documents: int
 
 
-_LAST: list = []  # [(key tensor, version, shape), layout]: the layout of the current forward
+# The layout of the current forward: one (key tensor, key, layout) tuple, replaced whole so that a
+# thread reading it never sees the tensor of one entry with the layout of another.
+_LAST: list = [None]
 
 
 def forget_layout() -> None:
     """Drop the kept layout (a new forward begins)."""
-    _LAST.clear()
+    _LAST[0] = None
 
 
 def _boundaries(batch: int, tokens: int, cu_seq_lens: torch.Tensor | None,
@@ -113,8 +115,9 @@ def packed_layout(batch: int, tokens: int, *, cu_seq_lens: torch.Tensor | None =
         return None
     version = None if key_tensor.is_inference() else key_tensor._version  # inference tensors have no counter
     key = (version, tuple(key_tensor.shape), batch, tokens, id(cu_seq_lens_k))
-    if _LAST and _LAST[0][0] is key_tensor and _LAST[0][1] == key:
-        return _LAST[1]
+    kept = _LAST[0]
+    if kept is not None and kept[0] is key_tensor and kept[1] == key:
+        return kept[2]
     if cu_seq_lens is not None and cu_seq_lens_k is not None and cu_seq_lens_k is not cu_seq_lens and not (
             cu_seq_lens_k.shape == cu_seq_lens.shape and torch.equal(cu_seq_lens_k.to(cu_seq_lens.device), cu_seq_lens)):
         raise NotImplementedError(
@@ -123,7 +126,7 @@ def packed_layout(batch: int, tokens: int, *, cu_seq_lens: torch.Tensor | None =
         )
     lengths = _boundaries(batch, tokens, cu_seq_lens, position_ids)
     layout = None if lengths is None else _build(lengths, device if device is not None else key_tensor.device)
-    _LAST[:] = [(key_tensor, key), layout]
+    _LAST[0] = (key_tensor, key, layout)
     return layout
 
 
