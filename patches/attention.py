@@ -20,6 +20,10 @@ transformers looks both up by the name in ``config._attn_implementation``:
   position (:func:`_chunk_over_bounded`); the prefill of an empty cache, whose keys are the prompt
   itself, runs the prefill kernels as usual.
 
+A packed row (several documents, marked by ``cu_seq_lens_q/k`` or by ``position_ids`` that restart
+when there is no padding mask) runs each document on its own, from its own first token
+(:mod:`hf_sparse.patches.packing`); packed rows over cached keys raise.
+
 Positions count real tokens (padding is not a position), which is what HF's ``generate`` gives as
 ``position_ids`` under left padding. The 2D mask is kept unsliced (``past + q`` columns) so the
 attention function can compare it with the number of keys it got: fewer keys than tokens means the

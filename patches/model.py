@@ -298,8 +298,8 @@ def on_module_registered(parent: torch.nn.Module, name: str, child: torch.nn.Mod
     ``patch_model`` does it (history hook, ``print(model)``), and the model that holds the decoder gets the
     ``generate`` and ``save_pretrained`` wrappers -- all before the first forward, which a lazy setup in the
     attention function could not do (it runs after the cache update). With another implementation, the
-    model runs dense attention while its config names a pattern: warn once. Any other module costs one
-    ``getattr``.
+    model runs dense attention while its config names a pattern: warn once. Any other module costs a dict
+    lookup. Returns None: no module is replaced.
     """
     # vars(): no Module.__getattr__ (a wrapper such as torch.compile's OptimizedModule forwards it to a child
     # that is not registered yet while this hook runs)
