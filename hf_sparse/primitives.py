@@ -85,8 +85,16 @@ class Primitives:
         return self.global_tokens, self.window
 
     def chunk(self) -> int:
-        """Query chunk of the reference path: one block for block-structured rules, else 256 rows."""
-        return self.block if self.block_structured else 256
+        """Query chunk of the reference path: at most 256 rows, and one block where extra blocks are read
+        per query block (a chunk may not straddle two)."""
+        return min(self.block, 256) if self.random_blocks else 256
+
+    @property
+    def shifts_freely(self) -> bool:
+        """True when only distances inside a token band and the global prefix matter: keys may then be
+        moved closer to the prefix without changing what a query sees (the chunked prefill over a
+        bounded cache does that)."""
+        return not (self.window_blocks or self.stride or self.column_count or self.random_blocks)
 
     # -- composition -----------------------------------------------------------------------------
     def union(self, other: Primitives) -> Primitives | None:

@@ -254,8 +254,9 @@ def hf_sparse_attention(
     bounded = _bounded_cache_inputs(module, key, pattern)
     if bounded is not None and not bounded.prefix:
         # keys from a bounded cache: sinks + ring buffer, slots not in position order. The chunk shortcut
-        # holds when every head treats the sinks as global keys (not for a plan mixing window-only heads)
-        if sq > 1 and not pattern.per_head and _padding_leads(bounded.q_pos):
+        # moves keys next to the sinks: it holds for token bands and globals seen alike by every head
+        prims = pattern.primitives()
+        if sq > 1 and prims is not None and prims.shifts_freely and _padding_leads(bounded.q_pos):
             out = _chunk_over_bounded(query, key, value, bounded, pattern, scale=scaling, softcap=softcap,
                                       layer=layer, backend=opts.backend)
         else:
@@ -304,7 +305,8 @@ def _chunk_over_bounded(query, key, value, bounded, pattern: Pattern, *, scale, 
     distance inside the window, and sinks are global keys at any distance. So ``sparse_attention`` with
     that run as left padding and the queries as its last slots (``q_offset = keys - queries``) computes
     the same attention, with the kernels' ``O(chunk * W)`` work instead of every (query, slot) pair.
-    Holds for the bounded caches' patterns (causal window, window + sinks), the only ones routed here.
+    Holds for rules that shift freely (token bands and globals, :attr:`Primitives.shifts_freely`), the only
+    ones routed here.
     """
     order = torch.argsort(bounded.k_pos, dim=1, stable=True)
 
