@@ -74,7 +74,8 @@ def test_new_patterns_equal_explicit_mask(spec):
     ("sliding_window:window=6", {(0, 1): "longformer:window=4,global_tokens=3"}),  # bounded, per-head sinks
     ("sliding_window:window=6|longformer:window=3,global_tokens=2", {}),  # a union with a bounded cache
     ("strided:stride=4,window=3", {}),  # full history
-], ids=["plan-full", "plan-bounded", "union-bounded", "strided"])
+    ("chunked:chunk=8", {}),  # bounded by the chunk; chunks of the prompt take the exact positions path
+], ids=["plan-full", "plan-bounded", "union-bounded", "strided", "chunked"])
 def test_generate_with_a_plan_equals_recomputation(default, heads):
     model = patch_model(tiny("mistral", sliding_window=5), default, head_patterns=heads or None,
                         backend="reference")

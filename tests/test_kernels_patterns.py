@@ -11,7 +11,17 @@ import pytest
 import torch
 from helpers import HAS_CUDA, HAS_TRITON, needs_interpreter, pid
 
-from hf_sparse import BigBird, Dense, Fixed, Longformer, PerHead, SlidingWindow, Strided, sparse_attention
+from hf_sparse import (
+    BigBird,
+    Dense,
+    Fixed,
+    Longformer,
+    PerHead,
+    SlidingWindow,
+    Strided,
+    parse_pattern,
+    sparse_attention,
+)
 from hf_sparse.decode import attention_with_positions
 from hf_sparse.kernels.plan import kernel_plan, kernel_unfit
 
@@ -23,6 +33,7 @@ PATTERNS = [
     Strided(stride=7),
     Fixed(block=16, summary=3),
     Fixed(block=32, summary=32),
+    parse_pattern("chunked:chunk=16"),
     SlidingWindow(window=9) | Strided(stride=6, window=1),
     Longformer(window=5, global_tokens=3) | Strided(stride=11, window=2),
     # extra blocks that may overlap another member's keys: visited masked, each pair counted once

@@ -542,3 +542,11 @@ def test_register_pattern_from_outside():
         register_pattern("loose_test", loose)
     with pytest.raises(ValueError, match=r"set the class attribute name = 'other_name'"):
         register_pattern("other_name", Parity)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16, 64])
+def test_chunked_matches_rule(chunk):
+    t = 70
+    want = np.array([[j <= i and j // chunk == i // chunk for j in range(t)] for i in range(t)])
+    assert (allowed_matrix(parse_pattern(f"chunked:chunk={chunk}"), t, t) == want).all()
+    assert parse_pattern(f"chunked:chunk={chunk}").cache_policy() == (0, chunk)
