@@ -36,10 +36,7 @@ def _clip(lo: int, hi: int, n: int) -> tuple[int, int]:
 
 def rule_sets(pattern: Pattern) -> list[Primitives | None]:
     """The distinct primitives among the pattern's KV heads (``None``: a head defined by its predicate only)."""
-    if pattern.per_head:
-        heads = (pattern.default, *(p for _, p in pattern.heads))
-        return list(dict.fromkeys(p.primitives() for p in heads))
-    return [pattern.primitives()]
+    return pattern.rule_sets()
 
 
 def global_range(pattern: Pattern, q_lo: int, q_hi: int, num_keys: int) -> tuple[int, int]:

@@ -179,12 +179,12 @@ def blockwise_forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float
     out = torch.zeros(bsz, hq, tq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.full((bsz, hq, tq), float("inf"), dtype=acc, device=q.device)
     chunk = _chunk_size(pattern)
+    blk = random_block_size(pattern)
     for b in range(bsz):
         lo, hi = seq.rows(b, tq)
         s0, n, p0 = seq.k_shift[b], seq.k_len[b], seq.q_start[b]
         if n == 0:
             continue
-        blk = random_block_size(pattern)
         table = _random_table(pattern, q, k, layer, seq, b, blk)
         kb, vb = k[b, :, s0 : s0 + n], v[b, :, s0 : s0 + n]
         for c0, c1 in _chunks(p0 + lo, p0 + hi, chunk):
@@ -218,12 +218,12 @@ def blockwise_backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float,
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     delta = (do.to(acc) * out.to(acc)).sum(-1)  # [B, Hq, Tq]
     chunk = _chunk_size(pattern)
+    blk = random_block_size(pattern)
     for b in range(bsz):
         lo, hi = seq.rows(b, tq)
         s0, n, p0 = seq.k_shift[b], seq.k_len[b], seq.q_start[b]
         if n == 0:  # nothing to attend to: all gradients of this row stay zero
             continue
-        blk = random_block_size(pattern)
         table = _random_table(pattern, q, k, layer, seq, b, blk)
         kb, vb = k[b, :, s0 : s0 + n], v[b, :, s0 : s0 + n]
         dk_acc = torch.zeros(hkv * n, d, dtype=acc, device=q.device)  # flat [head * n + position]

@@ -132,6 +132,10 @@ class Pattern:
         """The primitives of each KV head (patterns that differ per head override this)."""
         return (self.primitives(),) * kv_heads
 
+    def rule_sets(self) -> list[Primitives | None]:
+        """The distinct primitives among the KV heads, whatever their number (one for a head-free pattern)."""
+        return [self.primitives()]
+
     def cache_policy(self) -> tuple[int, int] | None:
         """``(sinks, window)``: the first ``sinks`` and last ``window`` tokens are all that later queries
         can see, so a bounded cache keeps ``sinks + window - 1`` past tokens; ``None``: the full history."""

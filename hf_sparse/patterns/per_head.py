@@ -57,6 +57,13 @@ class PerHead(Pattern):
     def per_head(self) -> bool:
         return True
 
+    def _patterns(self) -> tuple[Pattern, ...]:
+        """The default and every listed head's pattern."""
+        return (self.default, *(p for _, p in self.heads))
+
+    def rule_sets(self) -> list[Primitives | None]:
+        return list(dict.fromkeys(p.primitives() for p in self._patterns()))
+
     def pattern_of(self, kv_head: int) -> Pattern:
         return dict(self.heads).get(kv_head, self.default)
 
@@ -77,22 +84,22 @@ class PerHead(Pattern):
         return out
 
     def primitives(self) -> Primitives | None:
-        prims = {p.primitives() for p in (self.default, *(p for _, p in self.heads))}
-        return prims.pop() if len(prims) == 1 else None
+        prims = self.rule_sets()
+        return prims[0] if len(prims) == 1 else None
 
     def head_primitives(self, kv_heads: int) -> tuple[Primitives | None, ...]:
         self.check_heads(kv_heads)
         return tuple(self.pattern_of(h).primitives() for h in range(kv_heads))
 
     def cache_policy(self) -> tuple[int, int] | None:
-        policies = [p.cache_policy() for p in (self.default, *(p for _, p in self.heads))]
+        policies = [p.cache_policy() for p in self._patterns()]
         if any(c is None for c in policies):
             return None
         return max(s for s, _ in policies), max(w for _, w in policies)
 
     @property
     def global_tokens_total(self) -> int:
-        return max(p.global_tokens_total for p in (self.default, *(p for _, p in self.heads)))
+        return max(p.global_tokens_total for p in self._patterns())
 
     @classmethod
     def from_options(cls, opts: dict[str, Any], shown: str) -> Pattern:
