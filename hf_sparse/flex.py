@@ -46,11 +46,9 @@ def mask_mod(pattern: Pattern | str | dict, *, layer: int = 0, kv_heads: int = 1
     blk = random_block_size(pat)
     table = width = None
     if blk:
-        n_q = q_offset + (num_keys or 0)
-        nqb = max(ceil_div(max(n_q, 1), blk), 1) if num_keys else None
-        if nqb is None:
+        if not num_keys:
             raise ValueError("mask_mod of a pattern with extra (random) blocks needs num_keys= (the sequence length)")
-        table = random_table(pat, layer=layer, kv_heads=kv_heads, num_q_blocks=nqb,
+        table = random_table(pat, layer=layer, kv_heads=kv_heads, num_q_blocks=ceil_div(q_offset + num_keys, blk),
                              num_k_blocks=ceil_div(num_keys, blk), device=device)
         width = table.shape[-1]
 
