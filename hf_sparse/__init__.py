@@ -12,7 +12,7 @@ from __future__ import annotations
 from . import _autoregister
 from .flex import block_mask
 from .layout import attended_pairs, block_layout, key_ranges
-from .ops import sparse_attention
+from .ops import merge_attention, sparse_attention
 from .patterns import (
     BigBird,
     Dense,
@@ -48,6 +48,7 @@ __all__ = [
     "register_pattern",
     "registered_patterns",
     "sparse_attention",
+    "merge_attention",
     "block_layout",
     "key_ranges",
     "attended_pairs",

@@ -17,7 +17,7 @@ import torch
 from .patterns import Pattern, parse_pattern
 from .reference import SeqLayout, blockwise_backward, blockwise_forward, dense_attention
 
-__all__ = ["sparse_attention", "padding_layout", "triton_supports", "resolve_backend", "BACKENDS"]
+__all__ = ["sparse_attention", "merge_attention", "padding_layout", "triton_supports", "resolve_backend", "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "reference", "dense")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -90,17 +90,22 @@ def _forward_impl(q, k, v, k_shift, k_len, pat: Pattern, scale: float, softcap: 
 
 
 def _backward_impl(do, q, k, v, out, lse, k_shift, k_len, pat: Pattern, scale: float, softcap: float, q_offset: int,
-                   layer: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` on the chosen backend, contiguous."""
+                   layer: int, backend: str, d_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """``(dq, dk, dv)`` on the chosen backend, contiguous. ``d_lse``: the gradient of the log-sum-exp output
+    (``None`` when unused); rows that saw no key have no gradient."""
+    if do is None:
+        do = torch.zeros_like(out)
+    if d_lse is not None:
+        d_lse = torch.where(torch.isfinite(lse), d_lse.to(lse.dtype), 0.0)
     if backend == "triton":
         from .kernels import backward as triton_backward
 
         grads = triton_backward(do, q, k, v, out, lse, pat, scale=scale, softcap=softcap, k_shift=k_shift,
-                                k_len=k_len, q_offset=q_offset, layer=layer)
+                                k_len=k_len, q_offset=q_offset, layer=layer, d_lse=d_lse)
     else:
         with torch.autocast(q.device.type, enabled=False):
             grads = blockwise_backward(do, q, k, v, out, lse, pat, scale=scale, softcap=softcap,
-                                       seq=_seq(q, k, k_shift, k_len, q_offset), layer=layer)
+                                       seq=_seq(q, k, k_shift, k_len, q_offset), layer=layer, d_lse=d_lse)
     return tuple(g.contiguous() for g in grads)
 
 
@@ -125,13 +130,14 @@ def _attn_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     k_shift: torch.Tensor | None, k_len: torch.Tensor | None,
     pattern: str, scale: float, softcap: float, q_offset: int, layer: int, backend: str,
+    d_lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward_impl(do, q, k, v, out, lse, k_shift, k_len, _pattern_from_spec(pattern), scale, softcap,
-                          q_offset, layer, backend)
+                          q_offset, layer, backend, d_lse)
 
 
 @_attn_bwd.register_fake
-def _(do, q, k, v, out, lse, k_shift, k_len, pattern, scale, softcap, q_offset, layer, backend):
+def _(do, q, k, v, out, lse, k_shift, k_len, pattern, scale, softcap, q_offset, layer, backend, d_lse=None):
     # contiguous whatever the inputs' strides (HF hands q/k/v in as transposed views): what both backends
     # return; Inductor checks the real strides against these
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
@@ -146,7 +152,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, d_out, d_lse):
     q, k, v, out, lse, k_shift, k_len = ctx.saved_tensors
-    dq, dk, dv = _attn_bwd(d_out.contiguous(), q, k, v, out, lse, k_shift, k_len, *ctx.args)
+    d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
+    dq, dk, dv = _attn_bwd(d_out, q, k, v, out, lse, k_shift, k_len, *ctx.args, d_lse)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -163,12 +170,14 @@ class _EagerAttention(torch.autograd.Function):
         out, lse = _forward_impl(q, k, v, k_shift, k_len, pat, scale, softcap, q_offset, layer, backend)
         ctx.save_for_backward(q, k, v, out, lse, k_shift, k_len)
         ctx.args = (pat, scale, softcap, q_offset, layer, backend)
-        return out
+        ctx.set_materialize_grads(False)  # an unused output (usually the lse) costs nothing in the backward
+        return out, lse
 
     @staticmethod
-    def backward(ctx, d_out):
+    def backward(ctx, d_out, d_lse):
         q, k, v, out, lse, k_shift, k_len = ctx.saved_tensors
-        dq, dk, dv = _backward_impl(d_out.contiguous(), q, k, v, out, lse, k_shift, k_len, *ctx.args)
+        d_out = None if d_out is None else d_out.contiguous()
+        dq, dk, dv = _backward_impl(d_out, q, k, v, out, lse, k_shift, k_len, *ctx.args, d_lse)
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -208,7 +217,8 @@ def sparse_attention(
     softcap: float | None = None,
     backend: str = "auto",
     check_padding: bool = True,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention restricted to a sparse ``pattern``; differentiable in ``q``, ``k`` and ``v``.
 
     Args:
@@ -230,9 +240,14 @@ def sparse_attention(
             On Triton, calls with at most 64 (query, head) rows per KV head -- decode steps, small
             chunks -- run the decode kernel (one program per KV head and split of the keys).
         check_padding: verify that ``key_padding_mask`` is left/right padding only (one host sync).
+        return_lse: also return the log-sum-exp of each row's (scaled, soft-capped) logits over the keys it
+            sees, differentiable like the output. Two attentions over disjoint key sets merge exactly by it
+            (``merge_attention``).
 
     Returns:
-        ``[B, Hq, Tq, D]`` in the dtype of ``q``. A query row that sees no key is zero.
+        ``[B, Hq, Tq, D]`` in the dtype of ``q``. A query row that sees no key is zero. With
+        ``return_lse=True``, ``(out, lse)``: ``lse`` is ``[B, Hq, Tq]`` float32 (float64 for float64 inputs),
+        natural log, ``-inf`` on rows that see no key.
 
     Precision: float16/bfloat16 accumulate in float32. float32 inputs on the Triton path use TF32
     tensor cores for the two matrix products; float64 always runs on the reference path. Under
@@ -264,17 +279,39 @@ def sparse_attention(
             )
     if backend == "dense":
         return dense_attention(q, k, v, pat, scale=scale, softcap=softcap, key_padding_mask=key_padding_mask,
-                               q_offset=q_offset, layer=layer)
+                               q_offset=q_offset, layer=layer, return_lse=return_lse)
     chosen = resolve_backend(backend, q, k, pat)
     k_shift = k_len = None
     if key_padding_mask is not None:
         k_shift, k_len = padding_layout(key_padding_mask, check=check_padding)
     args = (k_shift, k_len, pat, scale, softcap, int(q_offset), int(layer), chosen)
     if torch.compiler.is_compiling():  # traced: the custom ops, with their fake implementations
-        return _attn_fwd(q, k, v, k_shift, k_len, pat.spec(), *args[3:])[0]
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _EagerAttention.apply(q, k, v, *args)
-    return _forward_impl(q, k, v, *args)[0]
+        out, lse = _attn_fwd(q, k, v, k_shift, k_len, pat.spec(), *args[3:])
+    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out, lse = _EagerAttention.apply(q, k, v, *args)
+    else:
+        out, lse = _forward_impl(q, k, v, *args)
+    if not return_lse:
+        return out
+    # the backends mark a row without keys by +inf (its probabilities exp(s - lse) are then 0); users get -inf
+    return out, torch.where(lse == float("inf"), float("-inf"), lse)
+
+
+def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention over the union of disjoint key sets from each set's ``(out, lse)``
+    (``sparse_attention(..., return_lse=True)``): ``(out, lse)``, differentiable. Rows no part sees stay
+    zero with ``lse = -inf``."""
+    if not parts:
+        raise ValueError("merge_attention needs at least one (out, lse) pair")
+    m = torch.stack([p[1] for p in parts]).amax(0).detach()
+    m = torch.where(torch.isfinite(m), m, 0.0)  # no gradient flows through the shift: it cancels
+    w = [torch.exp(p[1] - m) for p in parts]  # exp(-inf) = 0: a part that sees nothing weighs nothing
+    total = sum(w)
+    seen = total > 0
+    total = torch.where(seen, total, 1.0)  # keeps log and division finite (and their gradients) on empty rows
+    lse = torch.where(seen, m + torch.log(total), float("-inf"))
+    out = sum(o.to(total.dtype) * (wi / total).unsqueeze(-1) for (o, _), wi in zip(parts, w))
+    return out.to(parts[0][0].dtype), lse
 
 
 def resolve_backend(backend: str, q: torch.Tensor, k: torch.Tensor, pattern: Pattern, *, what: str = "") -> str:

@@ -37,7 +37,8 @@ def dense_attention(
     key_padding_mask: torch.Tensor | None = None,
     q_offset: int = 0,
     layer: int = 0,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The oracle: full ``[B, Hkv, Tq, Tk]`` mask from ``pattern.allowed``, softmax in float32 (or 64).
 
     Positions count real tokens: key slot ``s`` is at position ``cumsum(mask)[s] - 1``; query ``i``
@@ -77,7 +78,8 @@ def dense_attention(
     s = _softcap(torch.matmul(q.to(acc), kk.transpose(-1, -2)) * scale, softcap)
     s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with no key: all -inf -> NaN -> 0
-    return torch.matmul(p, vv).to(q.dtype)
+    out = torch.matmul(p, vv).to(q.dtype)
+    return (out, torch.logsumexp(s, dim=-1)) if return_lse else out
 
 
 class SeqLayout:
@@ -207,8 +209,9 @@ def blockwise_forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float
 
 
 def blockwise_backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: float, seq: SeqLayout,
-                       layer: int = 0, compute_dtype: torch.dtype | None = None):
-    """Gradients ``(dq, dk, dv)`` by recomputation chunk by chunk (FlashAttention-2 style)."""
+                       layer: int = 0, compute_dtype: torch.dtype | None = None, d_lse: torch.Tensor | None = None):
+    """Gradients ``(dq, dk, dv)`` by recomputation chunk by chunk (FlashAttention-2 style). ``d_lse``: the
+    gradient of the log-sum-exp output, if it was used (``dL/ds = p * (dp - delta + d_lse)``)."""
     bsz, hq, tq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
@@ -217,6 +220,8 @@ def blockwise_backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float,
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     delta = (do.to(acc) * out.to(acc)).sum(-1)  # [B, Hq, Tq]
+    if d_lse is not None:
+        delta = delta - d_lse.to(acc)
     chunk = _chunk_size(pattern)
     blk = random_block_size(pattern)
     for b in range(bsz):

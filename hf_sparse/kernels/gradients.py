@@ -15,7 +15,7 @@ _MAX_SPLITS = 128
 
 
 def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_shift=None,
-             k_len=None, q_offset: int = 0, layer: int = 0):
+             k_len=None, q_offset: int = 0, layer: int = 0, d_lse=None):
     c = Problem.of(q, k, pattern, layer, q_offset, k_shift, k_len)
     rules = c.plan.rules
     do = do.contiguous() if do.stride(-1) != 1 else do
@@ -25,6 +25,8 @@ def backward(do, q, k, v, out, lse, pattern: Pattern, *, scale: float, softcap: 
         out, do, delta, *out.stride(), *do.stride(), c.tq, c.hq,
         HEAD_DIM=c.d, BLOCK_D=c.block_d, BLOCK_M=pre_m,
     )
+    if d_lse is not None:  # the lse output was used: dL/ds = p * (dp - delta + d_lse)
+        delta -= d_lse
     # padded query rows are never visited by the dQ kernel: their gradient is zero
     alloc = torch.zeros if c.varlen else torch.empty
     dq, dk, dv = (alloc(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))  # contiguous
