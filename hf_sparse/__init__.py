@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from . import _autoregister
 from .flex import block_mask
+from .head_plan import HeadPlan, load_plan
 from .layout import attended_pairs, block_layout, key_ranges
 from .ops import merge_attention, sparse_attention
 from .patterns import (
@@ -53,6 +54,8 @@ __all__ = [
     "key_ranges",
     "attended_pairs",
     "block_mask",
+    "HeadPlan",
+    "load_plan",
     "patch_model",
     "unpatch_model",
 ]

@@ -37,6 +37,7 @@ Loading a saved model (the pattern travels in ``config.hf_sparse``):
 
 from __future__ import annotations
 
+import os
 import types
 import warnings
 import weakref
@@ -45,6 +46,7 @@ from typing import Any
 import torch
 from transformers.configuration_utils import PreTrainedConfig
 
+from hf_sparse.head_plan import HeadPlan, as_plan
 from hf_sparse.patterns import Pattern, parse_pattern
 
 from ._compat import AttentionInterface, AttentionMaskInterface
@@ -344,7 +346,7 @@ def install_load_hook() -> None:
 
 def patch_model(
     model,
-    pattern: Pattern | str | dict | None = None,
+    pattern: Pattern | str | dict | HeadPlan | os.PathLike | None = None,
     *,
     layers: list[int] | None = None,
     backend: str = "auto",
@@ -357,7 +359,9 @@ def patch_model(
         pattern: anything :func:`hf_sparse.parse_pattern` takes (``"longformer:window=1024,global_tokens=4"``,
             a dict, a :class:`~hf_sparse.Pattern`); causal patterns only. ``None`` re-applies the pattern
             stored in ``model.config.hf_sparse`` (e.g. after ``from_pretrained``), with its ``layers`` and
-            ``backend`` unless given here.
+            ``backend`` unless given here. A head plan -- a :class:`~hf_sparse.head_plan.HeadPlan`, or the path
+            of a plan file ``"plan.json"`` written by ``hf-sparse-calibrate`` -- is checked against the model and
+            applied as its streaming pattern plus ``head_patterns`` for its dense heads (docs/calibration.md).
         layers: indices of the layers to patch (``None``: all). The others keep the model's own
             attention implementation, sliding window included.
         backend: ``"auto"`` (Triton on CUDA, else the PyTorch reference), ``"triton"``, ``"reference"`` or
@@ -381,6 +385,16 @@ def patch_model(
     config = _check_model(model)
     stored = getattr(config, "hf_sparse", None)
     backend_from_config = False
+    plan = as_plan(pattern)
+    plan_info = None
+    if plan is not None:
+        if head_patterns is not None:
+            raise ValueError("patch_model: a head plan already names its dense heads; pass the plan or "
+                             "pattern + head_patterns=, not both")
+        plan.check_model(config)
+        pattern, head_patterns, plan_info = plan.streaming, plan.head_patterns(), plan.summary()
+    elif pattern is None and head_patterns is None and isinstance(stored, dict):
+        plan_info = stored.get("plan")  # re-applying a stored plan: keep what it says of itself
     if pattern is None:
         if not isinstance(stored, dict) or "pattern" not in stored:
             raise ValueError(
@@ -433,6 +447,8 @@ def patch_model(
     }
     if heads_stored:
         config.hf_sparse["head_patterns"] = heads_stored
+    if plan_info is not None:
+        config.hf_sparse["plan"] = plan_info
     try:
         options_of(config)  # parse once, outside any torch.compile trace
         model.set_attn_implementation(ATTN_NAME)
