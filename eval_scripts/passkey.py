@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PasskeyPrompt", "build_prompt", "make_passkey", "read_answer", "generate_answer", "min_prompt_length"]
+__all__ = ["PasskeyPrompt", "build_prompt", "make_passkey", "read_answer", "generate_answer", "generate_with_cache",
+           "min_prompt_length"]
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
@@ -47,18 +48,29 @@ def min_prompt_length(tokenizer, prefix: list[int]) -> int:
     return len(fixed) + len(_encode(tokenizer, QUESTION)) + len(_encode(tokenizer, FILLER))
 
 
-def build_prompt(tokenizer, length: int, depth: float, passkey: str, prefix: list[int]) -> PasskeyPrompt:
-    """At most ``length`` tokens: task, filler, the key line at ``depth`` of the filler, filler, question."""
+def build_prompt(tokenizer, length: int, depth: float, passkey: str, prefix: list[int],
+                 haystack: list[int] | None = None) -> PasskeyPrompt:
+    """At most ``length`` tokens: task, filler, the key line at ``depth`` of the filler, filler, question.
+
+    ``haystack``: token ids to hide the key in instead of the repeated filler (as many of its first tokens as
+    fit, cut at ``depth`` of them): real text, which ``hf-sparse-calibrate`` mixes in.
+    """
     head = prefix + _encode(tokenizer, TASK)
     key = _encode(tokenizer, KEY_LINE.format(key=passkey))
     question = _encode(tokenizer, QUESTION)
-    filler = _encode(tokenizer, FILLER)
     room = length - len(head) - len(key) - len(question)
-    reps = max(room // len(filler), 0)
-    before = round(depth * reps)
-    ids = head + filler * before
+    if haystack is None:
+        filler = _encode(tokenizer, FILLER)
+        reps = max(room // len(filler), 0)
+        before = round(depth * reps)
+        body_before, body_after = filler * before, filler * (reps - before)
+    else:
+        body = list(haystack[:max(room, 0)])
+        cut = round(depth * len(body))
+        body_before, body_after = body[:cut], body[cut:]
+    ids = head + body_before
     key_position = len(ids)
-    ids += key + filler * (reps - before) + question
+    ids += key + body_after + question
     return PasskeyPrompt(ids, passkey, depth, key_position)
 
 
@@ -71,9 +83,19 @@ def read_answer(text: str) -> str | None:
 @torch.inference_mode()
 def generate_answer(model, tokenizer, ids: list[int], device: torch.device, new_tokens: int = NEW_TOKENS) -> str:
     """Greedy continuation of the prompt, decoded."""
+    return generate_with_cache(model, tokenizer, ids, device, new_tokens)[0]
+
+
+@torch.inference_mode()
+def generate_with_cache(model, tokenizer, ids: list[int], device: torch.device,
+                        new_tokens: int = NEW_TOKENS) -> tuple[str, object]:
+    """Greedy continuation of the prompt, decoded, and the KV cache ``generate`` kept (the one it builds by
+    default: bounded layers for patched sliding-window and Longformer heads)."""
     input_ids = torch.tensor([ids], device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
                          do_sample=False, temperature=None, top_p=None, top_k=None,
-                         pad_token_id=pad)
-    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+                         pad_token_id=pad, return_dict_in_generate=True)
+    from hf_sparse.patches.cache import generated_cache
+
+    return tokenizer.decode(out.sequences[0, input_ids.shape[1]:], skip_special_tokens=True), generated_cache(out)
