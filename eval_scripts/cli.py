@@ -48,8 +48,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="use the first N documents long enough for the shortest length; 0 = all [%(default)s]")
     g = p.add_argument_group("what to compare")
     g.add_argument("--patterns", default=DEFAULT_PATTERNS,
-                   help="comma-separated pattern strings of hf_sparse.parse_pattern; the bare word 'full' is the "
-                        "model's own attention, unpatched (the baseline) [%(default)s]")
+                   help="comma-separated pattern strings of hf_sparse.parse_pattern or head plan files (.json, from "
+                        "hf-sparse-calibrate); the bare word 'full' is the model's own attention, unpatched (the "
+                        "baseline) [%(default)s]")
     g.add_argument("--context-lengths", default=DEFAULT_LENGTHS,
                    help="comma-separated token counts, '4k' allowed; past max_position_embeddings only warns "
                         "[%(default)s]")

@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 
-from hf_sparse import Pattern, attended_pairs
+from hf_sparse import Dense, Pattern, attended_pairs
+from hf_sparse.head_plan import HeadPlan
 from hf_sparse.layout import random_block_size
 
-__all__ = ["density", "CostMeter"]
+__all__ = ["density", "plan_density", "dense_kv_heads", "CostMeter"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -27,6 +28,28 @@ def density(pattern: Pattern | None, length: int, kv_heads: int = 1) -> float:
         kv_heads = 1  # every head attends the same pairs
     pairs = attended_pairs(pattern, length, kv_heads=kv_heads)
     return pairs / (kv_heads * length * (length + 1) / 2)
+
+
+def plan_density(target: Pattern | HeadPlan | None, length: int, kv_heads: int = 1) -> float:
+    """:func:`density` of a pattern, or of a head plan: its dense and its streaming heads' densities weighted
+    by how many heads run each."""
+    if not isinstance(target, HeadPlan):
+        return density(target, length, kv_heads)
+    n, total = len(target.dense_heads), target.total_heads
+    return (n * density(target.dense_pattern, length, kv_heads)
+            + (total - n) * density(target.streaming, length, kv_heads)) / total
+
+
+def dense_kv_heads(target: Pattern | HeadPlan | None, num_layers: int, kv_heads: int) -> int:
+    """How many KV heads of the model (all layers) attend densely: all of them unpatched (``None``) or under
+    ``dense``, a plan's dense heads, a per-head pattern's dense heads in every layer, else none."""
+    if target is None:
+        return num_layers * kv_heads
+    if isinstance(target, HeadPlan):
+        return len(target.dense_heads)
+    if hasattr(target, "pattern_of"):
+        return num_layers * sum(isinstance(target.pattern_of(h), Dense) for h in range(kv_heads))
+    return num_layers * kv_heads if isinstance(target, Dense) else 0
 
 
 def _rss_max_bytes() -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hf_sparse import Pattern, parse_pattern
+from hf_sparse.head_plan import HeadPlan, load_plan
 
 from .errors import EvalError
 
@@ -23,15 +24,22 @@ BASELINE = "full"
 
 @dataclass(frozen=True)
 class PatternChoice:
-    """One entry of ``--patterns``: ``pattern`` is None for the bare word ``full`` (the model unpatched)."""
+    """One entry of ``--patterns``: ``pattern`` is None for the bare word ``full`` (the model unpatched). A head
+    plan file (``plan.json``) is a choice with ``plan`` set and its streaming pattern as ``pattern``."""
 
     label: str
     spec: str
     pattern: Pattern | None
+    plan: HeadPlan | None = field(default=None, compare=False)
 
     @property
     def is_baseline(self) -> bool:
         return self.pattern is None
+
+    @property
+    def patch_target(self) -> Pattern | HeadPlan | None:
+        """What ``patch_model`` applies: the plan, else the pattern."""
+        return self.plan if self.plan is not None else self.pattern
 
 
 def _split_patterns(text: str) -> list[str]:
@@ -57,6 +65,8 @@ def parse_patterns(text: str) -> list[PatternChoice]:
     for item in _split_patterns(text):
         if item.lower() == BASELINE:
             choice = PatternChoice(BASELINE, BASELINE, None)
+        elif item.lower().endswith(".json"):
+            choice = _plan_choice(item)
         else:
             try:
                 pattern = parse_pattern(item)
@@ -71,6 +81,15 @@ def parse_patterns(text: str) -> list[PatternChoice]:
     if not choices:
         raise EvalError("--patterns is empty; e.g. --patterns full,sliding_window:window=1024")
     return choices
+
+
+def _plan_choice(path: str) -> PatternChoice:
+    """A head plan file of ``hf-sparse-calibrate``, read and checked now (its model is checked after loading)."""
+    try:
+        plan = load_plan(path)
+    except (ValueError, FileNotFoundError) as err:
+        raise EvalError(f"--patterns: {err}") from None
+    return PatternChoice(path, plan.spec(), plan.streaming, plan)
 
 
 def parse_lengths(text: str) -> list[int]:

@@ -49,7 +49,8 @@ class PplCell:
         peaks = [r["peak_mem_bytes"] for r in rows if r.get("peak_mem_bytes")]
         rss = [r["rss_max_bytes"] for r in rows if r.get("rss_max_bytes")]
         return {
-            "density": rows[0]["density"],
+            "density": rows[0]["density"], "dense_kv_heads": rows[0].get("dense_kv_heads"),
+            "kv_heads_total": rows[0].get("kv_heads_total"),
             "tokens_per_s": sum(r["length"] for r in rows) / seconds if seconds > 0 else None,
             "peak_mem_mib": max(peaks) / 2**20 if peaks else None,
             "rss_max_mib": max(rss) / 2**20 if rss else None,
@@ -82,6 +83,24 @@ class Summary:
 
     def beyond(self, length: int) -> bool:
         return self.max_pos is not None and length > self.max_pos
+
+    def dense_heads(self, spec: str) -> tuple[int, int] | None:
+        """``(dense KV heads, KV heads)`` of the model under ``spec``, as its records say."""
+        recs = [r for (sp, _), cell in self.ppl.items() if sp == spec for r in cell.units.values()]
+        recs += [r for (sp, _), rows in self.passkey_cost.items() if sp == spec for r in rows]
+        for r in recs:
+            if r.get("kv_heads_total"):
+                return r["dense_kv_heads"], r["kv_heads_total"]
+        return None
+
+    def cache_bytes(self, spec: str, length: int) -> int | None:
+        """The largest KV cache that ``generate`` kept for the passkey prompts of this length."""
+        sizes = [r["cache_bytes"] for r in self.passkey_cost.get((spec, length), []) if r.get("cache_bytes")]
+        return max(sizes) if sizes else None
+
+    def cache_vs_full(self, spec: str, length: int) -> float | None:
+        base, mine = self.cache_bytes("full", length), self.cache_bytes(spec, length)
+        return mine / base if base and mine is not None else None
 
 
 def _latest_settings(records: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, str]]:
@@ -231,13 +250,43 @@ def markdown(s: Summary) -> str:
                     rows.append([s.labels[spec], str(L), *cells])
         lines += _table(["pattern", "L", *(f"depth {d:g}" for d in depths)], rows)
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + _heads_and_cache(s))
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
+def _heads_and_cache(s: Summary) -> list[str]:
+    """Dense KV heads per pattern or plan, and the KV cache that ``generate`` kept after the passkey prompts
+    (measured on the cache object) against full attention's."""
+    heads = {spec: s.dense_heads(spec) for spec in s.order}
+    if not any(heads.values()):
+        return []
+    lengths = s.lengths("passkey")
+    rows = []
+    for spec in s.order:
+        if heads[spec] is None:
+            continue
+        n, total = heads[spec]
+        cells = []
+        for L in lengths:
+            size, share = s.cache_bytes(spec, L), s.cache_vs_full(spec, L)
+            cells.append("-" if size is None else _bytes(size) + (f" ({share:.0%})" if share is not None
+                                                                  and spec != "full" else ""))
+        rows.append([s.labels[spec], f"{n}/{total} ({n / total:.0%})", *cells])
+    what = "; the KV cache that generate kept for the passkey prompt, share of full in brackets" if lengths else ""
+    return [f"## Dense KV heads{' and KV cache' if lengths else ''} (dense heads over all KV heads{what})", "",
+            *_table(["pattern", "dense KV heads", *(f"cache L={L}" for L in lengths)], rows), ""]
 
 
 # -- csv --------------------------------------------------------------------------------------------
 CSV_FIELDS = ["task", "pattern", "pattern_spec", "length", "depth", "position_start", "position_end", "units",
               "tokens", "ppl", "delta_vs_full_pct", "density", "tokens_per_s", "peak_mem_mib", "rss_max_mib",
-              "accuracy", "correct", "trials"]
+              "accuracy", "correct", "trials", "dense_kv_heads", "kv_heads_total", "cache_bytes", "cache_vs_full"]
 
 
 def csv_rows(s: Summary) -> list[dict[str, Any]]:
@@ -255,6 +304,12 @@ def csv_rows(s: Summary) -> list[dict[str, Any]]:
                      "accuracy": sum(hits) / len(hits), "correct": sum(hits), "trials": len(hits),
                      "density": recs[0]["density"],
                      "tokens_per_s": sum(r["prompt_tokens"] for r in recs) / secs if secs > 0 else None})
+    for (spec, L) in sorted(s.passkey_cost, key=lambda k: (s.order.index(k[0]), k[1])):
+        size, heads = s.cache_bytes(spec, L), s.dense_heads(spec)
+        if size is not None:
+            rows.append({"task": "kv_cache", "pattern": s.labels[spec], "pattern_spec": spec, "length": L,
+                         "cache_bytes": size, "cache_vs_full": s.cache_vs_full(spec, L),
+                         "dense_kv_heads": heads[0] if heads else None, "kv_heads_total": heads[1] if heads else None})
     return rows
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from . import passkey as pk
-from .cost import CostMeter, density
+from .cost import CostMeter, dense_kv_heads, plan_density
 from .data import (
     DataSpec,
     TokenizedCorpus,
@@ -84,7 +84,7 @@ def applied(model, choice: PatternChoice, backend: str) -> Iterator[None]:
         yield
         return
     patch_model, unpatch_model = _patch_api()
-    patch_model(model, choice.pattern, backend=backend)
+    patch_model(model, choice.patch_target, backend=backend)
     try:
         yield
     finally:
@@ -144,6 +144,7 @@ class _Run:
         text_config = self.model.config.get_text_config()
         self.kv_heads = int(getattr(text_config, "num_key_value_heads", None)
                             or getattr(text_config, "num_attention_heads", 1))
+        self.num_layers = int(text_config.num_hidden_layers)
         for length in o.lengths:
             if self.max_pos is not None and length > self.max_pos:
                 warnings.warn(f"context length {length} is beyond the model's trained length "
@@ -161,7 +162,7 @@ class _Run:
         patch_model, unpatch_model = _patch_api()
         for choice in sparse:
             try:
-                patch_model(self.model, choice.pattern, backend=self.opts.backend)
+                patch_model(self.model, choice.patch_target, backend=self.opts.backend)
             except (ValueError, TypeError, NotImplementedError, RuntimeError) as err:
                 raise EvalError(f"cannot apply {choice.label!r} to {self.source.label}: {err}") from err
             finally:
@@ -203,7 +204,9 @@ class _Run:
             "task": task, "setting": self.hashes[task], "time": _now(),
             "model": self.source.label, "dataset": self.data.describe() if task == "perplexity" else None,
             "pattern": choice.label, "pattern_spec": choice.spec, "length": length,
-            "density": density(choice.pattern, length, self.kv_heads),
+            "density": plan_density(choice.patch_target, length, self.kv_heads),
+            "dense_kv_heads": dense_kv_heads(choice.patch_target, self.num_layers, self.kv_heads),
+            "kv_heads_total": self.num_layers * self.kv_heads,
             "backend": None if choice.is_baseline else self.opts.backend,
             "dtype": str(self.dtype).removeprefix("torch."), "device": self.env["device_name"],
             "max_position_embeddings": self.max_pos, "beyond_trained_length": beyond,
@@ -314,7 +317,7 @@ class _Run:
             prompt = pk.build_prompt(self.tokenizer, length, depth, key, self.prefix)
             try:
                 with CostMeter(self.device) as meter:
-                    text = pk.generate_answer(self.model, self.tokenizer, prompt.ids, self.device)
+                    text, cache = pk.generate_with_cache(self.model, self.tokenizer, prompt.ids, self.device)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 self.stats.failed += 1
@@ -325,13 +328,22 @@ class _Run:
                 **self.base_record("passkey", choice, length),
                 "key": self._pk_key(choice, length, depth, trial), "depth": depth, "trial": trial,
                 "passkey": key, "prompt_tokens": len(prompt.ids), "key_position": prompt.key_position,
-                "generated": text, "answer": answer, "correct": answer == key,
+                "generated": text, "answer": answer, "correct": answer == key, "cache_bytes": _cache_bytes(cache),
                 "seconds": meter.seconds, "tokens_per_s": len(prompt.ids) / meter.seconds if meter.seconds > 0 else None,
                 "peak_mem_bytes": meter.peak_mem_bytes, "rss_max_bytes": meter.rss_max_bytes,
             })
             self.stats.computed["passkey"] += 1
             bar.update(1)
         bar.close()
+
+
+def _cache_bytes(cache) -> int | None:
+    """Bytes of the KV cache that ``generate`` kept (``hf_sparse.patches.cache.cache_bytes``), None without one."""
+    if cache is None:
+        return None
+    from hf_sparse.patches.cache import cache_bytes
+
+    return cache_bytes(cache)
 
 
 def run_eval(opts: RunOptions, tasks: tuple[str, ...] = TASKS) -> RunStats:

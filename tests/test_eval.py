@@ -187,7 +187,10 @@ def test_run_and_report_render(model_dir, files, tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert "## Perplexity" in md and "## Passkey" in md and "sliding_window:window=16" in md and "%)" in md
     rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
-    assert {r["task"] for r in rows} == {"perplexity", "perplexity_by_position", "passkey"}
+    assert {r["task"] for r in rows} == {"perplexity", "perplexity_by_position", "passkey", "kv_cache"}
+    # the KV cache generate kept, measured on the cache: a 16-token window keeps far less than full at 128
+    cache = {(r["pattern"], r["length"]): float(r["cache_vs_full"]) for r in rows if r["task"] == "kv_cache"}
+    assert cache[("full", "128")] == 1.0 and cache[("sliding_window:window=16", "128")] < 0.5
     # the report subcommand re-renders from results.jsonl alone
     for name in ("summary.md", *PLOTS):
         (tmp_path / name).unlink()
