@@ -23,7 +23,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from helpers import save_tiny_llama, sentences  # noqa: E402
+from helpers import needs_interpreter, save_tiny_llama, sentences  # noqa: E402
 from hf_models import tiny, tokens  # noqa: E402
 from hf_sparse.eval import passkey as pk  # noqa: E402
 from hf_sparse.eval.calibrate import (  # noqa: E402
@@ -243,6 +243,36 @@ def test_mass_score_equals_brute_force(folder, streaming):
     got, parts = mass_scores(model, [Sample(tuple(ids[0].tolist()), rows, "text")], streaming, backend="reference")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert parts == {"text": got.tolist()} and float(want.min()) > 0.05  # the pattern hides real mass here
+
+
+@needs_interpreter
+def test_mass_scores_on_the_interpreter_kernels(folder):
+    """The Triton kernels' log-sum-exp (dense and streaming) give the reference path's mass scores."""
+    model = load(folder)
+    sample = Sample(tuple(tokens(1, 40, seed=9)[0].tolist()), (5, 40), "text")
+    want, _ = mass_scores(model, [sample], STREAM, backend="reference")
+    got, _ = mass_scores(model, [sample], STREAM, backend="triton")
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.gpu
+def test_calibration_on_cuda_in_bfloat16(tokenizer):
+    """Both methods on the Triton kernels in bf16 keep the budget; the mass scores stay within 0.02 of the
+    float32 reference path's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = tiny("llama", vocab_size=len(tokenizer), head_dim=64, hidden_size=128, initializer_range=0.1,
+                 num_hidden_layers=4)
+    kwargs = dict(texts=TEXTS, lengths=[256], passkeys=2, text_samples=1, steps=5)
+    want = calibrate(model, tokenizer, STREAM, 0.25, method="mass", backend="reference", **kwargs)
+    model = model.to("cuda", torch.bfloat16)
+    for method in ("mass", "gates"):
+        plan = calibrate(model, tokenizer, STREAM, 0.25, method=method, backend="triton", **kwargs)
+        assert len(plan.dense_heads) == 2
+        scores = torch.tensor(plan.scores)
+        assert bool(torch.isfinite(scores).all()) and float(scores.min()) >= 0.0 and float(scores.max()) <= 1.0
+        if method == "mass":
+            torch.testing.assert_close(scores, torch.tensor(want.scores), atol=0.02, rtol=0.0)
 
 
 def test_gated_attention_interpolates_the_patched_models(folder):
