@@ -121,7 +121,7 @@ def read_text_file(path: Path) -> str:
 
 def _run_output(path: Path) -> str | None:
     """What ``path`` is when a run of ours wrote it (``results.jsonl`` and ``summary.md`` of hf-sparse-eval,
-    ``metrics.jsonl`` of examples/finetune.py), else None. Judged by the file's first line,
+    ``metrics.jsonl`` of hf-sparse-finetune), else None. Judged by the file's first line,
     so a corpus file that only shares the name is read as usual."""
     if path.name not in ("results.jsonl", "metrics.jsonl", "summary.md") or not path.is_file():
         return None
@@ -138,7 +138,7 @@ def _run_output(path: Path) -> str | None:
         if isinstance(row, dict) and "task" in row and "time" in row:
             return "results of an earlier hf-sparse-eval run"
         if isinstance(row, dict) and {"step", "loss", "lr"} <= row.keys():
-            return "training metrics of an earlier examples/finetune.py run"
+            return "training metrics of an earlier hf-sparse-finetune run"
         return None
     if first.startswith("# hf-sparse-eval summary"):
         return "summary of an earlier hf-sparse-eval run"
@@ -320,15 +320,16 @@ class TokenizedCorpus:
 
 
 def tokenize_documents(docs: Iterator[Document], tokenizer, min_length: int, *, max_docs: int | None,
-                       prefix: int = 0, progress: bool = True) -> TokenizedCorpus:
+                       prefix: int = 0, progress: bool = True, total: int | None = None) -> TokenizedCorpus:
     """Tokenize until ``max_docs`` documents of at least ``min_length`` tokens (BOS counted) are found.
 
-    Shorter documents are skipped and counted. ``max_docs`` of None or 0 takes every document.
+    Shorter documents are skipped and counted. ``max_docs`` of None or 0 takes every document. ``total``:
+    how many documents ``docs`` holds, when known (the progress bar's end).
     """
     from tqdm.auto import tqdm
 
     corpus = TokenizedCorpus()
-    bar = tqdm(desc="tokenize", unit="doc", total=max_docs or None, disable=not progress, leave=False)
+    bar = tqdm(desc="tokenize", unit="doc", total=max_docs or total, disable=not progress, leave=False)
     for doc in docs:
         corpus.examined += 1
         ids = tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"]
