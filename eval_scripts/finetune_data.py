@@ -223,5 +223,9 @@ def load_or_tokenize(args, tokenizer, *, progress: bool) -> TokenizedText:
                                 total=len(train_docs))
     stream = token_stream([ids for _, ids in corpus.docs], prefix=key["bos"], eos=key["eos"])
     text = TokenizedText(stream, len(corpus.docs), heldout, path, tokenized_here=True)
-    _write_cache(path, key, text)
+    try:
+        _write_cache(path, key, text)
+    except OSError as err:
+        raise FinetuneError(f"--cache-dir {args.cache_dir}: cannot write the tokenized text there ({err}); give "
+                            "a writable folder") from None
     return text

@@ -507,6 +507,9 @@ def test_errors_are_one_line(model_dir, corpus, tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     assert run(model_dir, corpus / "train", tmp_path / "x", "--seq-len", "100000", "--no-eval") == 2
     assert "shorter than --seq-len" in capsys.readouterr().err
+    (tmp_path / "file").write_text("not a folder")
+    assert run(model_dir, corpus / "train", tmp_path / "x", "--cache-dir", str(tmp_path / "file"), "--no-eval") == 2
+    assert f"--cache-dir {tmp_path / 'file'}: cannot write the tokenized text there" in capsys.readouterr().err
 
 
 # -- first contact: every input checked before any work (issue 17) ------------------------------------------
