@@ -48,6 +48,7 @@ from hf_sparse.ops import sparse_attention
 from hf_sparse.patterns import Dense, Pattern, parse_pattern
 
 from . import passkey as pk
+from .data import add_bos
 from .errors import EvalError
 from .perplexity import make_units
 
@@ -76,11 +77,11 @@ def make_samples(tokenizer, lengths: list[int], *, passkeys: int, texts: list[st
 
     Passkey prompts end with their answer (the key), and their scored rows are the question and the answer:
     the rows that must reach the key. Depths are spread evenly over [0, 1]; keys come from ``seed`` (another
-    stream than the eval's). Every other prompt hides its key in a window of ``texts`` when there is any.
-    Text windows are non-overlapping windows of the documents, taken in turn from each; all their rows are
-    scored.
+    stream than the eval's). Every other prompt hides its key in a window of ``texts`` when one is left.
+    Text windows are non-overlapping windows of the documents, taken in turn from each (the text samples
+    first, then the haystacks: no window serves twice); all their rows are scored.
     """
-    prefix = _bos(tokenizer)
+    prefix = add_bos(tokenizer)
     need = pk.min_prompt_length(tokenizer, prefix)
     if passkeys and min(lengths) < need:
         raise ValueError(f"length {min(lengths)} is too short for a passkey prompt (at least {need} tokens with this "
@@ -92,7 +93,7 @@ def make_samples(tokenizer, lengths: list[int], *, passkeys: int, texts: list[st
     samples: list[Sample] = []
     for length in lengths:
         windows = _interleave(make_units(docs, length, protocol="windows", prefix=prefix)) if docs else []
-        hay = iter(windows)
+        hay = iter(windows[text_samples:])
         for i in range(passkeys):
             depth = i / (passkeys - 1) if passkeys > 1 else 0.5
             key = str(rng.randint(10000, 99999))
@@ -108,12 +109,6 @@ def make_samples(tokenizer, lengths: list[int], *, passkeys: int, texts: list[st
         for unit in windows[:text_samples]:
             samples.append(Sample(unit.ids, (0, len(unit.ids)), "text"))
     return samples
-
-
-def _bos(tokenizer) -> list[int]:
-    from .data import add_bos
-
-    return add_bos(tokenizer)
 
 
 def _interleave(units: list) -> list:
@@ -513,8 +508,9 @@ def run(args, argv: list[str]) -> HeadPlan:
     dtype = resolve_dtype(args.dtype, device)
     source = resolve_model(args.model)
     tokenizer = load_tokenizer(source)
-    texts = _texts(args.dataset, tokenizer, lengths[0], max(args.texts, 2)) if (
-        args.texts or args.dataset != "stdlib") else None
+    # enough documents for a window each: the text samples, then a haystack for every other passkey prompt
+    wanted = args.texts + (args.passkeys + 1) // 2
+    texts = _texts(args.dataset, tokenizer, lengths[-1], wanted) if (args.texts or args.dataset != "stdlib") else None
     model = load_model(source, device, dtype)
     try:
         plan = calibrate(model, tokenizer, streaming, args.budget, method=args.method, texts=texts, lengths=lengths,
