@@ -23,6 +23,7 @@ import torch
 
 from .layout import block_layout, random_block_size, random_table
 from .patterns import Pattern, ceil_div, parse_pattern
+from .primitives import rule_mask
 
 __all__ = ["mask_mod", "block_mask"]
 
@@ -59,16 +60,8 @@ def mask_mod(pattern: Pattern | str | dict, *, layer: int = 0, kv_heads: int = 1
         r = rules[kv_head(h)]
         w, g, wb, bs, s, cp, cc = (r[i] for i in range(7))
         q, k = q_idx + q_offset, kv_idx
-        qb, kb = q // bs, k // bs
-        band = k > q - w
-        blocks = kb > qb - wb
-        if not causal:
-            band = band & (k < q + w)
-            blocks = blocks & (kb < qb + wb)
-        vis = (k < g) | band | blocks
-        vis = vis | ((s > 0) & ((q - k) % torch.clamp(s, min=1) == 0))
-        vis = vis | ((cc > 0) & (k % cp >= cp - cc))
-        vis = vis & (k <= q) if causal else vis | (q < g)
+        vis = rule_mask(q, k, causal=causal, window=w, global_tokens=g, window_blocks=wb, block=bs, stride=s,
+                        column_period=cp, column_count=cc)
         if table is not None:
             for i in range(width):  # unrolled: Flex compiles scalar arithmetic
                 vis = vis | (table[kv_head(h), q // blk, i] == k // blk)

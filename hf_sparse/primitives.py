@@ -23,6 +23,11 @@ extra key blocks   ``random_blocks`` (0: off), its source  ``j // block`` is one
 Non-causal: the bands are symmetric (``|i - j| < window``, ``|qb - kb| < window_blocks``), and a query
 inside the global prefix (``i < global_tokens``) sees every key. Strides and columns are causal only.
 
+``max_distance`` (``None``: off) does not change which keys a query sees but how it scores some of
+them: a key of the global prefix that no other rule shows is scored with the query rotated to position
+``min(i, max_distance)`` (:mod:`hf_sparse.cap`). The kernels ignore it; :func:`hf_sparse.sparse_attention`
+routes a capped pattern through the cap.
+
 The union of two patterns is the union of their rules: :meth:`Primitives.union` merges two sets of
 primitives when the result is again one set (the larger band, the longer prefix, at most one stride,
 one column rule and one source of extra blocks), and returns ``None`` otherwise; such a pattern then
@@ -35,7 +40,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-__all__ = ["Primitives", "DENSE_WINDOW", "MAX_POSITION"]
+import torch
+
+__all__ = ["Primitives", "DENSE_WINDOW", "MAX_POSITION", "rule_mask"]
 
 #: Positions are below this bound on every path (the kernels' int32 arithmetic).
 MAX_POSITION = 2**30
@@ -62,6 +69,8 @@ class Primitives:
     # True when the extra blocks never hold a key another rule already shows (BigBird draws them so):
     # the kernels then visit them without a mask; otherwise they mask out what the other rules show
     random_disjoint: bool = False
+    # the distance cap of the global prefix (None: off): see the module docstring
+    max_distance: int | None = None
 
     # -- derived facts ---------------------------------------------------------------------------
     @property
@@ -113,6 +122,9 @@ class Primitives:
             return None
         if not self.causal and (self.window and other.window_blocks or self.window_blocks and other.window):
             return None  # the kernels merge a token band and a block band in causal patterns only
+        caps = {p.max_distance for p in (self, other) if p.global_tokens}
+        if len(caps) > 1:
+            return None  # two prefixes capped differently
         rnd = self if self.random_blocks else other
         period, count = next(iter(cols)) if cols else (0, 0)
         merged = Primitives(
@@ -126,9 +138,26 @@ class Primitives:
             column_count=count,
             random_blocks=rnd.random_blocks,
             random_source=rnd.random_source,
+            max_distance=caps.pop() if caps else None,
         )
         # extra blocks stay disjoint only if nothing was added beside the rules they were drawn against
         solo = rnd if rnd.random_blocks else None
         disjoint = solo is not None and solo.random_disjoint and replace(merged, random_disjoint=False) == replace(
             solo, random_disjoint=False)
         return replace(merged, random_disjoint=disjoint)
+
+
+def rule_mask(q, k, *, causal: bool, window, global_tokens, window_blocks, block, stride, column_period, column_count):
+    """Which keys the rules other than the extra blocks show (causality included): a boolean tensor broadcast
+    over ``q`` and ``k`` (positions). The rule values may be ints or tensors (one value per head, broadcasting
+    with the positions); ``block`` and ``column_period`` must be at least 1. The rules' arithmetic in one
+    place: FlexAttention's ``mask_mod`` and :class:`~hf_sparse.patterns.WithoutGlobals` evaluate it."""
+    band = k > q - window
+    blocks = k // block > q // block - window_blocks
+    if not causal:
+        band = band & (k < q + window)
+        blocks = blocks & (k // block < q // block + window_blocks)
+    vis = (k < global_tokens) | band | blocks
+    vis = vis | ((stride > 0) & ((q - k) % torch.clamp(torch.as_tensor(stride), min=1) == 0))
+    vis = vis | ((column_count > 0) & (k % column_period >= column_period - column_count))
+    return vis & (k <= q) if causal else vis | (q < global_tokens)

@@ -37,6 +37,11 @@ __all__ = [
     "as_long",
     "ceil_div",
     "split_outside_brackets",
+    "max_distance_option",
+    "check_max_distance",
+    "set_cap",
+    "map_patterns",
+    "declares_cap",
 ]
 
 
@@ -53,10 +58,83 @@ def as_long(x: Any, device: torch.device | None = None) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # options
 def option(default: Any, *, minimum: int | None = None, maximum: int | None = None, hint: str = "",
-           power_of_two: bool = False) -> Any:
-    """A pattern option: an integer in ``[minimum, maximum]`` (or a bool when ``default`` is one)."""
+           power_of_two: bool = False, words: tuple = ()) -> Any:
+    """A pattern option: an integer in ``[minimum, maximum]`` (or a bool when ``default`` is one). ``words``:
+    other values it takes, written in specs as themselves (``"auto"``) or, for ``None``, as ``none``."""
     return field(default=default, metadata={"minimum": minimum, "maximum": maximum, "hint": hint,
-                                            "power_of_two": power_of_two})
+                                            "power_of_two": power_of_two, "words": tuple(words)})
+
+
+def _word(value: Any) -> str:
+    return "none" if value is None else str(value).lower()
+
+
+#: The ``max_distance`` option of the patterns with global keys (see :mod:`hf_sparse.cap`).
+MAX_DISTANCE_WORDS = ("auto", None)
+
+
+def max_distance_option() -> Any:
+    """``max_distance``: the distance cap of global keys, an integer, ``"auto"`` (the default: the trained
+    length of the model that :func:`hf_sparse.patch_model` patches) or ``None`` (off)."""
+    return option("auto", minimum=1, maximum=MAX_POSITION, words=MAX_DISTANCE_WORDS,
+                  hint="a global key that only the global rule shows is scored as if the query stood at "
+                       "min(i, max_distance); e.g. max_distance=8192, auto (the model's trained length) or none")
+
+
+def check_max_distance(pattern: Pattern) -> None:
+    """A set cap needs a causal pattern: the cap moves queries back in a decoder's positions."""
+    if isinstance(pattern.max_distance, int) and not pattern.causal:
+        raise ValueError(f"{type(pattern).__name__}: max_distance={pattern.max_distance} caps a decoder's distances "
+                         "and needs causal=true; give max_distance=none for a non-causal pattern")
+
+
+def set_cap(max_distance: Any) -> int | None:
+    """The cap the primitives carry: the integer, or ``None`` for ``none`` and for an unresolved ``auto``
+    (on bare tensors no model says its trained length, so ``auto`` caps nothing there)."""
+    return max_distance if isinstance(max_distance, int) and not isinstance(max_distance, bool) else None
+
+
+def _inner(value: Any):
+    """The patterns held by a field value (a pattern, or tuples that hold patterns)."""
+    if isinstance(value, Pattern):
+        yield value
+    elif isinstance(value, tuple):
+        for v in value:
+            yield from _inner(v)
+
+
+def _rebuild(value: Any, fn) -> Any:
+    if isinstance(value, Pattern):
+        return map_patterns(value, fn)
+    if isinstance(value, tuple):
+        return tuple(_rebuild(v, fn) for v in value)
+    return value
+
+
+def map_patterns(pattern: Pattern, fn) -> Pattern:
+    """``pattern`` with ``fn`` applied to every single pattern inside it (the members of a union, the patterns
+    of a per-head plan, recursively); a pattern that holds no other is passed to ``fn`` itself."""
+    fields = dataclasses.fields(pattern)
+    if not any(True for f in fields for _ in _inner(getattr(pattern, f.name))):
+        return fn(pattern)
+    new = {f.name: _rebuild(getattr(pattern, f.name), fn) for f in fields}
+    return dataclasses.replace(pattern, **new)
+
+
+def _declares_cap(pattern: Pattern) -> bool:
+    if set_cap(getattr(pattern, "max_distance", None)) is not None:
+        return True
+    return any(_declares_cap(p) for f in dataclasses.fields(pattern) for p in _inner(getattr(pattern, f.name)))
+
+
+_declares_cap_cached = functools.lru_cache(maxsize=1024)(_declares_cap)  # asked on every sparse_attention call
+
+
+def declares_cap(pattern: Pattern) -> bool:
+    """True when the pattern, or a pattern inside it, sets an integer ``max_distance``."""
+    if torch.compiler.is_compiling():  # as in Pattern.spec: no lru_cache while tracing
+        return _declares_cap(pattern)
+    return _declares_cap_cached(pattern)
 
 
 def check_options(pattern: Pattern) -> None:
@@ -71,6 +149,12 @@ def check_options(pattern: Pattern) -> None:
                 raise ValueError(f"{owner}: {f.name} must be True or False, got {value!r}")
             continue
         lo, hi, hint = meta["minimum"], meta["maximum"], meta["hint"]
+        words = meta.get("words", ())
+        if any(value is w or (isinstance(w, str) and value == w) for w in words):
+            continue
+        if words and not isinstance(value, int):
+            raise ValueError(f"{owner}: {f.name} must be an integer in [{lo}, {hi}] or one of "
+                             f"{', '.join(map(_word, words))}, got {value!r}; {hint}")
         if meta["power_of_two"]:
             if isinstance(value, bool) or not isinstance(value, int) or value < lo or value > hi or value & (value - 1):
                 raise ValueError(f"{owner}: {f.name} must be a power of two >= {lo} and <= {hi}, got {value!r}; {hint}")
@@ -94,11 +178,13 @@ def option_ranges(cls: type[Pattern]) -> dict[str, str]:
             out[f.name] = f"power of two in [{meta['minimum']}, {meta['maximum']}]"
         else:
             out[f.name] = f"integer in [{meta['minimum']}, {meta['maximum']}]"
+        if meta.get("words"):
+            out[f.name] += "".join(f", {_word(w)}" for w in meta["words"])
     return out
 
 
 def _build_spec(pattern: Pattern) -> str:
-    opts = ",".join(f"{f.name}={str(v).lower() if isinstance(v, bool) else v}"
+    opts = ",".join(f"{f.name}={_word(v) if isinstance(v, bool) or v is None else v}"
                     for f in dataclasses.fields(pattern) for v in (getattr(pattern, f.name),))
     return f"{pattern.name}:{opts}" if opts else pattern.name
 
@@ -233,8 +319,11 @@ def _lookup(kind: str, shown: str) -> type[Pattern]:
 
 # ---------------------------------------------------------------------------------------------
 # parsing
-def _parse_value(owner: str, key: str, raw: str, default: Any) -> Any:
+def _parse_value(owner: str, key: str, raw: str, default: Any, words: tuple = ()) -> Any:
     low = raw.strip().lower()
+    for w in words:
+        if low == _word(w):
+            return w
     if isinstance(default, bool):
         if low in ("true", "yes", "1"):
             return True
@@ -248,7 +337,8 @@ def _parse_value(owner: str, key: str, raw: str, default: Any) -> Any:
     try:
         return int(float(low)) if float(low).is_integer() and abs(float(low)) < MAX_POSITION else raw
     except ValueError:
-        raise ValueError(f"{owner}: option {key}={raw!r} is not a number; give an integer, e.g. {key}=4") from None
+        also = "".join(f" or {_word(w)}" for w in words)
+        raise ValueError(f"{owner}: option {key}={raw!r} is not a number; give an integer{also}, e.g. {key}=4") from None
 
 
 def _build(kind: str, opts: dict[str, Any], shown: str) -> Pattern:
@@ -267,7 +357,7 @@ def _build(kind: str, opts: dict[str, Any], shown: str) -> Pattern:
 def _parse_one(text: str, shown: str) -> Pattern:
     kind, _, rest = text.strip().partition(":")
     cls = _lookup(kind, shown)
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     opts: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, eq, raw = item.partition("=")
@@ -276,7 +366,9 @@ def _parse_one(text: str, shown: str) -> Pattern:
             raise ValueError(f"pattern {shown}: option {item!r} must look like name=value, e.g. 'bigbird:block=64'")
         if key in opts:
             raise ValueError(f"pattern {shown}: option {key!r} is given twice; give each option once")
-        opts[key] = _parse_value(cls.name, key, raw, defaults.get(key))
+        f = fields.get(key)
+        opts[key] = _parse_value(cls.name, key, raw, None if f is None else f.default,
+                                 () if f is None else f.metadata.get("words", ()))
     return _build(kind, opts, shown)
 
 
@@ -317,13 +409,16 @@ def parse_pattern(spec: Pattern | str | dict) -> Pattern:
         return _build(str(kind), opts, repr(spec))
     if isinstance(spec, str):
         parts = split_outside_brackets(spec, "|")
-        if len(parts) == 1 and spec.strip().lower().startswith("per_head["):
-            from .per_head import PerHead
-
-            text = spec.strip()
+        text = spec.strip()
+        kind, bracket, _ = text.partition("[")
+        if len(parts) == 1 and bracket and ":" not in kind:
+            # a pattern made of patterns: NAME[...] (per_head[DEFAULT;H=PATTERN;...], without_globals[PATTERN])
+            cls = _lookup(kind, repr(spec))
+            if not hasattr(cls, "from_string"):
+                raise ValueError(f"pattern {spec!r}: {cls.name} takes options after ':', not brackets")
             if not text.endswith("]"):
-                raise ValueError(f"pattern {spec!r}: a per-head plan is per_head[DEFAULT;H=PATTERN;...]")
-            return PerHead.from_string(text[len("per_head["):-1], repr(spec))
+                raise ValueError(f"pattern {spec!r}: it must end with ']', as in {cls.bracket_form}")
+            return cls.from_string(text[len(kind) + 1:-1], repr(spec))
         if len(parts) > 1:
             from .union import Union
 

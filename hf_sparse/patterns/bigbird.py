@@ -8,7 +8,16 @@ from typing import ClassVar
 import torch
 
 from ..primitives import MAX_POSITION, Primitives
-from .base import Pattern, as_long, check_options, option, register_pattern
+from .base import (
+    Pattern,
+    as_long,
+    check_max_distance,
+    check_options,
+    max_distance_option,
+    option,
+    register_pattern,
+    set_cap,
+)
 
 __all__ = ["BigBird", "bigbird_random_blocks", "MAX_BLOCK", "MAX_RANDOM_BLOCKS"]
 
@@ -33,6 +42,9 @@ class BigBird(Pattern):
     Non-causal: ``|qb - kb| < window_blocks``, global blocks as keys and as queries (a global query
     block sees every block), and random blocks drawn from all other blocks of the sequence (the draw
     then also depends on the number of key blocks).
+
+    ``max_distance``: the distance cap of the global blocks, as for :class:`Longformer` (global keys in
+    the window blocks or in a random block keep their own distance).
     """
 
     block: int = option(64, minimum=16, maximum=MAX_BLOCK, power_of_two=True,
@@ -42,16 +54,18 @@ class BigBird(Pattern):
     random_blocks: int = option(3, minimum=0, maximum=MAX_RANDOM_BLOCKS, hint="use 0 for none, e.g. random_blocks=3")
     seed: int = option(0, minimum=0, maximum=_MASK32, hint="any 32-bit non-negative integer, e.g. seed=0")
     causal: bool = option(True)
+    max_distance: int | str | None = max_distance_option()
     name: ClassVar[str] = "bigbird"
 
     def __post_init__(self) -> None:
         check_options(self)
+        check_max_distance(self)
 
     def primitives(self) -> Primitives:
         return Primitives(causal=self.causal, block=self.block, window_blocks=self.window_blocks,
                           global_tokens=self.global_blocks * self.block, random_blocks=self.random_blocks,
                           random_source=self if self.random_blocks else None,
-                          random_disjoint=bool(self.random_blocks))
+                          random_disjoint=bool(self.random_blocks), max_distance=set_cap(self.max_distance))
 
     def random_table(
         self, *, layer: int, kv_heads: int, num_q_blocks: int, num_k_blocks: int | None = None, device=None

@@ -25,6 +25,7 @@ class PerHead(Pattern):
     default: Pattern = None  # type: ignore[assignment]
     heads: tuple[tuple[int, Pattern], ...] = ()
     name: ClassVar[str] = "per_head"
+    bracket_form: ClassVar[str] = "per_head[DEFAULT;H=PATTERN;...]"
 
     def __post_init__(self) -> None:
         if not isinstance(self.default, Pattern) or self.default.per_head:

@@ -34,6 +34,11 @@ class Union(Pattern):
         causal = {m.causal for m in self.members}
         if len(causal) > 1:
             raise ValueError(f"the members of a union must all be causal or all non-causal: {self.spec()!r}")
+        caps = {getattr(m, "max_distance", None) for m in self.members if m.global_tokens_total}
+        if len(caps) > 1:
+            shown = ", ".join(sorted("none" if c is None else str(c) for c in caps))
+            raise ValueError(f"the members of {self.spec()!r} with global keys cap their distance differently "
+                             f"(max_distance {shown}); give them one max_distance")
 
     @classmethod
     def of(cls, *patterns: Pattern) -> Pattern:
