@@ -28,8 +28,9 @@ import torch
 
 from .ops import resolve_backend, validate_qkv
 from .patterns import Pattern, parse_pattern
+from .patterns.base import declares_cap
 
-__all__ = ["attention_with_positions"]
+__all__ = ["attention_with_positions", "positions_attention", "positions_forward"]
 
 _SCORE_BUDGET = 1 << 26  # float32 scores held at once per query chunk (256 MiB)
 
@@ -58,6 +59,7 @@ def attention_with_positions(
     layer: int = 0,
     num_keys: int | None = None,
     backend: str = "auto",
+    q_cap: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of queries over key slots whose absolute positions are given.
 
@@ -76,6 +78,9 @@ def attention_with_positions(
             no autograd),
             ``"reference"`` (the PyTorch code below, differentiable) or ``"auto"`` (the kernel on CUDA
             when it applies and no gradient is needed; ``"dense"`` is taken as ``"reference"``).
+        q_cap: for a pattern with ``max_distance=N`` (:mod:`hf_sparse.cap`): the queries rotated to position
+            ``min(i, N)``, same shape as ``q``; required for such a pattern (give the pattern with
+            ``max_distance=none`` when every query is known to stand at or before ``N``).
 
     Returns:
         ``[B, Hq, Tq, Dv]`` in the dtype of ``q``. Equal to :func:`~hf_sparse.sparse_attention` on the
@@ -90,22 +95,45 @@ def attention_with_positions(
     _check(q, k, v, q_pos, k_pos)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     softcap = float(softcap or 0.0)
+    if q_cap is not None or declares_cap(pat):
+        from .cap import capped_positions_attention
+
+        return capped_positions_attention(q, q_cap, k, v, pat, q_pos=q_pos, k_pos=k_pos, scale=scale,
+                                          softcap=softcap, layer=layer, num_keys=num_keys, backend=backend)
+    return positions_attention(q, k, v, pat, q_pos=q_pos, k_pos=k_pos, scale=scale, softcap=softcap, layer=layer,
+                               num_keys=num_keys, backend=backend)[0]
+
+
+def positions_attention(q, k, v, pat: Pattern, *, q_pos, k_pos, scale: float, softcap: float, layer: int,
+                        num_keys: int | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of :func:`attention_with_positions` on checked inputs (the decode kernel or PyTorch)."""
     if _use_decode_kernel(backend, q, k, v, pat) and q.shape[2] and k.shape[2]:
         from .kernels import decode_forward
 
-        return decode_forward(q, k, v, q_pos, k_pos, pat, scale=scale, softcap=softcap)
+        return decode_forward(q, k, v, q_pos, k_pos, pat, scale=scale, softcap=softcap, return_lse=True)
+
+    def visible(qp, kp, kv_head):
+        return pat.allowed(qp, kp, layer=layer, kv_head=kv_head, num_keys=num_keys)
+
+    return positions_forward(q, k, v, q_pos, k_pos, visible, scale=scale, softcap=softcap)
+
+
+def positions_forward(q, k, v, q_pos, k_pos, visible, *, scale: float, softcap: float):
+    """``(out, lse)`` of ``q`` over every key slot that ``visible(q_pos [B, 1, n, 1], k_pos [B, 1, 1, Tk],
+    kv_head [1, Hkv, 1, 1])`` allows (a boolean ``[B, 1 or Hkv, n, Tk]``), in PyTorch, differentiable;
+    ``lse`` is ``-inf`` on rows that see nothing (their output is zero)."""
     b, hq, tq, d = q.shape
     hkv, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
     group = hq // hkv
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     q_pos, k_pos = q_pos.long(), k_pos.long()
     if tq == 0 or tk == 0:
-        return q.new_zeros((b, hq, tq, dv))
+        return q.new_zeros((b, hq, tq, dv)), torch.full((b, hq, tq), float("-inf"), dtype=acc, device=q.device)
     kv_head = torch.arange(hkv, device=q.device).view(1, hkv, 1, 1)  # head-free patterns broadcast over it
     kt = k.to(acc).transpose(-1, -2)  # [B, Hkv, D, Tk]
     va = v.to(acc)
     chunk = max(1, min(tq, _SCORE_BUDGET // max(1, b * hq * tk)))
-    chunks = []
+    outs, lses = [], []
     for c0 in range(0, tq, chunk):
         c1 = min(tq, c0 + chunk)
         n = c1 - c0
@@ -115,18 +143,21 @@ def attention_with_positions(
         if softcap:
             s = softcap * torch.tanh(s / softcap)
         s = s.view(b, hkv, group, n, tk)
-        ok = pat.allowed(q_pos[:, None, c0:c1, None], k_pos[:, None, None, :], layer=layer, kv_head=kv_head,
-                         num_keys=num_keys)  # [B, 1 or Hkv, n, Tk]
+        ok = visible(q_pos[:, None, c0:c1, None], k_pos[:, None, None, :], kv_head)  # [B, 1 or Hkv, n, Tk]
         ok = ok.unsqueeze(2)
         s = s.masked_fill(~ok, float("-inf"))
         m = s.amax(-1, keepdim=True).detach()
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m)  # masked entries: exp(-inf) = 0
         denom = p.sum(-1, keepdim=True)
-        p = p / torch.where(denom > 0, denom, torch.ones_like(denom))  # a row with no visible key stays zero
+        seen = denom > 0
+        p = p / torch.where(seen, denom, torch.ones_like(denom))  # a row with no visible key stays zero
         o = torch.matmul(p.view(b, hkv, group * n, tk), va)  # [B, Hkv, G * n, Dv]
-        chunks.append(o.view(b, hq, n, dv))
-    return (chunks[0] if len(chunks) == 1 else torch.cat(chunks, 2)).to(q.dtype)
+        outs.append(o.view(b, hq, n, dv))
+        lse = torch.where(seen, m + torch.log(torch.where(seen, denom, torch.ones_like(denom))), float("-inf"))
+        lses.append(lse.view(b, hq, n))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+    return out.to(q.dtype), lses[0] if len(lses) == 1 else torch.cat(lses, 2)
 
 
 def _use_decode_kernel(backend: str, q, k, v, pat: Pattern) -> bool:

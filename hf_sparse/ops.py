@@ -15,6 +15,7 @@ import warnings
 import torch
 
 from .patterns import Pattern, parse_pattern
+from .patterns.base import declares_cap
 from .reference import SeqLayout, blockwise_backward, blockwise_forward, dense_attention
 
 __all__ = ["sparse_attention", "merge_attention", "padding_layout", "triton_supports", "resolve_backend", "BACKENDS"]
@@ -218,6 +219,7 @@ def sparse_attention(
     backend: str = "auto",
     check_padding: bool = True,
     return_lse: bool = False,
+    q_cap: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention restricted to a sparse ``pattern``; differentiable in ``q``, ``k`` and ``v``.
 
@@ -243,6 +245,10 @@ def sparse_attention(
         return_lse: also return the log-sum-exp of each row's (scaled, soft-capped) logits over the keys it
             sees, differentiable like the output. Two attentions over disjoint key sets merge exactly by it
             (``merge_attention``).
+        q_cap: for a pattern with ``max_distance=N`` (:mod:`hf_sparse.cap`): the queries rotated to position
+            ``min(i, N)`` instead of ``i``, same shape as ``q``; global keys that only the global rule shows
+            are scored with it. Needed once a query stands past ``N``; ``hf_sparse.patch_model`` computes it
+            from the model's rotary embedding.
 
     Returns:
         ``[B, Hq, Tq, D]`` in the dtype of ``q``. A query row that sees no key is zero. With
@@ -277,6 +283,14 @@ def sparse_attention(
                 f"with key_padding_mask the queries must be key slots: q_offset ({q_offset}) + Tq ({q.shape[2]}) "
                 f"must be <= Tk ({k.shape[2]})"
             )
+    if q_cap is not None or declares_cap(pat):
+        from .cap import capped_attention, route_capped
+
+        if route_capped(q, q_cap, k, pat, q_offset):
+            out, lse = capped_attention(q, q_cap, k, v, pat, scale=scale, softcap=softcap,
+                                        key_padding_mask=key_padding_mask, q_offset=q_offset, layer=layer,
+                                        backend=backend, check_padding=check_padding)
+            return (out, lse) if return_lse else out
     if backend == "dense":
         return dense_attention(q, k, v, pat, scale=scale, softcap=softcap, key_padding_mask=key_padding_mask,
                                q_offset=q_offset, layer=layer, return_lse=return_lse)

@@ -72,14 +72,17 @@ def _decode(q, k, v, pattern: Pattern, *, scale: float, softcap: float, q_pos=No
     return out, lse
 
 
-def decode_forward(q, k, v, q_pos, k_pos, pattern: Pattern, *, scale: float, softcap: float = 0.0):
+def decode_forward(q, k, v, q_pos, k_pos, pattern: Pattern, *, scale: float, softcap: float = 0.0,
+                   return_lse: bool = False):
     """Attention of ``q [B, Hq, Tq, D]`` over key slots ``k, v [B, Hkv, S, D]`` whose positions are
     ``k_pos [B, S]`` (``-1`` = empty), queries at ``q_pos [B, Tq]`` (``-1`` = padding, output zero).
-    Every pattern without extra (random) blocks; GQA packed, split over the slots."""
+    Every pattern without extra (random) blocks; GQA packed, split over the slots. ``return_lse``: also
+    the ``[B, Hq, Tq]`` float32 log-sum-exp (natural log, ``-inf`` on rows that see no key)."""
     if kernel_plan(pattern, k.shape[1]).r:
         raise NotImplementedError("decode by positions takes patterns without extra (random) blocks; those decode "
                                   "over their full history with sparse_attention")
-    return _decode(q, k, v, pattern, scale=scale, softcap=softcap, q_pos=q_pos, k_pos=k_pos)[0]
+    out, lse = _decode(q, k, v, pattern, scale=scale, softcap=softcap, q_pos=q_pos, k_pos=k_pos)
+    return (out, torch.where(lse == float("inf"), float("-inf"), lse)) if return_lse else out
 
 
 def ring_append(k_buf, v_buf, pos, counts, k_new, v_new, real, *, slots: int, sinks: int, window: int):
