@@ -45,8 +45,11 @@ from ._compat import ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS, eage
 from .cache import WINDOW_LAYER_ATTR, window_layer_fits
 from .options import ATTN_NAME, SparseOptions, options_of
 from .packing import forget_layout, packed_attention, packed_layout
+from .rope import cap_pattern, capped_query, packed_cap_pattern, position_bound, query_positions
 
 __all__ = ["ATTN_NAME", "HybridMask", "SparseOptions", "hf_sparse_attention", "hf_sparse_mask", "options_of"]
+
+_POSITION_BOUND = "_hf_sparse_position_bound"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,19 +253,25 @@ def hf_sparse_attention(
         )
     if scaling is None:
         scaling = getattr(module, "scaling", None)
-    pattern = opts.pattern_for(layer)
+    # the distance cap acts once a query may stand past it: a host-side bound of the positions, found before
+    # the cache inputs are taken and handed on to nested calls of this function (a per-head cache's groups)
+    bound = kwargs.pop(_POSITION_BOUND, None)
+    bound = position_bound(module, skv) if bound is None else bound
+    kwargs[_POSITION_BOUND] = bound
+    pattern, capped = cap_pattern(opts.pattern_for(layer), key.shape[1], bound)
     bounded = _bounded_cache_inputs(module, key, pattern)
     if bounded is not None and not bounded.prefix:
         # keys from a bounded cache: sinks + ring buffer, slots not in position order. The chunk shortcut
         # moves keys next to the sinks: it holds for token bands and globals seen alike by every head
         prims = pattern.primitives()
+        q_cap = capped_query(module, query, pattern, bounded.q_pos) if capped else None
         if sq > 1 and prims is not None and prims.shifts_freely and _padding_leads(bounded.q_pos):
             out = _chunk_over_bounded(query, key, value, bounded, pattern, scale=scaling, softcap=softcap,
-                                      layer=layer, backend=opts.backend)
+                                      layer=layer, backend=opts.backend, q_cap=q_cap)
         else:
             out = attention_with_positions(query, key, value, pattern, q_pos=bounded.q_pos,
                                            k_pos=bounded.k_pos, scale=scaling, softcap=softcap, layer=layer,
-                                           backend=opts.backend)
+                                           backend=opts.backend, q_cap=q_cap)
         return out.transpose(1, 2).contiguous(), None
     if padding is not None:
         tokens = padding.shape[1]
@@ -279,13 +288,16 @@ def hf_sparse_attention(
             )
     layout = _packed_layout(query, key, padding, kwargs)
     if layout is not None:
+        if capped:  # documents count positions from their own start: bound them by the longest one
+            pattern = packed_cap_pattern(pattern, key.shape[1], layout)
         out = packed_attention(query, key, value, layout, pattern, scale=scaling, layer=layer, softcap=softcap,
                                backend=opts.backend)
         return out, None
 
+    q_cap = capped_query(module, query, pattern, query_positions(padding, sq, skv, query.device)) if capped else None
     out = sparse_attention(
         query, key, value, pattern, scale=scaling, key_padding_mask=padding, q_offset=skv - sq, layer=layer,
-        softcap=softcap, backend=opts.backend, check_padding=False,
+        softcap=softcap, backend=opts.backend, check_padding=False, q_cap=q_cap,
     )
     return out.transpose(1, 2).contiguous(), None
 
@@ -296,7 +308,8 @@ def _padding_leads(q_pos: torch.Tensor) -> bool:
     return bool((real[:, 1:] >= real[:, :-1]).all())
 
 
-def _chunk_over_bounded(query, key, value, bounded, pattern: Pattern, *, scale, softcap, layer: int, backend: str):
+def _chunk_over_bounded(query, key, value, bounded, pattern: Pattern, *, scale, softcap, layer: int, backend: str,
+                        q_cap=None):
     """Several new tokens over a bounded cache (chunked prefill) on the prefill kernels.
 
     Sorting a row's slots by position (empty slots, -1, first) lays its keys out as one right-aligned
@@ -306,7 +319,8 @@ def _chunk_over_bounded(query, key, value, bounded, pattern: Pattern, *, scale, 
     that run as left padding and the queries as its last slots (``q_offset = keys - queries``) computes
     the same attention, with the kernels' ``O(chunk * W)`` work instead of every (query, slot) pair.
     Holds for rules that shift freely (token bands and globals, :attr:`Primitives.shifts_freely`), the only
-    ones routed here.
+    ones routed here. The capped queries (``q_cap``) were rotated from the true positions, and the shift
+    keeps every sink outside the band of a query it was outside of.
     """
     order = torch.argsort(bounded.k_pos, dim=1, stable=True)
 
@@ -316,7 +330,7 @@ def _chunk_over_bounded(query, key, value, bounded, pattern: Pattern, *, scale, 
     real_keys = bounded.k_pos.gather(1, order) >= 0
     out = sparse_attention(query, by_position(key), by_position(value), pattern, key_padding_mask=real_keys,
                            q_offset=key.shape[2] - query.shape[2], scale=scale, softcap=softcap, layer=layer,
-                           backend=backend, check_padding=False)
+                           backend=backend, check_padding=False, q_cap=q_cap)
     # padding queries took the slots of earlier keys: their rows are zero, as on the positions path
     return out.masked_fill((bounded.q_pos < 0)[:, None, :, None], 0.0)
 

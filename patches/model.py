@@ -54,6 +54,7 @@ from .attention import ATTN_NAME, check_backend, hf_sparse_attention, hf_sparse_
 from .cache import install_sparse_layers
 from .history import add_history_hook, remove_history_hook
 from .options import layer_plans, options_of
+from .rope import is_rotary, remember_model_rotary, remember_rotary
 
 __all__ = ["patch_model", "unpatch_model", "register", "check_backend_available", "native_fields",
            "on_module_registered", "install_load_hook", "SUPPORTED_MODEL_TYPES"]
@@ -310,6 +311,8 @@ def on_module_registered(parent: torch.nn.Module, name: str, child: torch.nn.Mod
         return None
     stored = getattr(config, "hf_sparse", None)
     ours = config._attn_implementation == ATTN_NAME
+    if ours and is_rotary(child):
+        remember_rotary(config, child)
     if _is_attention_module(child):
         if ours:
             opts = options_of(config)  # a config without a pattern fails here, with the fix in the message
@@ -461,6 +464,7 @@ def patch_model(
             f"set_attn_implementation({ATTN_NAME!r}) left {type(model).__name__} on {config._attn_implementation!r}"
         )
     opts = options_of(config)
+    remember_model_rotary(model, config)  # the distance cap rotates queries with the model's own frequencies
     for module in modules:
         if layer_list is None or module.layer_idx in layer_list:
             _decorate(module, opts.pattern_for(module.layer_idx).spec())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hf_sparse.cap import resolve_max_distance
 from hf_sparse.patterns import Pattern, PerHead, parse_pattern
 
 __all__ = ["ATTN_NAME", "SparseOptions", "options_of", "layer_plans"]
@@ -61,23 +62,37 @@ def options_of(config) -> SparseOptions:
         )
     layers = stored.get("layers")
     heads = stored.get("head_patterns") or []
+    trained = getattr(config, "max_position_embeddings", None)
     key = (
         _freeze(stored["pattern"]),
         None if layers is None else tuple(layers),
         stored.get("backend", "auto"),
         stored.get("previous_attn_implementation", "sdpa"),
         _freeze(heads),
+        trained,
     )
     opts = _OPTIONS.get(key)
     if opts is None:
         if len(_OPTIONS) >= 256:
             _OPTIONS.clear()
-        _, layer_tuple, backend, previous, _ = key
-        pattern = parse_pattern(stored["pattern"])
+        _, layer_tuple, backend, previous, _, _ = key
+        pattern = _resolved(parse_pattern(stored["pattern"]), trained)
+        plans = tuple((i, _resolved(p, trained)) for i, p in layer_plans(pattern, heads))
         opts = SparseOptions(pattern, None if layer_tuple is None else frozenset(layer_tuple), backend, previous,
-                             layer_plans(pattern, heads))
+                             plans)
         _OPTIONS[key] = opts
     return opts
+
+
+def _resolved(pattern: Pattern, trained) -> Pattern:
+    """``max_distance="auto"`` is the model's trained length, ``config.max_position_embeddings``."""
+    if resolve_max_distance(pattern, None) == pattern:  # no "auto" in it
+        return pattern
+    if not isinstance(trained, int) or isinstance(trained, bool) or trained < 1:
+        raise ValueError(
+            f"pattern {pattern.spec()}: max_distance=auto is the model's trained length, config.max_position_embeddings, "
+            f"which this config does not give ({trained!r}); give max_distance=N or max_distance=none")
+    return resolve_max_distance(pattern, trained)
 
 
 def _freeze(obj):

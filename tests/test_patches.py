@@ -484,7 +484,8 @@ def test_config_save_load_and_repatch(tmp_path):
     ids = tokens(2, 40)
     patch_model(model, PATTERNS["longformer"], layers=[0, 1], backend="reference")
     stored = model.config.hf_sparse
-    assert stored == {"pattern": {"type": "longformer", "window": 6, "global_tokens": 3, "causal": True},
+    assert stored == {"pattern": {"type": "longformer", "window": 6, "global_tokens": 3, "causal": True,
+                                  "max_distance": "auto"},
                       "layers": [0, 1], "backend": "reference", "previous_attn_implementation": "eager"}
     assert "hf_sparse" in str(model.config) and "longformer" in str(model.config)
     assert "hf_sparse=longformer:window=6,global_tokens=3,causal=true" in repr(model)
