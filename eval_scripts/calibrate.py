@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from hf_sparse.cap import uncapped
 from hf_sparse.head_plan import HeadPlan, budget_heads, load_plan, model_identity
 from hf_sparse.ops import sparse_attention
 from hf_sparse.patterns import Dense, Pattern, parse_pattern
@@ -128,7 +129,8 @@ class _Probe:
     and the mass outside the streaming pattern accumulated per KV head) or ``mix`` (gated output)."""
 
     def __init__(self, streaming: Pattern, layers: int, kv_heads: int, backend: str, device) -> None:
-        self.streaming, self.backend = streaming, backend
+        # the mass outside a pattern is about which keys it shows, not how a distance cap scores them
+        self.streaming, self.visible, self.backend = streaming, uncapped(streaming), backend
         self.mode = "full"
         self.rows = (0, 0)
         self.gates: torch.Tensor | None = None
@@ -142,7 +144,7 @@ class _Probe:
         common = dict(scale=scale, softcap=softcap, layer=layer, backend=self.backend)
         if self.mode == "mass":
             out, lse_full = sparse_attention(query, key, value, _DENSE, return_lse=True, **common)
-            _, lse_stream = sparse_attention(query, key, value, self.streaming, return_lse=True, **common)
+            _, lse_stream = sparse_attention(query, key, value, self.visible, return_lse=True, **common)
             lo, hi = self.rows
             self.mass[layer] += outside_mass(lse_full[:, :, lo:hi], lse_stream[:, :, lo:hi], key.shape[1])
             return out

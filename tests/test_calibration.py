@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -222,9 +223,11 @@ def test_eval_refuses_a_plan_for_another_model(folder, tmp_path):
 
 
 # -- calibration -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("streaming", [STREAM, "bigbird:block=16,window_blocks=1,global_blocks=1,random_blocks=1"])
+@pytest.mark.parametrize("streaming", [STREAM, f"{STREAM},max_distance=16",
+                                       "bigbird:block=16,window_blocks=1,global_blocks=1,random_blocks=1"])
 def test_mass_score_equals_brute_force(folder, streaming):
-    """Mass outside the pattern from two lse's equals the eager attention weights summed over hidden keys."""
+    """Mass outside the pattern from two lse's equals the eager attention weights summed over hidden keys (a
+    distance cap changes how global keys are scored, not which keys are seen: it does not count here)."""
     model = load(folder, attn_implementation="eager")
     T = 64
     ids = tokens(1, T, seed=9)
@@ -275,20 +278,22 @@ def test_calibration_on_cuda_in_bfloat16(tokenizer):
             torch.testing.assert_close(scores, torch.tensor(want.scores), atol=0.02, rtol=0.0)
 
 
-def test_gated_attention_interpolates_the_patched_models(folder):
-    """Gates at 1 give full attention, at 0 the streaming pattern, and 1 on a plan's heads the plan."""
+@pytest.mark.parametrize("streaming", [STREAM, f"{STREAM},max_distance=16"])
+def test_gated_attention_interpolates_the_patched_models(folder, streaming):
+    """Gates at 1 give full attention, at 0 the streaming pattern, and 1 on a plan's heads the plan (with a
+    distance cap that acts on these 40 tokens too: the mix streams through the patched model's own path)."""
     model = load(folder)
     sample = Sample(tuple(tokens(1, 40, seed=2)[0].tolist()), (0, 40), "text")
-    plan = a_plan(model)
+    plan = dataclasses.replace(a_plan(model), streaming=streaming)
 
     def hidden_of(patched):
         return _hidden(patched, sample, "cpu")
 
     with torch.no_grad():
         want_full = hidden_of(model)
-        want_stream = hidden_of(patch_model(copy.deepcopy(model), STREAM, backend="reference"))
+        want_stream = hidden_of(patch_model(copy.deepcopy(model), streaming, backend="reference"))
         want_plan = hidden_of(patch_model(copy.deepcopy(model), plan, backend="reference"))
-        with _calibrating(model, parse_pattern(STREAM), "reference") as probe:
+        with _calibrating(model, parse_pattern(streaming), "reference") as probe:
             probe.mode = "mix"
             results = []
             for gates in (torch.ones(2, 2), torch.zeros(2, 2), torch.tensor([[0.0, 1.0], [1.0, 0.0]])):
