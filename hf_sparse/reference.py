@@ -3,6 +3,8 @@
 * :func:`dense_attention` builds the full mask from :meth:`Pattern.allowed` and runs plain softmax
   attention with autograd. ``O(T^2)`` memory: for tests and small sizes only. It derives token
   positions on its own (a cumulative sum over the padding mask), independently of the block path.
+  :func:`attention_probabilities` is the same computation at given token positions that also returns
+  the probabilities (``output_attentions``, custom 4D masks in :mod:`hf_sparse.patches.masks`).
 * :func:`blockwise_forward` / :func:`blockwise_backward` visit, for each chunk of queries, only the
   keys the pattern needs (:func:`hf_sparse.layout.key_ranges` plus the extra key blocks), keep the
   log-sum-exp, and recompute in the backward like FlashAttention: memory ``O(T * visited keys)`` for
@@ -19,7 +21,8 @@ import torch
 from .layout import key_ranges, random_block_size, random_table, rule_sets
 from .patterns import Pattern, ceil_div
 
-__all__ = ["dense_attention", "blockwise_forward", "blockwise_backward", "SeqLayout"]
+__all__ = ["dense_attention", "attention_probabilities", "positions_of", "blockwise_forward", "blockwise_backward",
+           "SeqLayout"]
 
 
 def _softcap(s: torch.Tensor, softcap: float) -> torch.Tensor:
@@ -44,42 +47,78 @@ def dense_attention(
     Positions count real tokens: key slot ``s`` is at position ``cumsum(mask)[s] - 1``; query ``i``
     sits at key slot ``q_offset + i``. A query row that sees no key (or is padding) returns zeros.
     """
+    b, tq, tk = q.shape[0], q.shape[2], k.shape[2]
+    slots = q_offset + torch.arange(tq, device=q.device)
+    if key_padding_mask is None:
+        k_pos = torch.arange(tk, device=q.device).expand(b, tk)
+        q_pos = slots.expand(b, tq)
+    else:
+        if int(slots.max()) >= tk:
+            raise ValueError("with key_padding_mask, queries must be key slots: q_offset + Tq <= Tk")
+        k_pos = positions_of(key_padding_mask)
+        q_pos = k_pos[:, slots]
+    out, _, scores = _dense(q, k, v, pattern, q_pos, k_pos, scale, softcap, layer, None)
+    return (out, torch.logsumexp(scores, dim=-1)) if return_lse else out
+
+
+def positions_of(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` positions counting real tokens (True in the mask) from 0; ``-1`` where the mask is False."""
+    real = key_padding_mask.bool()
+    return (torch.cumsum(real.long(), 1) - 1).masked_fill(~real, -1)
+
+
+def attention_probabilities(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    *,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float | None = None,
+    softcap: float = 0.0,
+    layer: int = 0,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention under ``pattern`` at given positions: ``(out [B, Hq, Tq, Dv], probabilities [B, Hq, Tq, Tk])``.
+
+    ``q_pos [B, Tq]`` and ``k_pos [B, Tk]`` are token positions (``-1``: not a token, never attended; such a
+    query row is zero). ``mask`` (optional, bool, broadcastable to ``[B, Hq, Tq, Tk]``) further restricts the
+    pairs, e.g. a custom 4D attention mask. Softmax in float32 (float64 for float64 inputs), autograd through
+    everything. ``O(Tq * Tk)`` memory: the oracle of the tests, and what a caller gets who asks for the
+    attention probabilities themselves.
+    """
+    out, p, _ = _dense(q, k, v, pattern, q_pos, k_pos, scale, softcap, layer, mask)
+    return out, p.to(q.dtype)
+
+
+def _dense(q, k, v, pattern: Pattern, q_pos, k_pos, scale, softcap, layer, mask):
+    """``(out, probabilities, masked scores)`` of :func:`attention_probabilities`, in the accumulation dtype."""
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     group = hq // hkv
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = d**-0.5 if scale is None else scale
-    dev = q.device
-    slots = q_offset + torch.arange(tq, device=dev)
-    if key_padding_mask is None:
-        kpos = torch.arange(tk, device=dev).expand(b, tk)
-        kreal = torch.ones(b, tk, dtype=torch.bool, device=dev)
-        qpos = slots.expand(b, tq)
-        qreal = torch.ones(b, tq, dtype=torch.bool, device=dev)
-    else:
-        kreal = key_padding_mask.bool()
-        kpos = torch.cumsum(kreal.long(), 1) - 1
-        if int(slots.max()) >= tk:
-            raise ValueError("with key_padding_mask, queries must be key slots: q_offset + Tq <= Tk")
-        qpos = kpos[:, slots]
-        qreal = kreal[:, slots]
-    heads = torch.arange(hkv, device=dev).view(1, hkv, 1, 1)
+    heads = torch.arange(hkv, device=q.device).view(1, hkv, 1, 1)
+    q_pos, k_pos = q_pos.long(), k_pos.long()
+    kreal, qreal = k_pos >= 0, q_pos >= 0
     # num_keys only matters for non-causal BigBird, whose random draw covers each row's own sequence
     rows = [
-        pattern.allowed(qpos[i].view(1, tq, 1), kpos[i].view(1, 1, tk), layer=layer, kv_head=heads[0],
+        pattern.allowed(q_pos[i].view(1, tq, 1), k_pos[i].view(1, 1, tk), layer=layer, kv_head=heads[0],
                         num_keys=int(kreal[i].sum()))
         for i in range(b)
     ]
-    mask = torch.stack([r.expand(hkv, tq, tk) for r in rows])
-    mask = mask & kreal.view(b, 1, 1, tk) & qreal.view(b, 1, tq, 1)  # [B, Hkv, Tq, Tk]
-    mask = mask.expand(b, hkv, tq, tk).repeat_interleave(group, dim=1)
+    allowed = torch.stack([r.expand(hkv, tq, tk) for r in rows])
+    allowed = allowed & kreal.view(b, 1, 1, tk) & qreal.view(b, 1, tq, 1)  # [B, Hkv, Tq, Tk]
+    allowed = allowed.repeat_interleave(group, dim=1)
+    if mask is not None:
+        allowed = allowed & mask.bool()
     kk = k.to(acc).repeat_interleave(group, dim=1)
     vv = v.to(acc).repeat_interleave(group, dim=1)
     s = _softcap(torch.matmul(q.to(acc), kk.transpose(-1, -2)) * scale, softcap)
-    s = s.masked_fill(~mask, float("-inf"))
+    s = s.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with no key: all -inf -> NaN -> 0
-    out = torch.matmul(p, vv).to(q.dtype)
-    return (out, torch.logsumexp(s, dim=-1)) if return_lse else out
+    return torch.matmul(p, vv).to(q.dtype), p, s
 
 
 class SeqLayout:

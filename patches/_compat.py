@@ -5,7 +5,8 @@ Checked against transformers 5.4, 5.17, 5.24 and 5.25. 5.4 is the floor: it is t
 and the cache layers' ``get_mask_sizes`` took it too), which :func:`hf_sparse_mask` and the bounded cache
 layers implement. Everything else in :mod:`hf_sparse.patches` uses public
 or long-stable names (``AttentionInterface``, ``AttentionMaskInterface``, ``set_attn_implementation``,
-``cache_utils.DynamicLayer``).
+``cache_utils.DynamicLayer``), except the private names used below, each pinned by a test in
+``tests/test_compat.py`` that fails when transformers changes it.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ __all__ = [
     "ALL_MASK_ATTENTION_FUNCTIONS",
     "eager_attention_for",
     "cache_of",
+    "attentions_requested",
 ]
 
 
@@ -71,3 +73,17 @@ def cache_of(kwargs: dict):
     """The KV cache an attention module's forward was called with: ``cache=`` (5.24) or ``past_key_values=`` (5.17)."""
     cache = kwargs.get("cache")
     return kwargs.get("past_key_values") if cache is None else cache
+
+
+def attentions_requested() -> bool:
+    """Whether the running forward was asked for ``output_attentions``.
+
+    transformers 5.x no longer passes ``output_attentions`` to the attention function: the model's
+    ``capture_outputs`` decorator puts the outputs to collect into a context variable
+    (``utils.output_capturing._active_collector``, private, 5.4 through 5.25) and a forward hook on each
+    attention module records its second return value. ``tests/test_compat.py`` pins this.
+    """
+    from transformers.utils import output_capturing
+
+    collected = output_capturing._active_collector.get()
+    return isinstance(collected, dict) and "attentions" in collected

@@ -5,8 +5,8 @@ transformers looks both up by the name in ``config._attn_implementation``:
 * :func:`hf_sparse_mask` is called by ``create_causal_mask`` / ``create_sliding_window_causal_mask``
   once per forward and per layer type. Patched layers need only the 2D key padding mask
   (``[B, past + q]``, True = real token, or ``None`` without padding): ``O(T)``, like the flash-attention
-  masks. It is validated here, once, to be left and/or right padding only (one host sync), so the
-  attention function can skip the check. When only some layers are patched (``layers=``), the other
+  masks. It is classified here, once, as left/right padding or a mask with holes (one host sync,
+  :func:`hf_sparse.patches.masks.key_padding_mask`), so the attention function can skip the check. When only some layers are patched (``layers=``), the other
   layers still need the mask of the model's own implementation (with its own sliding window): the
   function then returns a :class:`HybridMask` carrying both, the native one built on first use by
   ``ALL_MASK_ATTENTION_FUNCTIONS[previous](**same arguments)``.
@@ -30,7 +30,10 @@ attention function can compare it with the number of keys it got: fewer keys tha
 cache dropped old keys, and the function raises instead of attending to the wrong positions.
 
 The ``sliding_window`` argument that Mistral, Qwen and Gemma pass is ignored on patched layers: the
-pattern replaces the model's attention there.
+pattern replaces the model's attention there (``"dense"`` carries the model's own window, see
+:func:`hf_sparse.patches.options.native_windows`).
+
+Masks with holes, custom 4D masks and ``output_attentions`` are served by :mod:`hf_sparse.patches.masks`.
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ from __future__ import annotations
 import torch
 
 from hf_sparse.decode import attention_with_positions
-from hf_sparse.ops import BACKENDS, padding_layout, sparse_attention
+from hf_sparse.ops import BACKENDS, sparse_attention
 from hf_sparse.patterns import Pattern
 
-from ._compat import ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS, eager_attention_for
+from ._compat import ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS, attentions_requested, eager_attention_for
 from .cache import WINDOW_LAYER_ATTR, window_layer_fits
+from .masks import attention_with_holes, attention_with_weights, custom_mask, has_holes, key_padding_mask
 from .options import ATTN_NAME, SparseOptions, options_of
 from .packing import forget_layout, packed_attention, packed_layout
 from .rope import cap_pattern, capped_query, packed_cap_pattern, position_bound, query_positions
@@ -77,28 +81,6 @@ class HybridMask:
         return f"HybridMask(padding={pad}, native={'pending' if self._build is not None else type(self._native).__name__})"
 
 
-def _key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """``None`` without padding, else the boolean ``[B, past + q]`` mask, checked for holes (one sync)."""
-    if attention_mask is None:
-        return None
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
-        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-        raise ValueError(
-            f"hf_sparse takes a 2D attention_mask [batch, tokens] (1 = real token), got {shape}; custom 4D masks "
-            "cannot be honoured by a sparse pattern"
-        )
-    mask = attention_mask.bool()
-    if torch.compiler.is_compiling():
-        return mask  # no data-dependent branch; an all-True mask gives the same result
-    if bool(mask.all()):
-        return None
-    try:
-        padding_layout(mask, check=True)
-    except ValueError as err:
-        raise ValueError(f"hf_sparse: attention_mask: {err}") from err
-    return mask
-
-
 def hf_sparse_mask(
     batch_size: int,
     q_length: int,
@@ -122,7 +104,7 @@ def hf_sparse_mask(
             "hf_sparse: this model combines the causal mask with a custom mask function (or_mask_function / "
             "and_mask_function), which a sparse pattern cannot express"
         )
-    padding = _key_padding_mask(attention_mask)
+    padding = key_padding_mask(attention_mask)
     if opts.all_layers:
         if isinstance(kv_offset, int) and kv_offset > 0:
             raise RuntimeError(
@@ -245,11 +227,14 @@ def hf_sparse_attention(
         )
     padding = attention_mask.padding if isinstance(attention_mask, HybridMask) else attention_mask
     sq, skv = query.shape[2], key.shape[2]
-    if padding is not None and (not isinstance(padding, torch.Tensor) or padding.dim() != 2):
+    custom = None
+    if isinstance(padding, torch.Tensor) and padding.dim() == 4:  # a custom 4D mask, passed through by transformers
+        custom, padding = custom_mask(padding, skv), None
+    elif padding is not None and (not isinstance(padding, torch.Tensor) or padding.dim() != 2):
         raise ValueError(
             f"hf_sparse layer {layer} got an attention mask of type {type(padding).__name__} "
             f"{tuple(getattr(padding, 'shape', ()))}; patched layers take the 2D padding mask built by "
-            "hf_sparse_mask (custom 4D masks are not supported)"
+            "hf_sparse_mask or a custom 4D mask [batch, 1 or heads, queries, keys]"
         )
     if scaling is None:
         scaling = getattr(module, "scaling", None)
@@ -260,6 +245,15 @@ def hf_sparse_attention(
     kwargs[_POSITION_BOUND] = bound
     pattern, capped = cap_pattern(opts.pattern_for(layer), key.shape[1], bound)
     bounded = _bounded_cache_inputs(module, key, pattern)
+    if padding is not None and bounded is None:
+        _check_history(padding, skv, layer)
+    wants_weights = attentions_requested()
+    if wants_weights or custom is not None:
+        why = "output_attentions=True" if wants_weights else "a custom 4D attention mask"
+        out, weights = attention_with_weights(query, key, value, pattern, padding=padding, mask=custom,
+                                              bounded=bounded, position_ids=kwargs.get("position_ids"),
+                                              scale=scaling, softcap=softcap, layer=layer, why=why)
+        return out, (weights if wants_weights else None)
     if bounded is not None and not bounded.prefix:
         # keys from a bounded cache: sinks + ring buffer, slots not in position order. The chunk shortcut
         # moves keys next to the sinks: it holds for token bands and globals seen alike by every head
@@ -273,19 +267,11 @@ def hf_sparse_attention(
                                            k_pos=bounded.k_pos, scale=scaling, softcap=softcap, layer=layer,
                                            backend=opts.backend, q_cap=q_cap)
         return out.transpose(1, 2).contiguous(), None
-    if padding is not None:
-        tokens = padding.shape[1]
-        if tokens > skv:
-            raise RuntimeError(
-                f"hf_sparse layer {layer}: got {skv} keys for {tokens} tokens, so its cache dropped old keys (a "
-                "sliding-window cache layer). Patched layers need a full-history cache: use the default DynamicCache "
-                "(patch_model makes generate's cache keep every key for patched layers)"
-            )
-        if tokens < skv:
-            raise NotImplementedError(
-                f"hf_sparse layer {layer}: got {skv} key slots for {tokens} tokens (a static cache); patched layers "
-                "support dynamic caches only for now (cache_implementation=None)"
-            )
+    if padding is not None and has_holes(padding):
+        q_cap = capped_query(module, query, pattern, query_positions(padding, sq, skv, query.device)) if capped else None
+        out = attention_with_holes(query, key, value, padding, pattern, scale=scaling, softcap=softcap, layer=layer,
+                                   backend=opts.backend, q_cap=q_cap)
+        return out, None
     layout = _packed_layout(query, key, padding, kwargs)
     if layout is not None:
         if capped:  # documents count positions from their own start: bound them by the longest one
@@ -300,6 +286,22 @@ def hf_sparse_attention(
         softcap=softcap, backend=opts.backend, check_padding=False, q_cap=q_cap,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _check_history(padding: torch.Tensor, keys: int, layer: int) -> None:
+    """The 2D mask must cover exactly the keys the layer got (past and new tokens)."""
+    tokens = padding.shape[1]
+    if tokens > keys:
+        raise RuntimeError(
+            f"hf_sparse layer {layer}: got {keys} keys for {tokens} tokens, so its cache dropped old keys (a "
+            "sliding-window cache layer). Patched layers need a full-history cache: use the default DynamicCache "
+            "(patch_model makes generate's cache keep every key for patched layers)"
+        )
+    if tokens < keys:
+        raise NotImplementedError(
+            f"hf_sparse layer {layer}: got {keys} key slots for {tokens} tokens (a static cache); patched layers "
+            "support dynamic caches only for now (cache_implementation=None)"
+        )
 
 
 def _padding_leads(q_pos: torch.Tensor) -> bool:

@@ -17,7 +17,11 @@ Everything goes through transformers' registries (``AttentionInterface``, ``Atte
   The method is private API of ``GenerationMixin``, with the same signature in 5.17 and 5.24; a model
   without it keeps full-history caches in ``generate``.
 
-Layers not in ``layers=`` keep the model's own attention, its sliding window included.
+Layers not in ``layers=`` keep the model's own attention, its sliding window included. ``"dense"`` is the
+model's own attention on patched layers too: where the config limits a layer to a sliding window
+(``config.sliding_window``, ``layer_types``), ``"dense"`` runs that window there
+(:func:`~hf_sparse.patches.options.native_windows`), so ``patch_model(model, "dense")`` does not change the
+model's output; any other pattern replaces the native window and says so in a one-time warning.
 
 Loading a saved model (the pattern travels in ``config.hf_sparse``):
 
@@ -47,13 +51,14 @@ import torch
 from transformers.configuration_utils import PreTrainedConfig
 
 from hf_sparse.head_plan import HeadPlan, as_plan
-from hf_sparse.patterns import Pattern, parse_pattern
+from hf_sparse.ops import _warn_once as _warn_message_once
+from hf_sparse.patterns import Pattern, SlidingWindow, parse_pattern
 
 from ._compat import AttentionInterface, AttentionMaskInterface
 from .attention import ATTN_NAME, check_backend, hf_sparse_attention, hf_sparse_mask
 from .cache import install_sparse_layers
 from .history import add_history_hook, remove_history_hook
-from .options import layer_plans, options_of
+from .options import layer_plans, native_windows, options_of
 from .rope import is_rotary, remember_model_rotary, remember_rotary
 
 __all__ = ["patch_model", "unpatch_model", "register", "check_backend_available", "native_fields",
@@ -464,6 +469,7 @@ def patch_model(
             f"set_attn_implementation({ATTN_NAME!r}) left {type(model).__name__} on {config._attn_implementation!r}"
         )
     opts = options_of(config)
+    _warn_replaced_windows(config, opts)
     remember_model_rotary(model, config)  # the distance cap rotates queries with the model's own frequencies
     for module in modules:
         if layer_list is None or module.layer_idx in layer_list:
@@ -473,6 +479,21 @@ def patch_model(
     _wrap_generate_cache(model)
     _wrap_save(model)
     return model
+
+
+def _warn_replaced_windows(config, opts) -> None:
+    """Warn (once per message) where the pattern replaces the model's own sliding window on patched layers;
+    ``"dense"`` keeps it (:func:`~hf_sparse.patches.options.native_windows`)."""
+    replaced = {}
+    for i, window in native_windows(config).items():
+        if opts.patches(i) and opts.pattern_for(i).spec() != SlidingWindow(window=window).spec():
+            replaced.setdefault(window, []).append(i)
+    for window, layers in replaced.items():
+        _warn_message_once(
+            f"hf_sparse: this {config.model_type} model limits layers {layers} to its own sliding window of "
+            f"{window} tokens (config.sliding_window); the pattern {opts.pattern_for(layers[0]).spec()} replaces it "
+            "there. patch_model(model, 'dense') keeps the model's own window"
+        )
 
 
 def _kv_heads(config) -> int:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hf_sparse.cap import resolve_max_distance
-from hf_sparse.patterns import Pattern, PerHead, parse_pattern
+from hf_sparse.patterns import Pattern, PerHead, SlidingWindow, parse_pattern
 
-__all__ = ["ATTN_NAME", "SparseOptions", "options_of", "layer_plans"]
+__all__ = ["ATTN_NAME", "SparseOptions", "options_of", "layer_plans", "native_windows"]
 
 ATTN_NAME = "hf_sparse"
 
@@ -24,7 +24,8 @@ class SparseOptions:
     layers: frozenset[int] | None  # None: every layer
     backend: str
     previous: str
-    by_layer: tuple[tuple[int, Pattern], ...] = ()  # layers whose KV heads differ: their per-head plan
+    # layers whose KV heads differ (their per-head plan), and layers where "dense" keeps a native window
+    by_layer: tuple[tuple[int, Pattern], ...] = ()
 
     def pattern_for(self, layer_idx: int | None) -> Pattern:
         """The pattern of one layer: its per-head plan where ``head_patterns`` named some of its heads."""
@@ -70,18 +71,37 @@ def options_of(config) -> SparseOptions:
         stored.get("previous_attn_implementation", "sdpa"),
         _freeze(heads),
         trained,
+        _freeze(native_windows(config)),
     )
     opts = _OPTIONS.get(key)
     if opts is None:
         if len(_OPTIONS) >= 256:
             _OPTIONS.clear()
-        _, layer_tuple, backend, previous, _, _ = key
+        _, layer_tuple, backend, previous, _, _, native = key
         pattern = _resolved(parse_pattern(stored["pattern"]), trained)
         plans = tuple((i, _resolved(p, trained)) for i, p in layer_plans(pattern, heads))
+        if pattern.to_dict().get("type") == "dense":  # "dense" is the model's own attention: its window too
+            planned = {i for i, _ in plans}
+            kept = tuple((i, SlidingWindow(window=w)) for i, w in native if i not in planned)
+            plans = tuple(sorted(plans + kept, key=lambda item: item[0]))
         opts = SparseOptions(pattern, None if layer_tuple is None else frozenset(layer_tuple), backend, previous,
                              plans)
         _OPTIONS[key] = opts
     return opts
+
+
+def native_windows(config) -> dict[int, int]:
+    """``{layer: W}`` for the layers that the model's own attention limits to a causal sliding window of ``W``
+    tokens (HF's convention, which is ours): those typed ``"sliding_attention"`` in ``config.layer_types``
+    (Qwen 2/3, Gemma 2/3), or every layer when the config sets ``sliding_window`` without layer types
+    (Mistral, Phi-3)."""
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        return {}
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return {i: window for i, kind in enumerate(types) if kind == "sliding_attention"}
+    return {i: window for i in range(config.num_hidden_layers)}
 
 
 def _resolved(pattern: Pattern, trained) -> Pattern:

@@ -624,11 +624,3 @@ def test_packed_sequences_after_cached_keys_are_refused():
     with pytest.raises(NotImplementedError, match="packed"), torch.no_grad():
         model(tokens(1, 4), use_cache=True, **cache_kwargs(cache))
         model(tokens(1, 16), position_ids=pos + 4, use_cache=True, **cache_kwargs(cache))
-
-
-def test_padding_with_holes_is_refused():
-    model = patch_model(tiny("llama"), "dense", backend="reference")
-    mask = torch.ones(2, 10, dtype=torch.long)
-    mask[1, 4] = 0
-    with pytest.raises(ValueError, match="padding between real tokens"), torch.no_grad():
-        model(tokens(2, 10), attention_mask=mask, use_cache=False)
