@@ -80,8 +80,10 @@ def _visible(qp, kp, k_len, W, G, WB, S, CP, CC, KIND: tl.constexpr, CAUSAL: tl.
         if not CAUSAL:
             inb = inb & (kb < qb + WB)
         vis = vis | inb
-    if KIND & 4:
-        vis = vis | ((S > 0) & ((qp2 - kp2) % tl.maximum(S, 1) == 0))
+    if KIND & 4:  # causal only: for 0 <= j <= i, (i - j) % S == 0 iff i % S == j % S -- a remainder per row
+        # and per column instead of one per pair (an integer remainder costs tens of instructions)
+        s_pos = tl.maximum(S, 1)
+        vis = vis | ((S > 0) & ((qp % s_pos)[:, None] == (kp % s_pos)[None, :]))
     if KIND & 8:
         vis = vis | ((CC > 0) & (kp2 % tl.maximum(CP, 1) >= CP - CC))
     if CAUSAL:
