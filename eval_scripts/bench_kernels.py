@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from hf_sparse import Pattern, block_layout, block_mask, parse_pattern, sparse_attention
 from hf_sparse.kernels.plan import kernel_plan
 from hf_sparse.layout import random_block_size
-from hf_sparse.patterns.base import split_outside_brackets
+from hf_sparse.patterns.base import declares_cap, split_outside_brackets
 from hf_sparse.primitives import DENSE_WINDOW
 
 DEFAULT_PATTERNS = "sliding_window:window=4096;longformer:window=4096,global_tokens=4;bigbird;dense"
@@ -222,7 +222,10 @@ def run(args) -> list[dict[str, Any]]:
                         layouts[spec] = pattern_layout(pat, t, hkv, dev)
                     lay, pairs = layouts[spec]
                     if impl == "hf_sparse":
-                        fn = lambda q_, k_, v_, p=pat: sparse_attention(q_, k_, v_, p, backend="triton")
+                        # a capped pattern (max_distance=N) runs its two passes; q_cap = q costs the same as a
+                        # rotated copy and keeps the output equal to the uncapped one, which Flex checks
+                        fn = lambda q_, k_, v_, p=pat: sparse_attention(  # noqa: E731
+                            q_, k_, v_, p, backend="triton", q_cap=q_ if declares_cap(p) else None)
                     else:
                         bm = flex_block_mask(pat, lay, t, hq, hkv, dev)
                         opts = flex_options(lay)

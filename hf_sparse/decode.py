@@ -132,7 +132,8 @@ def positions_forward(q, k, v, q_pos, k_pos, visible, *, scale: float, softcap: 
     kv_head = torch.arange(hkv, device=q.device).view(1, hkv, 1, 1)  # head-free patterns broadcast over it
     kt = k.to(acc).transpose(-1, -2)  # [B, Hkv, D, Tk]
     va = v.to(acc)
-    chunk = max(1, min(tq, _SCORE_BUDGET // max(1, b * hq * tk)))
+    # bounded by the scores and, over few keys (the cap's global pass), by the float32 copy of the queries
+    chunk = max(1, min(tq, _SCORE_BUDGET // max(1, b * hq * max(tk, d))))
     outs, lses = [], []
     for c0 in range(0, tq, chunk):
         c1 = min(tq, c0 + chunk)

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from helpers import needs_interpreter
+from helpers import HAS_CUDA, HAS_TRITON, needs_interpreter
 
 from hf_sparse import BigBird, Longformer, PerHead, SlidingWindow, Strided, parse_pattern, sparse_attention
 from hf_sparse.decode import attention_with_positions
@@ -229,6 +229,63 @@ def _decode_over_shuffled_slots(backend):
                                        q_pos=torch.tensor([[t - 2, t - 1]] * 2), k_pos=k_pos,
                                        q_cap=q_cap[:, :, -2:], backend=backend)
     torch.testing.assert_close(out.double(), want.detach(), atol=2e-5, rtol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU, bf16: the kernels' error at most twice PyTorch's own bf16 error (flash-attention's rule)
+needs_gpu = pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="needs a CUDA GPU and triton")
+GPU_CAPPED = [Longformer(window=256, global_tokens=4, max_distance=1024),
+              BigBird(block=64, window_blocks=3, global_blocks=1, random_blocks=3, max_distance=1024)]
+
+
+def _bf16_cap_rule(b, hq, hkv, t, d, pattern, q_offset=0):
+    g = torch.Generator(device="cuda").manual_seed(t + d)
+    mk = lambda h, n=t: torch.randn(b, h, n, d, generator=g, device="cuda").bfloat16()  # noqa: E731
+    q, q_cap, k, v = mk(hq, t - q_offset), mk(hq, t - q_offset), mk(hkv), mk(hkv)
+    do = mk(hq, t - q_offset)
+
+    def run(dtype, backend):
+        x = [t_.detach().to(dtype).requires_grad_() for t_ in (q, q_cap, k, v)]
+        out = sparse_attention(x[0], x[2], x[3], pattern, q_cap=x[1], q_offset=q_offset, backend=backend)
+        return (out, *torch.autograd.grad(out, x, do.to(dtype)))
+
+    ours, ref, torch_bf16 = run(torch.bfloat16, "triton"), run(torch.float32, "reference"), run(torch.bfloat16,
+                                                                                              "reference")
+    for name, a, r, p in zip(("out", "dq", "dq_cap", "dk", "dv"), ours, ref, torch_bf16):
+        err, err_pt = (a.float() - r).abs().max().item(), (p.float() - r).abs().max().item()
+        print(f"{name}: ours {err:.3e} vs torch-bf16 {err_pt:.3e}")
+        assert err <= 2 * err_pt + 1e-4, f"{name}: kernel error {err:.3e} > 2 x PyTorch bf16 error {err_pt:.3e}"
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("pattern", GPU_CAPPED, ids=lambda p: p.spec()[:30])
+def test_gpu_bf16_cap_prefill_and_decode_kernels(pattern):
+    _bf16_cap_rule(1, 9, 3, 4113, 64, pattern)
+    _bf16_cap_rule(2, 32, 8, 8192, 128, pattern)
+    _bf16_cap_rule(2, 32, 8, 8192, 128, pattern, q_offset=8190)  # two queries: the decode kernel
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_cap_decode_by_positions():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, hq, hkv, s, d = 3, 32, 8, 1004, 128
+    pattern = Longformer(window=1000, global_tokens=4, max_distance=2048)
+    q, q_cap = (torch.randn(b, hq, 1, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(b, hkv, s, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    k_pos = torch.cat([torch.arange(4, device="cuda").expand(b, 4),
+                       torch.stack([4000 + torch.randperm(1000, device="cuda", generator=g) for _ in range(b)])], 1)
+    k_pos[1, 100:200] = -1
+    q_pos = torch.tensor([[4999], [4990], [-1]], device="cuda")
+    kw = dict(q_pos=q_pos, k_pos=k_pos)
+    ours = attention_with_positions(q, k, v, pattern, q_cap=q_cap, backend="triton", **kw)
+    ref = attention_with_positions(q.float(), k.float(), v.float(), pattern, q_cap=q_cap.float(), backend="reference",
+                                   **kw)
+    torch_bf16 = attention_with_positions(q, k, v, pattern, q_cap=q_cap, backend="reference", **kw)
+    err, err_pt = ((x.float() - ref).abs().max().item() for x in (ours, torch_bf16))
+    assert err <= 2 * err_pt + 1e-4, (err, err_pt)
+    assert torch.equal(ours[2], torch.zeros_like(ours[2]))
 
 
 # ---------------------------------------------------------------------------------------------
