@@ -54,6 +54,9 @@ def test_window_moves_only_the_halo():
     for r in range(1, world):
         assert plan.received(r) == (w - 1 + 4, 0)
         assert plan.overlapped(r)
+        # the halo's call runs on the first W - 1 query rows only; the global keys reach every row
+        own, globals_, halo = plan.pieces(r)
+        assert (own.rows, globals_.rows, halo.rows) == ((0, n // world),) * 2 + ((0, w - 1),)
     # shards of 2000 tokens: the last rank's 4095-key halo comes from the three ranks before it
     short = shard_plan(SlidingWindow(window=w), (2000,) * 4, kv_heads=1)
     assert short.shared[3] == ((1905, 6000),)
@@ -125,14 +128,20 @@ def _simulate(pattern, lengths, *, hq=4, hkv=2, d=8, layer=1, dtype=torch.float6
         for piece in plan.pieces(r):
             kp, vp = _keys(piece, mine[1], mine[2], shared, packed, slots)
             keys.append((piece, kp, vp))
-            parts.append(_forward_impl(mine[0], kp, vp, None, None, piece.pattern, d**-0.5, 0.0, piece.q_offset,
-                                       layer, backend))
-        o, lse = _merge(parts)
+            rows = slice(*piece.rows)
+            with torch.no_grad():  # as inside the autograd function
+                parts.append(_forward_impl(mine[0][:, :, rows], kp, vp, None, None, piece.pattern, d**-0.5, 0.0,
+                                           piece.q_offset, layer, backend))
+        with torch.no_grad():
+            o, lse = _merge(plan.pieces(r), parts, e - s)
         out[:, :, s:e] = o
         for piece, kp, vp in keys:  # the backward the autograd function runs, piece by piece
-            g_q, g_k, g_v = _backward_impl(do[:, :, s:e], mine[0], kp.detach(), vp.detach(), o, lse, None, None,
-                                           piece.pattern, d**-0.5, 0.0, piece.q_offset, layer, backend)
-            dq[:, :, s:e] += g_q
+            rows = slice(*piece.rows)
+            g_q, g_k, g_v = _backward_impl(do[:, :, s:e][:, :, rows], mine[0][:, :, rows], kp.detach(), vp.detach(),
+                                           o[:, :, rows], lse[:, :, rows].contiguous(), None, None, piece.pattern,
+                                           d**-0.5, 0.0,
+                                           piece.q_offset, layer, backend)
+            dq[:, :, s:e][:, :, rows] += g_q.detach()
             torch.autograd.backward([kp, vp], [g_k, g_v], retain_graph=True)
         dkv[:, :, s:e] += torch.cat([mine[1].grad, mine[2].grad], -1) if mine[1].grad is not None else 0
         if shared.grad is not None:

@@ -65,18 +65,30 @@ def _keys(piece: Piece, k, v, shared, packed, view_slots: int):
 
 
 def _piece_forward(call: _Call, piece: Piece, q, kp, vp):
-    return _forward_impl(q, kp, vp, None, None, piece.pattern, call.scale, call.softcap, piece.q_offset, call.layer,
-                         call.backend)
+    r0, r1 = piece.rows
+    return _forward_impl(q[:, :, r0:r1], kp, vp, None, None, piece.pattern, call.scale, call.softcap, piece.q_offset,
+                         call.layer, call.backend)
 
 
-def _merge(parts):
+def _merge(pieces, parts, t: int):
     """``(out, lse)`` over the union of the pieces' keys, in the backends' convention (``lse = +inf``: a row
-    that saw nothing, so that its probabilities ``exp(s - lse)`` in the backward are 0)."""
-    if len(parts) == 1:
-        return parts[0]
+    that saw nothing, so that its probabilities ``exp(s - lse)`` in the backward are 0). Pieces that reach
+    only some rows are merged into those rows."""
     inf = float("inf")
-    out, lse = merge_attention([(o, torch.where(lse == inf, -inf, lse)) for o, lse in parts])
-    return out, torch.where(lse == -inf, inf, lse)
+
+    def merge(pairs):
+        if len(pairs) == 1:
+            return pairs[0]
+        o, lse = merge_attention([(o, torch.where(lse == inf, -inf, lse)) for o, lse in pairs])
+        return o, torch.where(lse == -inf, inf, lse)
+
+    whole = [part for piece, part in zip(pieces, parts) if piece.rows == (0, t)]
+    out, lse = merge(whole)
+    for piece, part in zip(pieces, parts):
+        r0, r1 = piece.rows
+        if (r0, r1) != (0, t):
+            out[:, :, r0:r1], lse[:, :, r0:r1] = merge([(out[:, :, r0:r1], lse[:, :, r0:r1]), part])
+    return out, lse
 
 
 def _forward(q, k, v, call: _Call):
@@ -98,7 +110,7 @@ def _forward(q, k, v, call: _Call):
     for piece in pieces[done:]:
         kp, vp = _keys(piece, k, v, shared, packed, slots)
         parts.append(_piece_forward(call, piece, q, kp, vp))
-    out, lse = _merge(parts)
+    out, lse = _merge(pieces, parts, q.shape[2])
     return out, lse, shared, packed
 
 
@@ -136,9 +148,12 @@ class _ContextParallelAttention(torch.autograd.Function):
 
         def run(piece: Piece):
             kp, vp = _keys(piece, k, v, shared, packed, slots)
-            g_q, g_k, g_v = _backward_impl(do, q, kp, vp, out, lse, None, None, piece.pattern, call.scale,
-                                           call.softcap, piece.q_offset, call.layer, call.backend)
-            dq.add_(g_q)
+            r = slice(*piece.rows)
+            # (the kernels index the log-sum-exp as a contiguous [B, H, rows] tensor)
+            g_q, g_k, g_v = _backward_impl(do[:, :, r], q[:, :, r], kp, vp, out[:, :, r], lse[:, :, r].contiguous(),
+                                           None, None, piece.pattern, call.scale, call.softcap, piece.q_offset,
+                                           call.layer, call.backend)
+            dq[:, :, r] += g_q
             g = torch.cat([g_k, g_v], -1).permute(2, 1, 0, 3)  # [Tk, Hkv, B, Dk+Dv]
             if piece.compact:
                 h, s, blk, bb, _ = d_packed.shape
@@ -178,6 +193,19 @@ def resolve_group(group):
                              "mesh['cp'] of init_device_mesh('cuda', (dp, cp), mesh_dim_names=('dp', 'cp'))")
         return get_group()
     return group
+
+
+_READY: set = set()
+
+
+def _ready(group, device: torch.device) -> None:
+    """NCCL wants every rank in a group's first point-to-point batch, and a rank with nothing to send or
+    receive skips it: one all-reduce over the group first sets its communicator up on every rank."""
+    if group in _READY:
+        return
+    if dist.get_backend(group) != "gloo":
+        dist.all_reduce(torch.zeros(1, device=device), group=group)
+    _READY.add(group)
 
 
 def _gather_shapes(q, k, v, group, world: int) -> tuple[int, ...]:
@@ -258,6 +286,7 @@ def sparse_attention(
         raise ValueError(f"scale must be a positive finite number, got {scale!r}; leave it None for D ** -0.5")
     pg = resolve_group(group)
     world, rank = dist.get_world_size(pg), dist.get_rank(pg)
+    _ready(pg, q.device)
     if shard_lengths is None:
         lengths = _gather_shapes(q, k, v, pg, world)
     else:

@@ -76,7 +76,7 @@ class RankExchange:
         self.shared_total = plan.shared_keys(rank)
         assert at == self.shared_total
         self.blocks_in = [(src, self._tiles(plan.blocks_from(rank, src), src, device)) for src in peers
-                          if plan.blocks_from(rank, src)]
+                          if len(plan.blocks_from(rank, src))]
         view = plan.compact_view(rank)
         self.slots = view.slots if view is not None else 0
         self.blk = blk
@@ -84,12 +84,12 @@ class RankExchange:
         self.shared_out = [(dst, tuple((a - self.s, b - self.s) for a, b in plan.shared_from(dst, rank)))
                            for dst in peers if plan.shared_from(dst, rank)]
         self.blocks_out = [(dst, self._tiles(plan.blocks_from(dst, rank), rank, device)) for dst in peers
-                           if plan.blocks_from(dst, rank)]
+                           if len(plan.blocks_from(dst, rank))]
 
-    def _tiles(self, entries, owner: int, device) -> _Blocks:
+    def _tiles(self, entries: torch.Tensor, owner: int, device) -> _Blocks:
         blk = self.plan.block
         s, e = self.plan.shard(owner)
-        t = torch.tensor(entries, dtype=torch.long, device=device).view(-1, 3)
+        t = entries.to(device)
         cells = t[:, 1:2] * blk + torch.arange(blk, device=device)  # absolute positions
         mine = (cells >= s) & (cells < e)
         local = (cells - self.s).clamp(0, max(self.e - self.s - 1, 0))

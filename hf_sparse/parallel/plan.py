@@ -20,12 +20,13 @@ what to send) and keeps it, per pattern, lengths, KV heads and, for random block
 
 from __future__ import annotations
 
+import bisect
 import functools
 from dataclasses import dataclass
 
 import torch
 
-from ..layout import key_ranges, random_block_size, random_table
+from ..layout import key_ranges, random_block_size, random_table, window_range
 from ..patterns import Pattern, ceil_div
 from .views import CompactBlocks, Shifted, alignment
 
@@ -91,10 +92,13 @@ class Piece:
 
     ``before`` / ``after`` are slices of the rank's shared buffer (positions in order); ``own`` says
     whether the rank's own keys sit between them; ``compact``: the keys are the packed extra blocks.
+    ``rows``: the rank's query rows ``[r0, r1)`` that can see any of these keys (the halo of a window
+    reaches the first ``W - 1`` rows only); the call runs on those rows, at ``q_offset + r0``.
     """
 
     pattern: Pattern
     q_offset: int
+    rows: tuple[int, int]
     before: tuple[int, int] = (0, 0)
     own: bool = False
     after: tuple[int, int] = (0, 0)
@@ -138,32 +142,24 @@ class ShardPlan:
         return tuple((max(a, s), min(b, e)) for a, b in self.shared[dst] if min(b, e) > max(a, s))
 
     @_memo
-    def blocks_from(self, dst: int, src: int) -> tuple[tuple[int, int, int], ...]:
-        """``(kv_head, block, packed slot)`` of ``dst``'s extra blocks that hold keys of ``src``'s shard,
-        ordered by head then block. A block that straddles two shards comes from both owners, each
-        sending its own keys (zeros elsewhere)."""
+    def blocks_from(self, dst: int, src: int) -> torch.Tensor:
+        """``[n, 3]`` int64 rows ``(kv_head, block, packed slot)``: ``dst``'s extra blocks that hold keys of
+        ``src``'s shard, ordered by head then block. A block that straddles two shards comes from both
+        owners, each sending its own keys (zeros elsewhere)."""
         blk = self.block
         s, e = self.shard(src)
-        out = []
-        held = self._held(dst)
-        for h, slots in enumerate(held):
-            out.extend((h, kb, c) for c, kb in enumerate(slots) if kb >= 0 and kb * blk < e and (kb + 1) * blk > s)
-        return tuple(out)
-
-    @_memo
-    def _held(self, dst: int) -> tuple[tuple[int, ...], ...]:
-        """Per KV head, the block in each packed slot of ``dst`` (``-1``: empty; the tail in the last slot)."""
-        view = self.compact_view(dst)
-        if view is None:
-            return ()
-        nkb = ceil_div(self.num_keys, self.block)
-        out = []
-        for h in range(self.kv_heads):
-            row = list(self.blocks[dst][h]) + [-1] * (view.slots - len(self.blocks[dst][h]))
-            if self.tail[dst]:
-                row[-1] = nkb - 1
-            out.append(tuple(row))
-        return tuple(out)
+        rows = []
+        if e > s and (any(self.blocks[dst]) or self.tail[dst]):
+            first, last = s // blk, (e - 1) // blk  # the blocks that overlap [s, e)
+            nkb = ceil_div(self.num_keys, blk)
+            tail_slot = self.compact_view(dst).slots - 1
+            for h, held in enumerate(self.blocks[dst]):
+                lo, hi = bisect.bisect_left(held, first), bisect.bisect_right(held, last)
+                kbs = torch.tensor(held[lo:hi], dtype=torch.long)
+                rows.append(torch.stack([torch.full_like(kbs, h), kbs, torch.arange(lo, hi)], 1))
+                if self.tail[dst] and first <= nkb - 1 <= last:
+                    rows.append(torch.tensor([[h, nkb - 1, tail_slot]]))
+        return torch.cat(rows) if rows else torch.empty(0, 3, dtype=torch.long)
 
     def compact_view(self, rank: int) -> CompactBlocks | None:
         """The pattern of ``rank``'s packed extra blocks (``None`` when it needs none from others)."""
@@ -182,7 +178,7 @@ class ShardPlan:
         """``(shared keys, extra-block keys)`` that ``rank`` receives per batch row: shared keys carry every
         KV head, an extra-block key one head (a straddling block counted once per owner)."""
         blk = self.block
-        extra = sum(blk for src in range(self.world) if src != rank for _ in self.blocks_from(rank, src))
+        extra = blk * sum(len(self.blocks_from(rank, src)) for src in range(self.world) if src != rank)
         return self.shared_keys(rank), extra
 
     def received_bytes(self, rank: int, *, batch: int, head_dim: int, value_dim: int | None = None,
@@ -210,26 +206,47 @@ class ShardPlan:
             runs.append((a, b))
             offsets.append((at, at + b - a))
             at += b - a
+        every = (0, e - s)
         out = []
         if self.overlapped(rank):
-            out.append(Piece(Shifted(self.pattern, s, n), 0, own=True))
-            out.extend(Piece(Shifted(self.pattern, a, n), s - a, before=o) for (a, _), o in zip(runs, offsets))
+            out.append(Piece(Shifted(self.pattern, s, n), 0, every, own=True))
+            others = list(zip(runs, offsets))
         else:
             left = next((i for i, r in enumerate(runs) if r[1] == s), None)
             right = next((i for i, r in enumerate(runs) if r[0] == e), None)
             lo = runs[left][0] if left is not None else s
-            out.append(Piece(Shifted(self.pattern, lo, n), s - lo, before=offsets[left] if left is not None else (0, 0),
-                             own=True, after=offsets[right] if right is not None else (0, 0)))
-            for i, ((a, b), o) in enumerate(zip(runs, offsets)):
-                if i in (left, right):
-                    continue
-                if a > s:
-                    raise AssertionError(f"rank {rank}: a key run [{a}, {b}) after its queries that is not next to them")
-                out.append(Piece(Shifted(self.pattern, a, n), s - a, before=o))
+            out.append(Piece(Shifted(self.pattern, lo, n), s - lo, every,
+                             before=offsets[left] if left is not None else (0, 0), own=True,
+                             after=offsets[right] if right is not None else (0, 0)))
+            others = [(r, o) for i, (r, o) in enumerate(zip(runs, offsets)) if i not in (left, right)]
+        for (a, b), o in others:
+            if a > s:
+                raise AssertionError(f"rank {rank}: a key run [{a}, {b}) after its queries that is not next to them")
+            rows = self._rows_seeing(rank, a, b)
+            if rows[1] > rows[0]:
+                out.append(Piece(Shifted(self.pattern, a, n), s - a + rows[0], rows, before=o))
         view = self.compact_view(rank)
         if view is not None:
-            out.append(Piece(view, s, compact=True))
+            out.append(Piece(view, s, every, compact=True))
         return tuple(out)
+
+    def _rows_seeing(self, rank: int, a: int, b: int) -> tuple[int, int]:
+        """The query rows of ``rank`` that may see a key of ``[a, b)`` (before its shard): for causal bands
+        the first rows, as far as the band reaches back below ``b``; every row where a global key, a stride,
+        key columns or an extra block may be among them."""
+        s, e = self.shard(rank)
+        rules = self.pattern.rule_sets()
+        reach = any(p is None or p.random_blocks or p.stride or p.column_count for p in rules)
+        if reach or not self.pattern.causal or a < self.pattern.global_tokens_total:
+            return 0, e - s
+        lo, hi = 0, e - s  # the band's first key is non-decreasing in the query: bisect the last row below b
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if window_range(self.pattern, s + mid, s + mid + 1, self.num_keys)[0] < b:
+                lo = mid + 1
+            else:
+                hi = mid
+        return 0, lo
 
 
 def _extra_blocks(pattern: Pattern, starts: tuple[int, ...], kv_heads: int, layer: int,
