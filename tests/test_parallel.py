@@ -164,9 +164,12 @@ SIMULATED = [
     (BigBird(block=16, window_blocks=1, global_blocks=1, random_blocks=3, causal=False), (20, 20, 21, 30)),
     (Longformer(window=7, global_tokens=3), (0, 20, 21, 30)),
     (PerHead(SlidingWindow(window=9), ((0, Dense()), (1, Strided(stride=6, window=2)))), (30, 40)),
+    (PerHead(SlidingWindow(window=9), ((1, BigBird(block=16, window_blocks=2, global_blocks=1, random_blocks=2)),)),
+     (40, 24, 30)),
     (COMPOSED[5], (16, 17, 19, 21)),
     (Parity(), (12, 13, 14)),
 ]
+KERNEL_CASES = SIMULATED[:6]  # those with kernel primitives (a predicate-only pattern runs on the reference)
 
 
 @pytest.mark.parametrize("pattern,lengths", SIMULATED, ids=_sim_id)
@@ -176,7 +179,7 @@ def test_pieces_reference(pattern, lengths, one_thread):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("pattern,lengths", SIMULATED[:4], ids=_sim_id)
+@pytest.mark.parametrize("pattern,lengths", KERNEL_CASES, ids=_sim_id)
 def test_pieces_kernels(pattern, lengths):
     """The kernels (forward, backward) take the shifted and packed patterns of the pieces like any other."""
     errs = _simulate(pattern, lengths, d=16, dtype=torch.float32, backend="triton")
