@@ -36,8 +36,9 @@ def _decode_kernel(
 
     ``POSITIONS``: slot positions come from ``KPOS`` (``-1`` empty) and query positions from ``QPOS``;
     else the prefill layout: slot ``j`` of row ``b`` holds position ``j - k_shift[b]`` (when below
-    ``k_len[b]``) and query ``i`` sits at ``q_offset - k_shift[b] + i``; then tiles that no row can see
-    (outside the window span, the globals and the random blocks) are skipped.
+    ``k_len[b]``) and query ``i`` sits at ``q_offset - k_shift[b] + i``. Either way, tiles that no row can
+    see (outside the window span, the globals and the random blocks; with positions, also tiles of
+    empty slots) are skipped before their keys and values are loaded.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -65,7 +66,7 @@ def _decode_kernel(
         else:  # queries past the keys are real rows: they see every key their pattern allows
             qp = tl.where(row_ok, qp, -1)
         k_lim = k_len
-    # the span of positions any row here may see through its window (POSITIONS: every slot)
+    # the span of positions any row here may see through its window (and the global prefix, below G)
     q_min = tl.min(tl.where(qp >= 0, qp, 2**30), 0)
     q_max = tl.max(qp, 0)
     if KIND & 1:
@@ -95,8 +96,14 @@ def _decode_kernel(
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     for start in range(n0, n1, BLOCK_N):
+        kn = start + offs_n
+        k_ok = kn < n1
         if POSITIONS:
-            hit = True
+            # only the positions are read first: a tile of empty slots, or of positions outside every row's
+            # span and the globals, costs no K/V traffic (a static cache's unused slots, a long full history)
+            kp = tl.load(KPOS + b * stride_kpb + kn, mask=k_ok, other=-1)
+            near = (kp >= 0) & (((kp >= span_lo) & (kp <= span_hi)) | (kp < G))
+            hit = tl.max(near.to(tl.int32), 0) > 0
         else:
             p0 = start - k_shift  # position of the tile's first slot
             hit = ((p0 + BLOCK_N > span_lo) & (p0 <= span_hi)) | (p0 < G)
@@ -105,11 +112,7 @@ def _decode_kernel(
                     rb = tl.load(rb_base + j, mask=qp >= 0, other=-1)
                     hit |= tl.max(((rb >= 0) & (rb * BLK < p0 + BLOCK_N) & (rb * BLK + BLK > p0)).to(tl.int32), 0) > 0
         if hit:
-            kn = start + offs_n
-            k_ok = kn < n1
-            if POSITIONS:
-                kp = tl.load(KPOS + b * stride_kpb + kn, mask=k_ok, other=-1)
-            else:
+            if not POSITIONS:
                 kp = tl.where(k_ok, kn - k_shift, -1)
             k = tl.load(k_base + kn[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                         mask=k_ok[None, :] & d_ok[:, None], other=0.0)

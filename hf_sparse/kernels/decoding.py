@@ -25,7 +25,10 @@ def _programs_to_fill(device: torch.device) -> int:
 def _decode(q, k, v, pattern: Pattern, *, scale: float, softcap: float, q_pos=None, k_pos=None, k_shift=None,
             k_len=None, q_offset: int = 0, layer: int = 0):
     """Launch the decode kernel and its combine: ``(out, lse)``. Positions from ``q_pos``/``k_pos`` when
-    given, else the prefill layout (``q_offset``, padding via ``k_shift``/``k_len``)."""
+    given, else the prefill layout (``q_offset``, padding via ``k_shift``/``k_len``). Under
+    ``torch.compile`` the positions form runs as one custom op (:func:`_decode_positions_op`)."""
+    if q_pos is not None and torch.compiler.is_compiling():
+        return _decode_positions_op(q, k, v, q_pos, k_pos, pattern.spec(), scale, softcap)
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -70,6 +73,22 @@ def _decode(q, k, v, pattern: Pattern, *, scale: float, softcap: float, q_pos=No
         num_warps=1 if interpret else 4,
     )
     return out, lse
+
+
+@torch.library.custom_op("hf_sparse::decode_positions", mutates_args=())
+def _decode_positions_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                         pattern: str, scale: float, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode kernel by positions as an opaque op for ``torch.compile``: dynamo does not trace the host
+    launcher, and a CUDA graph replays its two launches (everything host-side -- the plan, the per-head
+    table, the grid -- is decided when the graph is captured; nothing is built per step)."""
+    from ..ops import _pattern_from_spec
+
+    return _decode(q, k, v, _pattern_from_spec(pattern), scale=scale, softcap=softcap, q_pos=q_pos, k_pos=k_pos)
+
+
+@_decode_positions_op.register_fake
+def _(q, k, v, q_pos, k_pos, pattern, scale, softcap):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 def decode_forward(q, k, v, q_pos, k_pos, pattern: Pattern, *, scale: float, softcap: float = 0.0,
