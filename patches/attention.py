@@ -45,7 +45,7 @@ from hf_sparse.ops import BACKENDS, sparse_attention
 from hf_sparse.patterns import Pattern
 
 from ._compat import ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS, attentions_requested, eager_attention_for
-from .cache import WINDOW_LAYER_ATTR, window_layer_fits
+from .cache import WINDOW_LAYER_ATTR, GroupedInputs, window_layer_fits
 from .masks import attention_with_holes, attention_with_weights, custom_mask, has_holes, key_padding_mask
 from .options import ATTN_NAME, SparseOptions, options_of
 from .packing import forget_layout, packed_attention, packed_layout
@@ -188,10 +188,10 @@ def _bounded_cache_inputs(module: torch.nn.Module, key: torch.Tensor, pattern: P
     inputs = window_layer.take_attention_inputs()
     if inputs is None:
         return None
-    if inputs.keys is not key and tuple(inputs.k_pos.shape) != (key.shape[0], key.shape[2]):
+    if not inputs.matches(key):
         raise RuntimeError(
-            f"hf_sparse layer {module.layer_idx}: its bounded cache returned {inputs.k_pos.shape[1]} key slots but the "
-            f"attention got {key.shape[2]} keys; the modeling code changed the keys between cache.update and attention"
+            f"hf_sparse layer {module.layer_idx}: its bounded cache returned other keys than the {tuple(key.shape)} "
+            "the attention got; the modeling code changed the keys between cache.update and attention"
         )
     return inputs
 
@@ -238,13 +238,18 @@ def hf_sparse_attention(
         )
     if scaling is None:
         scaling = getattr(module, "scaling", None)
+    group = kwargs.pop(_GROUP, None)  # one group of KV heads of a per-head cache: its rule and keys
+    pattern = opts.pattern_for(layer) if group is None else group.pattern
     # the distance cap acts once a query may stand past it: a host-side bound of the positions, found before
     # the cache inputs are taken and handed on to nested calls of this function (a per-head cache's groups)
     bound = kwargs.pop(_POSITION_BOUND, None)
     bound = position_bound(module, skv) if bound is None else bound
     kwargs[_POSITION_BOUND] = bound
-    pattern, capped = cap_pattern(opts.pattern_for(layer), key.shape[1], bound)
-    bounded = _bounded_cache_inputs(module, key, pattern)
+    pattern, capped = cap_pattern(pattern, key.shape[1], bound)
+    bounded = _bounded_cache_inputs(module, key, pattern) if group is None else group.inputs
+    if isinstance(bounded, GroupedInputs):
+        return _attend_groups(module, query, bounded, attention_mask, dropout=dropout, scaling=scaling,
+                              sliding_window=sliding_window, softcap=softcap, **kwargs), None
     if padding is not None and bounded is None:
         _check_history(padding, skv, layer)
     wants_weights = attentions_requested()
@@ -304,8 +309,31 @@ def _check_history(padding: torch.Tensor, keys: int, layer: int) -> None:
         )
 
 
+_GROUP = "_hf_sparse_head_group"
+
+
+def _attend_groups(module, query, grouped: GroupedInputs, attention_mask, **kwargs) -> torch.Tensor:
+    """A per-head cache layer (:class:`~hf_sparse.patches.cache.HeadGroupsLayer`): each group of KV heads
+    attends with its own keys and rule, through :func:`hf_sparse_attention`; outputs joined in head order."""
+    kv_heads = grouped.keys.shape[1]
+    outs = []
+    for group in grouped.groups:
+        out, weights = hf_sparse_attention(module, grouped.queries(query, group, kv_heads), group.keys, group.values,
+                                           attention_mask, **kwargs, **{_GROUP: group})
+        if weights is not None:
+            raise NotImplementedError(
+                f"hf_sparse layer {module.layer_idx}: attention weights of a per-head cache (its groups hold "
+                "different keys) are not supported; pass a full-history DynamicCache() to get them"
+            )
+        outs.append(out)
+    return grouped.join(outs, kv_heads)
+
+
 def _padding_leads(q_pos: torch.Tensor) -> bool:
-    """Whether every row's padding queries (position -1) come before its real ones (one host sync)."""
+    """Whether every row's padding queries (position -1) come before its real ones (one host sync; while
+    tracing for torch.compile: False, the positions path needs no sync)."""
+    if torch.compiler.is_compiling():
+        return False
     real = q_pos >= 0
     return bool((real[:, 1:] >= real[:, :-1]).all())
 

@@ -38,9 +38,17 @@ forward pre-hook (:mod:`hf_sparse.patches.history`) hands to the layer before ea
 mask every token is real. RoPE is whatever the model applied: keys are stored after it, queries arrive
 with it, so positions stay absolute.
 
+Per-head plans (``patch_model(..., head_patterns=...)``): the KV heads of a layer are grouped by what
+their pattern keeps (:func:`head_groups`; a dense head keeps everything, a window head its window),
+and a :class:`HeadGroupsLayer` gives each group its own layer over its heads only, so one dense head
+no longer makes the whole layer keep its history; the attention runs once per group (not per head)
+and the outputs are joined in head order. A layer whose heads all keep the same uses one plain layer.
+
+Static forms (fixed shapes for ``torch.compile`` / CUDA graphs): :mod:`hf_sparse.patches.static_cache`.
+
 Limits: no ``crop`` (assisted/speculative decoding needs to roll back: use a full-history
-``DynamicCache()``), no offloading, no static shapes (``torch.compile`` of the decode step), in-place
-writes (inference only: autograd through a cached decode step is not supported).
+``DynamicCache()``), no offloading, in-place writes (inference only: autograd through a cached decode
+step is not supported).
 
 Using it: ``generate`` gets it by default after :func:`~hf_sparse.patches.patch_model` (the model's
 ``_prepare_cache_for_generation`` is wrapped, see :mod:`hf_sparse.patches.model`); a user can pass
@@ -50,17 +58,19 @@ Using it: ``generate`` gets it by default after :func:`~hf_sparse.patches.patch_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
 
-from hf_sparse.patterns import Pattern
+from hf_sparse.patterns import Pattern, PerHead
 
 from .options import options_of
 
-__all__ = ["SparseWindowLayer", "SparseCache", "AttentionInputs", "cache_layer_for", "install_sparse_layers",
-           "cache_bytes", "generated_cache", "window_layer_fits", "WINDOW_LAYER_ATTR"]
+__all__ = ["PositionedLayer", "SparseWindowLayer", "HeadGroupsLayer", "SparseCache", "AttentionInputs",
+           "GroupedInputs", "HeadGroup", "head_groups", "cache_layer_for", "install_sparse_layers", "cache_bytes",
+           "generated_cache", "window_layer_fits", "ring_slots", "new_positions", "write_slots", "kv_heads_of",
+           "WINDOW_LAYER_ATTR"]
 
 _GROW = 256  # the buffers grow in steps of this many slots, up to sinks + window
 
@@ -72,15 +82,112 @@ WINDOW_LAYER_ATTR = "_hf_sparse_window_layer"
 
 @dataclass
 class AttentionInputs:
-    """What the attention function needs from the last :meth:`SparseWindowLayer.update`."""
+    """What the attention function needs from the last update of a :class:`PositionedLayer`."""
 
     keys: torch.Tensor  # the key tensor update returned (identity check against what the attention got)
     q_pos: torch.Tensor  # [B, Tq] positions of the new tokens, -1 = padding
     k_pos: torch.Tensor  # [B, Tk] positions of the returned key slots, -1 = empty
     prefix: bool  # the keys are exactly the new tokens (prefill on an empty cache): the kernels can run
 
+    def matches(self, key: torch.Tensor) -> bool:
+        """Whether ``key`` (what the attention got) is what the update returned."""
+        return self.keys is key or tuple(self.k_pos.shape) == (key.shape[0], key.shape[2])
 
-class SparseWindowLayer(CacheLayerMixin):
+
+# ---------------------------------------------------------------------------------------------
+# slots and positions, shared by the dynamic and the static layers
+def ring_slots(pos: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """The slot of each position in a sinks + ring layout: ``p`` for ``p < sinks``, else
+    ``sinks + (p - sinks) % window`` (``pos`` must be ``>= 0``)."""
+    return torch.where(pos < sinks, pos, sinks + (pos - sinks).remainder(window))
+
+
+def new_positions(real_counts: torch.Tensor, real_new: torch.Tensor | None, q: int) -> torch.Tensor:
+    """``[B, q]`` positions of ``q`` new tokens after ``real_counts [B]`` real ones (``-1`` where
+    ``real_new [B, q]`` marks padding; ``None``: every new token is real)."""
+    base = real_counts.view(-1, 1)
+    if real_new is None:
+        return base + torch.arange(q, device=real_counts.device).view(1, q)
+    real = real_new.to(device=real_counts.device, dtype=torch.bool)
+    return (base + real.long().cumsum(1) - 1).masked_fill(~real, -1)
+
+
+def write_slots(k_buf, v_buf, pos_buf, k_new, v_new, q_pos, slot, sink: int) -> None:
+    """Write new tokens into their slots of ``[B, H, S, D]`` buffers (``pos_buf [B, S]`` gets their
+    positions); tokens whose ``slot`` is ``sink`` are dropped (written to that slot, whose position
+    stays ``-1``). The kept tokens' slots must be distinct."""
+    b, q = slot.shape
+    if q <= sink:
+        # a few tokens (decode, chunks): write each into its slot; only the sink slot is written several times
+        rows = torch.arange(b, device=slot.device).view(-1, 1).expand_as(slot)
+        k_buf[rows, :, slot] = k_new.transpose(1, 2).to(k_buf.dtype)
+        v_buf[rows, :, slot] = v_new.transpose(1, 2).to(v_buf.dtype)
+        pos_buf[rows, slot] = torch.where(slot == sink, -1, q_pos)
+        return
+    # a long prompt: most tokens would go to the sink slot, so gather the kept ones per slot instead
+    # (the racing writes to the sink are then one integer per token, not a key and a value)
+    src = torch.full((b, sink + 1), -1, dtype=torch.long, device=slot.device)
+    src.scatter_(1, slot, torch.arange(q, device=slot.device).view(1, q).expand(b, q))
+    src = src[:, :sink]
+    has, idx = src >= 0, src.clamp_min(0)
+    for buf, new in ((k_buf, k_new), (v_buf, v_new)):
+        h, d = buf.shape[1], buf.shape[-1]
+        got = new.gather(2, idx.view(b, 1, sink, 1).expand(b, h, sink, d)).to(buf.dtype)
+        buf[:, :, :sink] = torch.where(has.view(b, 1, sink, 1), got, buf[:, :, :sink])
+    pos_buf[:, :sink] = torch.where(has, q_pos.gather(1, idx), pos_buf[:, :sink])
+
+
+class PositionedLayer(CacheLayerMixin):
+    """Base of the cache layers whose key slots carry positions.
+
+    Before each update the forward pre-hook (:mod:`hf_sparse.patches.history`) hands the layer the 2D
+    padding mask of the forward (:meth:`prepare`); after the update the attention function takes what
+    it needs to know about the returned keys (:meth:`take_attention_inputs`).
+    """
+
+    is_sliding = False  # the masks are sized like a full layer's (get_mask_sizes)
+    is_croppable = False
+    _padding: torch.Tensor | None = None
+    _attention = None
+
+    def prepare(self, padding: torch.Tensor | None) -> None:
+        """The ``[B, past + q]`` (or, for static caches, ``[B, >= q]``) padding mask of this forward, or None."""
+        self._padding = padding
+        self._attention = None
+
+    def take_attention_inputs(self):
+        inputs, self._attention = self._attention, None
+        return inputs
+
+    def offload(self):
+        raise NotImplementedError(f"hf_sparse: {type(self).__name__} does not support offloading")
+
+    def prefetch(self):
+        raise NotImplementedError(f"hf_sparse: {type(self).__name__} does not support offloading")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove == 0:
+            return
+        raise NotImplementedError(
+            f"hf_sparse: a sparse cache layer ({type(self).__name__}) drops old tokens and cannot be rolled back, which "
+            "assisted/speculative decoding needs; pass a full-history cache instead (past_key_values=DynamicCache())"
+        )
+
+    def nbytes(self) -> int:
+        """Bytes this layer holds for keys, values and positions (allocated capacity included)."""
+        raise NotImplementedError
+
+    def position_bound(self) -> int:
+        """A host-side upper bound of every position stored or just added (no device sync; for a static
+        layer a constant, so a compiled step does not depend on it)."""
+        raise NotImplementedError
+
+    def fits(self, pattern: Pattern) -> bool:
+        """Whether this layer keeps every key that ``pattern`` lets a later query see."""
+        raise NotImplementedError
+
+
+class SparseWindowLayer(PositionedLayer):
     """One layer's cache for ``SlidingWindow(window)`` (``sinks=0``) or ``Longformer(window, sinks)``.
 
     Attributes after an update: ``keys``/``values`` ``[B, Hkv, S, D]`` and ``positions`` ``[B, S]``
@@ -88,9 +195,7 @@ class SparseWindowLayer(CacheLayerMixin):
     ``seen`` (tokens seen, padding included: what ``get_seq_length`` reports to ``generate``).
     """
 
-    is_sliding = False  # the masks are sized on the whole history (get_mask_sizes), like a full layer
     is_compileable = False
-    is_croppable = False
 
     def __init__(self, window: int, sinks: int = 0, kernel: bool | None = None, **kwargs):
         super().__init__()
@@ -128,11 +233,6 @@ class SparseWindowLayer(CacheLayerMixin):
         self._capacity = 0
         self._refresh_views(0)
         self.is_initialized = True
-
-    def prepare(self, padding: torch.Tensor | None) -> None:
-        """Called by the pre-hook before the layer's update: the ``[B, past + q]`` padding mask or None."""
-        self._padding = padding
-        self._attention = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -172,10 +272,6 @@ class SparseWindowLayer(CacheLayerMixin):
         self._attention = AttentionInputs(keys, q_pos, k_pos, prefix)
         return keys, values
 
-    def take_attention_inputs(self) -> AttentionInputs | None:
-        inputs, self._attention = self._attention, None
-        return inputs
-
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # The masks cover the whole history: the 2D padding mask is what patched layers read.
         return self.seen + query_length, 0
@@ -192,19 +288,15 @@ class SparseWindowLayer(CacheLayerMixin):
     def reset(self) -> None:
         self._clear()
 
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove == 0:
-            return
-        raise NotImplementedError(
-            "hf_sparse: a bounded sparse cache (SparseWindowLayer) drops old tokens and cannot be rolled back, which "
-            "assisted/speculative decoding needs; pass a full-history cache instead (past_key_values=DynamicCache())"
-        )
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self._k, self._v, self._pos) if t is not None)
 
-    def offload(self):
-        raise NotImplementedError("hf_sparse: SparseWindowLayer does not support offloading (it is already bounded)")
+    def position_bound(self) -> int:
+        return self.seen - 1
 
-    def prefetch(self):
-        raise NotImplementedError("hf_sparse: SparseWindowLayer does not support offloading (it is already bounded)")
+    def fits(self, pattern: Pattern) -> bool:
+        policy = pattern.cache_policy()
+        return policy is not None and self.window >= policy[1] and self.sinks >= policy[0]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -254,12 +346,7 @@ class SparseWindowLayer(CacheLayerMixin):
     def _new_positions(self, q: int, device: torch.device) -> torch.Tensor:
         """``[B, q]`` positions of the new tokens (real tokens counted per row), ``-1`` for padding."""
         padding = self._take_padding(q)
-        base = self.real_counts.view(-1, 1)
-        if padding is None:
-            return base + torch.arange(q, device=device).view(1, q)
-        new_real = padding[:, -q:].to(device=device, dtype=torch.bool)
-        pos = base + new_real.long().cumsum(1) - 1
-        return pos.masked_fill(~new_real, -1)
+        return new_positions(self.real_counts, None if padding is None else padding[:, -q:], q)
 
     def _grow(self, needed: int) -> None:
         if needed <= self._capacity:
@@ -281,32 +368,10 @@ class SparseWindowLayer(CacheLayerMixin):
         g, w = self.sinks, self.window
         used = min(self.max_slots, seen_after)  # no row has more real tokens than tokens seen
         self._grow(used)
-        sink = self._capacity
         keep = (q_pos >= 0) & ((q_pos < g) | (q_pos >= n_after.view(-1, 1) - w))
-        slot = torch.where(q_pos < g, q_pos, g + (q_pos - g).remainder(w))
-        slot = torch.where(keep, slot, torch.full_like(slot, sink))
-        b, q = slot.shape
-        if q <= self.max_slots:
-            # a few tokens (decode, chunks): write each into its slot. Kept positions are distinct mod W, so
-            # their slots are distinct; only the sink slot is written several times.
-            rows = torch.arange(b, device=slot.device).view(-1, 1).expand_as(slot)
-            self._k[rows, :, slot] = k_new.transpose(1, 2).to(self._k.dtype)
-            self._v[rows, :, slot] = v_new.transpose(1, 2).to(self._v.dtype)
-            self._pos[rows, slot] = q_pos
-        else:
-            # a long prompt: most tokens would go to the sink slot, so gather the kept ones per slot instead
-            # (the racing writes to the sink are then one integer per token, not a key and a value)
-            cap = self._capacity
-            src = torch.full((b, cap + 1), -1, dtype=torch.long, device=slot.device)
-            src.scatter_(1, slot, torch.arange(q, device=slot.device).view(1, q).expand(b, q))
-            src = src[:, :cap]
-            has, idx = src >= 0, src.clamp_min(0)
-            for buf, new in ((self._k, k_new), (self._v, v_new)):
-                h, d = buf.shape[1], buf.shape[-1]
-                got = new.gather(2, idx.view(b, 1, cap, 1).expand(b, h, cap, d)).to(buf.dtype)
-                buf[:, :, :cap] = torch.where(has.view(b, 1, cap, 1), got, buf[:, :, :cap])
-            self._pos[:, :cap] = torch.where(has, q_pos.gather(1, idx), self._pos[:, :cap])
-        self._pos[:, sink] = -1
+        # kept positions are distinct mod W (at most the last W), so their slots are distinct
+        slot = torch.where(keep, ring_slots(q_pos, g, w), self._capacity)
+        write_slots(self._k, self._v, self._pos, k_new, v_new, q_pos, slot, self._capacity)
         self._refresh_views(used)
         if mark_dead:
             self._mark_dead(n_after)
@@ -322,9 +387,219 @@ class SparseWindowLayer(CacheLayerMixin):
         return 0 if self.positions is None else int((self.positions >= 0).sum(1).max())
 
 
-def cache_layer_for(pattern: Pattern) -> CacheLayerMixin:
-    """The cache layer a patched layer gets, from :meth:`~hf_sparse.Pattern.cache_policy`: bounded (sinks and
-    a window) when later queries see only those, else the full history."""
+# ---------------------------------------------------------------------------------------------
+# per-head groups
+@dataclass
+class HeadGroup:
+    """The keys of some KV heads of a layer, as their own cache layer returned them."""
+
+    kv_heads: tuple[int, ...]  # the layer's KV heads in this group, ascending
+    pattern: Pattern  # their rule, with the group's heads numbered from 0
+    keys: torch.Tensor
+    values: torch.Tensor
+    inputs: AttentionInputs | None  # None: a full-history layer (slot = token, padding included)
+
+
+@dataclass
+class GroupedInputs:
+    """What the attention function needs from a :class:`HeadGroupsLayer` update: one entry per group,
+    and how query heads map to them (``group_size = Hq // Hkv`` query heads per KV head)."""
+
+    keys: torch.Tensor
+    groups: list[HeadGroup] = field(default_factory=list)
+
+    def matches(self, key: torch.Tensor) -> bool:
+        return self.keys is key or tuple(self.keys.shape) == tuple(key.shape)
+
+    @staticmethod
+    def _runs(heads: tuple[int, ...]) -> list[tuple[int, int]]:
+        """Contiguous runs ``[start, stop)`` of ascending head indices."""
+        runs, start = [], heads[0]
+        for a, b in zip(heads, heads[1:] + (None,)):
+            if b != a + 1:
+                runs.append((start, a + 1))
+                start = b
+        return runs
+
+    def queries(self, query: torch.Tensor, group: HeadGroup, kv_heads: int) -> torch.Tensor:
+        """The query heads ``[B, Hq_g, Tq, D]`` of ``group``'s KV heads (a view when they are contiguous)."""
+        per = query.shape[1] // kv_heads
+        parts = [query[:, a * per : b * per] for a, b in self._runs(group.kv_heads)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    def join(self, outputs: list[torch.Tensor], kv_heads: int) -> torch.Tensor:
+        """The groups' outputs ``[B, Tq, Hq_g, D]`` joined in head order into ``[B, Tq, Hq, D]``."""
+        pieces = []
+        for group, out in zip(self.groups, outputs):
+            per = out.shape[2] // len(group.kv_heads)
+            at = 0
+            for a, b in self._runs(group.kv_heads):
+                pieces.append((a, out[:, :, at : at + (b - a) * per]))
+                at += (b - a) * per
+        pieces.sort(key=lambda p: p[0])
+        return torch.cat([p for _, p in pieces], 2).contiguous()
+
+
+def _depends_on_head(pattern: Pattern) -> bool:
+    """True when a head's rule may depend on its index (extra random blocks are drawn per KV head), or is
+    unknown (a predicate-only pattern): such a head cannot be renumbered inside a group."""
+    prims = pattern.primitives()
+    return prims is None or bool(prims.random_blocks)
+
+
+def head_groups(pattern: Pattern, kv_heads: int) -> list[tuple[tuple[int, ...], Pattern]]:
+    """The KV heads of a layer grouped by what their pattern keeps (:meth:`~hf_sparse.Pattern.cache_policy`),
+    each group with its rule (heads numbered from 0 inside the group), in order of first head.
+
+    A pattern that does not differ per head, or a plan whose heads all keep the same, is one group. So is
+    a plan with a head whose rule depends on its index (BigBird's random blocks): it keeps the layer's
+    longest policy for every head, as a layer without groups does.
+    """
+    every = tuple(range(kv_heads))
+    pattern_of = getattr(pattern, "pattern_of", None)
+    if not pattern.per_head or pattern_of is None:
+        return [(every, pattern)]
+    pats = [pattern_of(h) for h in every]
+    by_policy: dict = {}
+    for h, p in enumerate(pats):
+        by_policy.setdefault(p.cache_policy(), []).append(h)
+    if len(by_policy) == 1 or any(_depends_on_head(p) for p in pats):
+        return [(every, pattern)]
+    groups = []
+    for heads in by_policy.values():
+        first = pats[heads[0]]
+        others = tuple((i, pats[h]) for i, h in enumerate(heads) if pats[h] != first)
+        groups.append((tuple(heads), PerHead(first, others) if others else first))
+    return sorted(groups, key=lambda g: g[0][0])
+
+
+class HeadGroupsLayer(PositionedLayer):
+    """One layer's cache kept per group of KV heads (:func:`head_groups`): each group is a cache layer
+    of its own over its heads only (bounded for window heads, full history for dense ones).
+
+    ``update`` splits the new keys by group, updates each group's layer and returns the new keys
+    themselves; the attention function reads each group's keys from :meth:`take_attention_inputs`
+    (a :class:`GroupedInputs`) and runs once per group.
+    """
+
+    def __init__(self, groups: list[tuple[tuple[int, ...], Pattern, CacheLayerMixin]], kv_heads: int):
+        super().__init__()
+        covered = sorted(h for heads, _, _ in groups for h in heads)
+        if covered != list(range(kv_heads)):
+            raise ValueError(f"HeadGroupsLayer: the groups must cover KV heads 0..{kv_heads - 1} once each, got "
+                             f"{[heads for heads, _, _ in groups]}")
+        self.groups = groups
+        self.kv_heads = kv_heads
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{list(heads)}: {layer!r}" for heads, _, layer in self.groups)
+        return f"HeadGroupsLayer({inner})"
+
+    @property
+    def is_compileable(self) -> bool:  # type: ignore[override]
+        return all(layer.is_compileable for _, _, layer in self.groups)
+
+    @property
+    def layers(self) -> list[CacheLayerMixin]:
+        return [layer for _, _, layer in self.groups]
+
+    def _split(self, x: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
+        parts = [x[:, a:b] for a, b in GroupedInputs._runs(heads)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        for heads, _, layer in self.groups:
+            layer.lazy_initialization(self._split(key_states, heads), self._split(value_states, heads))
+        self.is_initialized = True
+
+    def prepare(self, padding: torch.Tensor | None) -> None:
+        super().prepare(padding)
+        for layer in self.layers:
+            if isinstance(layer, PositionedLayer):
+                layer.prepare(padding)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self._padding = None
+        parts = []
+        for heads, pattern, layer in self.groups:
+            keys, values = layer.update(self._split(key_states, heads), self._split(value_states, heads))
+            inputs = layer.take_attention_inputs() if isinstance(layer, PositionedLayer) else None
+            parts.append(HeadGroup(heads, pattern, keys, values, inputs))
+        self.is_initialized = True
+        self._attention = GroupedInputs(key_states, parts)
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.layers[0].get_mask_sizes(query_length)
+
+    def get_seq_length(self):
+        return self.layers[0].get_seq_length()
+
+    def get_max_length(self) -> int:
+        return self.layers[0].get_max_length()
+
+    def get_max_cache_shape(self) -> int:  # transformers 5.17 still calls it in places
+        return self.get_max_length()
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            super().crop(tokens_to_remove)  # raises: a bounded group cannot be rolled back
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for layer in self.layers:
+            layer.reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for layer in self.layers:
+            layer.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.batch_select_indices(indices)
+
+    def nbytes(self) -> int:
+        return sum(layer_bytes(layer) for layer in self.layers)
+
+    def position_bound(self) -> int:
+        layer = self.layers[0]
+        return layer.position_bound() if isinstance(layer, PositionedLayer) else layer.get_seq_length() - 1
+
+    def fits(self, pattern: Pattern) -> bool:
+        groups = head_groups(pattern, self.kv_heads)
+        return [g[0] for g in groups] == [g[0] for g in self.groups] and all(
+            _keeps(layer, p) for (_, p), (_, _, layer) in zip(groups, self.groups))
+
+    def live_tokens(self) -> list[int]:
+        """:meth:`SparseWindowLayer.live_tokens` of each group (the full history for full-history groups)."""
+        return [layer.live_tokens() if hasattr(layer, "live_tokens") else layer.get_seq_length()
+                for layer in self.layers]
+
+
+def _keeps(layer: CacheLayerMixin, pattern: Pattern) -> bool:
+    return layer.fits(pattern) if isinstance(layer, PositionedLayer) else not getattr(layer, "is_sliding", False)
+
+
+def window_layer_fits(layer: PositionedLayer, pattern: Pattern) -> bool:
+    """Whether ``layer`` keeps every key that ``pattern`` lets a later query see."""
+    return layer.fits(pattern)
+
+
+# ---------------------------------------------------------------------------------------------
+# building the layers
+def _text_config(config):
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def kv_heads_of(config) -> int:
+    text = _text_config(config)
+    return getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+
+
+def _one_layer(pattern: Pattern) -> CacheLayerMixin:
     policy = pattern.cache_policy()
     if policy is None:
         return DynamicLayer()
@@ -332,24 +607,31 @@ def cache_layer_for(pattern: Pattern) -> CacheLayerMixin:
     return SparseWindowLayer(window=window, sinks=sinks)
 
 
-def window_layer_fits(layer: SparseWindowLayer, pattern: Pattern) -> bool:
-    """Whether ``layer`` keeps every key that ``pattern`` lets a later query see."""
-    policy = pattern.cache_policy()
-    return policy is not None and layer.window >= policy[1] and layer.sinks >= policy[0]
+def cache_layer_for(pattern: Pattern, kv_heads: int = 1) -> CacheLayerMixin:
+    """The cache layer a patched layer gets, from :meth:`~hf_sparse.Pattern.cache_policy`: bounded (sinks and
+    a window) when later queries see only those, else the full history; per group of KV heads
+    (:class:`HeadGroupsLayer`) when the heads of a per-head plan keep different amounts."""
+    groups = head_groups(pattern, kv_heads)
+    if len(groups) == 1:
+        return _one_layer(pattern)
+    return HeadGroupsLayer([(heads, p, _one_layer(p)) for heads, p in groups], kv_heads)
 
 
 def _num_layers(config) -> int:
-    return config.get_text_config(decoder=True).num_hidden_layers
+    return _text_config(config).num_hidden_layers
 
 
-def install_sparse_layers(cache, config) -> None:
-    """Give the patched layers of an empty ``DynamicCache`` their :func:`cache_layer_for` layer, in place.
+def install_sparse_layers(cache, config, layer_for=None) -> None:
+    """Give the patched layers of an empty cache their :func:`cache_layer_for` layer, in place.
 
     Unpatched layers keep what the cache has (the model's own full or sliding layers). Raises if a
-    patched layer already holds tokens: a cache cannot be converted once filled.
+    patched layer already holds tokens: a cache cannot be converted once filled. ``layer_for(pattern,
+    kv_heads)``: another layer factory (the static one of :mod:`hf_sparse.patches.static_cache`).
     """
     opts = options_of(config)
     n = _num_layers(config)
+    kv_heads = kv_heads_of(config)
+    layer_for = layer_for or cache_layer_for
     layers = cache.layers
     replicate = getattr(cache, "layer_class_to_replicate", None) or DynamicLayer
     while len(layers) < n:  # a cache built without config grows lazily: materialise it
@@ -364,7 +646,7 @@ def install_sparse_layers(cache, config) -> None:
                 f"hf_sparse layer {i}: the cache already holds {held} tokens; a filled cache cannot be made sparse. "
                 "Create it before the first forward (SparseCache(model)) or let generate create it"
             )
-        layers[i] = cache_layer_for(opts.pattern_for(i))
+        layers[i] = layer_for(opts.pattern_for(i), kv_heads)
 
 
 class SparseCache(DynamicCache):
@@ -393,16 +675,18 @@ class SparseCache(DynamicCache):
         return cache_bytes(self)
 
 
+def layer_bytes(layer) -> int:
+    """Bytes one cache layer holds for keys and values (and positions; allocated capacity included)."""
+    if isinstance(layer, PositionedLayer):
+        return layer.nbytes()
+    tensors = (getattr(layer, "keys", None), getattr(layer, "values", None))
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 def cache_bytes(cache) -> int:
-    """Bytes held by the KV tensors of a transformers cache (buffers of bounded layers at full capacity)."""
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        tensors = (layer._k, layer._v, layer._pos) if isinstance(layer, SparseWindowLayer) else (
-            getattr(layer, "keys", None), getattr(layer, "values", None))
-        for t in tensors:
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+    """Bytes held by the KV tensors of a transformers cache: bounded layers at their full capacity, per-head
+    groups each at its own size, static layers as allocated."""
+    return sum(layer_bytes(layer) for layer in getattr(cache, "layers", []))
 
 
 def generated_cache(out):

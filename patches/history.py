@@ -13,16 +13,19 @@ depends on the same fields, so the config cannot be changed. Instead a forward p
 patched attention module looks at the cache it is about to update (``cache=`` in 5.24,
 ``past_key_values=`` in 5.17) and, before the layer's first update:
 
-* a :class:`~hf_sparse.patches.cache.SparseWindowLayer` (the bounded layer that ``generate`` and
-  :class:`~hf_sparse.patches.cache.SparseCache` give ``SlidingWindow`` / ``Longformer`` layers) gets
-  the 2D padding mask of this forward, from which it counts positions, and is remembered on the module
-  so that the attention function can read the positions of the slots it returned;
+* a layer whose slots carry positions (:class:`~hf_sparse.patches.cache.PositionedLayer`: the bounded
+  layer that ``generate`` and :class:`~hf_sparse.patches.cache.SparseCache` give ``SlidingWindow`` /
+  ``Longformer`` layers, the per-head groups, the static layers of
+  :class:`~hf_sparse.patches.static_cache.SparseStaticCache`) gets the 2D padding mask of this forward,
+  from which it counts positions, and is remembered on the module so that the attention function can
+  read the positions of the slots it returned;
 * a ``DynamicSlidingWindowLayer`` that has not dropped anything is swapped for a plain ``DynamicLayer``
   holding the same keys (full history: the cache the model's own forward builds, or a
   ``DynamicCache`` the user passes). The swap happens before the first ``update``. ``Cache.is_sliding``
   is computed from the layers, so transformers then sizes the masks of the remaining (unpatched)
   sliding layers on an unpatched layer. A sliding layer that already dropped keys cannot be repaired:
-  that raises. Static caches are not supported for patched layers (raise).
+  that raises. transformers' own ``StaticLayer`` raises too (its slots carry no positions): the static
+  form is :class:`~hf_sparse.patches.static_cache.SparseStaticCache`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, St
 
 from ._compat import cache_of
 from .attention import HybridMask
-from .cache import WINDOW_LAYER_ATTR, SparseWindowLayer
+from .cache import WINDOW_LAYER_ATTR, PositionedLayer
 
 __all__ = ["ensure_full_history", "full_history_pre_hook", "add_history_hook", "remove_history_hook"]
 
@@ -47,8 +50,9 @@ def ensure_full_history(cache, layer_idx: int) -> None:
     if not getattr(layer, "is_sliding", False):
         if isinstance(layer, StaticLayer):
             raise NotImplementedError(
-                f"hf_sparse layer {layer_idx}: static caches are not supported by patched layers yet; use the "
-                "default dynamic cache (generate(..., cache_implementation=None))"
+                f"hf_sparse layer {layer_idx}: transformers' StaticCache keeps plain slots, which patched layers "
+                "cannot read; pass hf_sparse.patches.SparseStaticCache(model, max_cache_len=...) or let generate build "
+                "one (cache_implementation='static')"
             )
         return
     if not isinstance(layer, DynamicSlidingWindowLayer):
@@ -82,7 +86,7 @@ def full_history_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict):
         return None
     ensure_full_history(cache, module.layer_idx)
     layer = _cache_layer(cache, module.layer_idx)
-    if isinstance(layer, SparseWindowLayer):
+    if isinstance(layer, PositionedLayer):
         mask = kwargs.get("attention_mask")
         padding = mask.padding if isinstance(mask, HybridMask) else mask
         # anything but a 2D mask is refused by the attention function with its own message

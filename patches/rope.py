@@ -27,6 +27,7 @@ import torch
 
 from hf_sparse.cap import cap_acts, head_caps, uncapped
 from hf_sparse.patterns import Pattern
+from hf_sparse.patterns.base import declares_cap
 
 from .cache import WINDOW_LAYER_ATTR
 
@@ -99,16 +100,19 @@ def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torc
 def cap_pattern(pattern: Pattern, kv_heads: int, max_position: int) -> tuple[Pattern, bool]:
     """``(pattern to run, whether the cap acts)`` for queries at positions up to ``max_position`` (a host-side
     bound): while no query stands past a cap, the pattern runs uncapped (no rotation, one pass)."""
+    if not declares_cap(pattern):  # nothing to drop: no rebuilt pattern (a per-head plan's, inside a trace)
+        return pattern, False
     if cap_acts(pattern, kv_heads, max_position):
         return pattern, True
     return uncapped(pattern), False
 
 
 def position_bound(module: torch.nn.Module, keys: int) -> int:
-    """A host-side upper bound of the positions of this call's queries: the tokens its bounded cache layer has
-    seen (set by the forward pre-hook), else the key slots (positions never exceed slots)."""
+    """A host-side upper bound of the positions of this call's queries: its bounded cache layer's (set by the
+    forward pre-hook; a static layer's is a constant, so a compiled step does not branch on it), else the
+    key slots (positions never exceed slots)."""
     window_layer = module.__dict__.get(WINDOW_LAYER_ATTR)
-    return (window_layer.get_seq_length() if window_layer is not None else keys) - 1
+    return window_layer.position_bound() if window_layer is not None else keys - 1
 
 
 def query_positions(padding: torch.Tensor | None, queries: int, keys: int, device) -> torch.Tensor:

@@ -27,6 +27,7 @@ transformers = pytest.importorskip("transformers")
 from hf_models import cache_kwargs, left_padding, tiny, tokens  # noqa: E402
 from hf_sparse.patches import SparseCache, SparseWindowLayer, patch_model, unpatch_model  # noqa: E402
 from hf_sparse.patches.cache import cache_bytes, generated_cache  # noqa: E402
+from hf_sparse.patches.options import options_of  # noqa: E402
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer  # noqa: E402
 
 import hf_sparse.decode as decode_mod  # noqa: E402
@@ -127,40 +128,50 @@ def test_attention_with_positions_empty_rows_and_bad_inputs():
 
 # ---------------------------------------------------------------------------------------------
 # the bounded cache layer on its own
+class Feeder:
+    """Feeds random keys (values: the same) to a cache layer, as the pre-hook and the model do, and
+    remembers each row's keys by position (padding tokens have none)."""
+
+    def __init__(self, layer, batch: int = 2, heads: int = 2, dim: int = 4):
+        self.layer, self.b, self.h, self.d = layer, batch, heads, dim
+        self.keys_by_pos = [[] for _ in range(batch)]
+
+    def __call__(self, n_new: int, mask: torch.Tensor | None) -> torch.Tensor:
+        k = torch.randn(self.b, self.h, n_new, self.d)
+        self.layer.prepare(mask)
+        out_k, _ = self.layer.update(k, k.clone())
+        rows_real = torch.ones(self.b, n_new, dtype=torch.bool) if mask is None else mask[:, -n_new:]
+        for r in range(self.b):
+            self.keys_by_pos[r] += [k[r, :, i] for i in range(n_new) if rows_real[r, i]]
+        return out_k
+
+    def stored(self, row: int) -> list[int]:
+        """The positions the layer holds for ``row``, after checking that each slot holds its own key."""
+        layer = self.layer
+        assert int(layer.real_counts[row]) == len(self.keys_by_pos[row])
+        for slot, p in enumerate(layer.positions[row].tolist()):
+            if p >= 0:
+                torch.testing.assert_close(layer.keys[row, :, slot], self.keys_by_pos[row][p])
+        return sorted(p for p in layer.positions[row].tolist() if p >= 0)
+
+
 def test_window_layer_keeps_sinks_and_last_tokens_per_row():
     """Left padding puts each row's sinks at a different slot index; the layer keeps the first G real
     tokens and the last W - 1 of every row, with their own keys, after prefill, decode and a chunk."""
     layer = SparseWindowLayer(window=W, sinks=G)
-    b, h, d = 2, 2, 4
+    feed = Feeder(layer)
     lengths, prompt = [13, 5], 13
     real = left_padding(lengths, prompt).bool()
-    keys_by_pos = [[] for _ in range(b)]
-
-    def feed(n_new: int, mask: torch.Tensor | None):
-        k = torch.randn(b, h, n_new, d)
-        layer.prepare(mask)
-        out_k, _ = layer.update(k, k.clone())
-        rows_real = torch.ones(b, n_new, dtype=torch.bool) if mask is None else mask[:, -n_new:]
-        for r in range(b):
-            keys_by_pos[r] += [k[r, :, i] for i in range(n_new) if rows_real[r, i]]
-        return out_k
-
     out = feed(prompt, real)
     assert out.shape[-2] == prompt  # prefill returns the prompt's keys themselves
     for step in range(30):
-        feed(1, None if step % 2 else torch.cat([real, torch.ones(b, step + 1, dtype=torch.bool)], 1))
+        feed(1, None if step % 2 else torch.cat([real, torch.ones(2, step + 1, dtype=torch.bool)], 1))
     total = layer.seen
-    feed(5, torch.cat([real, torch.ones(b, total - prompt + 5, dtype=torch.bool)], 1))
+    feed(5, torch.cat([real, torch.ones(2, total - prompt + 5, dtype=torch.bool)], 1))
     assert layer.keys.shape[-2] <= W + G and layer.live_tokens() <= W - 1 + G
-    for r in range(b):
-        n = len(keys_by_pos[r])
-        assert int(layer.real_counts[r]) == n
-        expect = sorted(set(range(G)) | set(range(n - W + 1, n)))
-        got = sorted(p for p in layer.positions[r].tolist() if p >= 0)
-        assert got == expect
-        for slot, p in enumerate(layer.positions[r].tolist()):
-            if p >= 0:
-                torch.testing.assert_close(layer.keys[r, :, slot], keys_by_pos[r][p])
+    for r in range(2):
+        n = len(feed.keys_by_pos[r])
+        assert feed.stored(r) == sorted(set(range(G)) | set(range(n - W + 1, n)))
 
 
 def test_window_layer_refuses_crop_and_wrong_masks():
@@ -198,13 +209,16 @@ def test_generate_equals_recomputation_with_a_bounded_cache(model_type, name):
     ref = full_forward_logits(model, seq, mask)[:, prompt - 1 : -1]
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
     total = prompt + NEW - 1  # the last token is never fed back
-    for layer in cache.layers:
-        if name in BOUNDED:
-            assert isinstance(layer, SparseWindowLayer)
+    for i, layer in enumerate(cache.layers):
+        # "dense" on Mistral is the model's own window (5): bounded like a sliding window of 5
+        policy = options_of(model.config).pattern_for(i).cache_policy()
+        if policy is not None:
+            sinks, window = policy
+            assert isinstance(layer, SparseWindowLayer) and (layer.sinks, layer.window) == policy
             assert layer.get_seq_length() == total
-            assert layer.live_tokens() <= BOUNDED[name] and layer.keys.shape[-2] <= W + G
+            assert layer.live_tokens() <= window - 1 + sinks and layer.keys.shape[-2] <= window + sinks
         else:
-            assert type(layer) is DynamicLayer and layer.keys.shape[-2] == total
+            assert name not in BOUNDED and type(layer) is DynamicLayer and layer.keys.shape[-2] == total
 
 
 def test_gemma2_softcap_with_a_bounded_cache():

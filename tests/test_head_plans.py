@@ -88,16 +88,21 @@ def test_generate_with_a_plan_equals_recomputation(default, heads):
 
 
 def test_plan_cache_policy():
-    from hf_sparse.patches.cache import SparseCache, SparseWindowLayer
+    # each KV head keeps what its own pattern needs: a group per policy, each with its own layer
+    from hf_sparse.patches.cache import HeadGroupsLayer, SparseCache, SparseWindowLayer
+    from transformers.cache_utils import DynamicLayer
 
     model = patch_model(tiny("llama"), "sliding_window:window=6",
                         head_patterns={(0, 1): "longformer:window=4,global_tokens=3"}, backend="reference")
     cache = SparseCache(model)
-    assert isinstance(cache.layers[0], SparseWindowLayer) and (cache.layers[0].sinks, cache.layers[0].window) == (3, 6)
-    assert (cache.layers[1].sinks, cache.layers[1].window) == (0, 6)
+    groups = cache.layers[0].groups
+    assert isinstance(cache.layers[0], HeadGroupsLayer) and [g[0] for g in groups] == [(0,), (1,)]
+    assert [(g[2].sinks, g[2].window) for g in groups] == [(0, 6), (3, 4)]
+    assert isinstance(cache.layers[1], SparseWindowLayer) and (cache.layers[1].sinks, cache.layers[1].window) == (0, 6)
     model = patch_model(model, "sliding_window:window=6", head_patterns={(1, 0): "dense"}, backend="reference")
     cache = SparseCache(model)
-    assert isinstance(cache.layers[0], SparseWindowLayer) and not isinstance(cache.layers[1], SparseWindowLayer)
+    assert isinstance(cache.layers[0], SparseWindowLayer)
+    assert [type(g[2]) for g in cache.layers[1].groups] == [DynamicLayer, SparseWindowLayer]
 
 
 def test_plan_is_saved_and_restored(tmp_path):

@@ -26,9 +26,10 @@ transformers = pytest.importorskip("transformers")
 
 from hf_models import left_padding, tiny, tokens  # noqa: E402
 from hf_sparse.patches import ATTN_NAME, native_fields, patch_model, unpatch_model  # noqa: E402
-from hf_sparse.patches.cache import SparseWindowLayer, generated_cache  # noqa: E402
+from hf_sparse.patches.cache import HeadGroupsLayer, SparseWindowLayer, generated_cache  # noqa: E402
 from test_patches import assert_real_close, run  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers.cache_utils import DynamicLayer  # noqa: E402
 
 T = 40
 
@@ -71,9 +72,10 @@ def test_reload_with_hf_sparse_equals_the_patched_model(case, tmp_path):
     seq, scores, cache = _generate(loaded, ids, mask)
     assert torch.equal(seq, want_seq)
     torch.testing.assert_close(scores, want_scores, atol=1e-4, rtol=1e-4)
-    # the bounded cache of generate, as after patch_model: window and Longformer layers keep G + W slots
-    bounded = [isinstance(layer, SparseWindowLayer) for layer in cache.layers]
-    assert bounded == ([False, False] if "bigbird" in pattern else [False, True] if heads else [True, True])
+    # the bounded cache of generate, as after patch_model: window and Longformer layers keep G + W slots; the
+    # KV heads of a plan each keep what their own pattern does (a group per policy)
+    kinds = [type(layer) for layer in cache.layers]
+    assert kinds == [DynamicLayer if "bigbird" in pattern else HeadGroupsLayer if heads else SparseWindowLayer] * 2
 
     unpatch_model(loaded)  # back to the implementation the model had before it was patched
     assert loaded.config._attn_implementation == "eager" and not hasattr(loaded.config, "hf_sparse")
