@@ -104,6 +104,11 @@ def hf_sparse_mask(
             "hf_sparse: this model combines the causal mask with a custom mask function (or_mask_function / "
             "and_mask_function), which a sparse pattern cannot express"
         )
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and (
+            attention_mask.shape[-1] < kv_offset + kv_length):
+        # a static cache (more slots than tokens): patched layers read only the new tokens' columns, so the
+        # mask has one shape at every decode step
+        attention_mask = attention_mask[:, -q_length:]
     padding = key_padding_mask(attention_mask)
     if opts.all_layers:
         if isinstance(kv_offset, int) and kv_offset > 0:
@@ -111,11 +116,6 @@ def hf_sparse_mask(
                 f"hf_sparse: the cache dropped {kv_offset} of {kv_offset + kv_length - q_length} past keys (a "
                 "sliding-window cache layer); patched layers need every past key. Create the cache after patch_model "
                 "(or let generate or the first forward create it) so that patched layers keep every key"
-            )
-        if attention_mask is not None and attention_mask.shape[-1] < kv_offset + kv_length:
-            raise NotImplementedError(
-                f"hf_sparse: the cache has {kv_offset + kv_length} slots for {attention_mask.shape[-1]} tokens "
-                "(a static cache); patched layers support dynamic caches only for now (cache_implementation=None)"
             )
         return padding
 

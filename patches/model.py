@@ -15,7 +15,9 @@ Everything goes through transformers' registries (``AttentionInterface``, ``Atte
   ``Longformer``, full history for ``BigBird`` and ``Dense``. So ``generate`` uses a bounded cache by
   default; a cache the user passes is left as it is (pass ``SparseCache(model)`` for a bounded one).
   The method is private API of ``GenerationMixin``, with the same signature in 5.17 and 5.24; a model
-  without it keeps full-history caches in ``generate``.
+  without it keeps full-history caches in ``generate``. Likewise an instance-level
+  ``_prepare_static_cache``: ``cache_implementation="static"`` builds a
+  :class:`~hf_sparse.patches.static_cache.SparseStaticCache` (fixed shapes, compiled decode).
 
 Layers not in ``layers=`` keep the model's own attention, its sliding window included. ``"dense"`` is the
 model's own attention on patched layers too: where the config limits a layer to a sliding window
@@ -60,6 +62,7 @@ from .cache import install_sparse_layers
 from .history import add_history_hook, remove_history_hook
 from .options import layer_plans, native_windows, options_of
 from .rope import is_rotary, remember_model_rotary, remember_rotary
+from .static_cache import prepare_static_cache_for_generation
 
 __all__ = ["patch_model", "unpatch_model", "register", "check_backend_available", "native_fields",
            "on_module_registered", "install_load_hook", "SUPPORTED_MODEL_TYPES"]
@@ -190,6 +193,7 @@ def _undecorate(module: torch.nn.Module) -> None:
 
 
 _PREPARE_CACHE = "_prepare_cache_for_generation"
+_PREPARE_STATIC = "_prepare_static_cache"  # same signature in 5.17 and 5.25
 _CACHE_KWARGS = ("cache", "past_key_values")  # generate's name for the cache: 5.24, 5.17
 
 
@@ -212,10 +216,13 @@ def _prepare_sparse_cache_for_generation(self, generation_config, model_kwargs, 
 def _wrap_generate_cache(model) -> None:
     if hasattr(type(model), _PREPARE_CACHE):
         model.__dict__[_PREPARE_CACHE] = types.MethodType(_prepare_sparse_cache_for_generation, model)
+    if hasattr(type(model), _PREPARE_STATIC):  # cache_implementation="static": a SparseStaticCache
+        model.__dict__[_PREPARE_STATIC] = types.MethodType(prepare_static_cache_for_generation, model)
 
 
 def _unwrap_generate_cache(model) -> None:
     model.__dict__.pop(_PREPARE_CACHE, None)
+    model.__dict__.pop(_PREPARE_STATIC, None)
 
 
 # -- saving: the family's own fields where they state the pattern exactly ------------------------------

@@ -1,0 +1,317 @@
+"""Static (fixed-shape) bounded caches, per-KV-head caches and the compiled decode step.
+
+References, from the most to the least independent:
+
+* HF's own eager attention with an explicit per-layer, per-KV-head 4D mask from ``Pattern.allowed``
+  (``explicit_mask_logits`` of ``tests/test_patches.py``: the per-head dense oracle), on the final
+  sequence of a generation (teacher forcing), for the logits of every generated step;
+* ``generate(use_cache=False)``: recomputing the whole sequence at every step;
+* the dynamic :class:`SparseCache` (tokens and logits), for the static cache;
+* the eager decode step, for the same step compiled (``torch._dynamo.explain`` for graph breaks).
+
+Tiny models built from configs, float32, ``backend="reference"``, on the CPU (one test runs the
+Triton decode kernel in the interpreter). W = 8 and 40 new tokens: the ring wraps around many times.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from hf_models import cache_kwargs, left_padding, tiny, tokens  # noqa: E402
+from hf_sparse.patches import patch_model  # noqa: E402
+from hf_sparse.patches.cache import (  # noqa: E402
+    HeadGroupsLayer,
+    SparseWindowLayer,
+    cache_bytes,
+    head_groups,
+    layer_bytes,
+)
+from hf_sparse.patches.options import options_of  # noqa: E402
+from hf_sparse.patches.static_cache import SparseStaticCache, StaticWindowLayer  # noqa: E402
+from test_cache import NEW, PATTERNS, Feeder, G, W, generate  # noqa: E402
+from test_patches import explicit_mask_logits  # noqa: E402
+from transformers.cache_utils import DynamicLayer, StaticCache  # noqa: E402
+
+from hf_sparse import Dense, PerHead, SlidingWindow, parse_pattern  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Tiny tensors: one torch thread (see conftest)."""
+
+
+def full_mask(mask, seq):
+    return torch.cat([mask, torch.ones(seq.shape[0], seq.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
+
+
+def oracle_logits(base, layer_patterns, seq, mask, prompt):
+    """The per-head dense oracle's logits for the generated steps of ``seq``."""
+    return explicit_mask_logits(base, layer_patterns, seq, full_mask(mask, seq))[:, prompt - 1 : -1]
+
+
+def pointers(cache):
+    return [t.data_ptr() for layer in cache.layers for sub in getattr(layer, "layers", [layer])
+            for t in (sub.keys, sub.values, sub.positions, sub.real_counts)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the layer on its own
+def test_static_layer_keeps_sinks_and_window_in_place():
+    """Left padding, a prompt, decode steps and a chunk: each row holds its first G positions and (at
+    least) its last W - 1 with their own keys, in buffers that never move or change shape."""
+    layer = StaticWindowLayer(64, window=W, sinks=G)
+    feed = Feeder(layer)
+    lengths, prompt = [13, 5], 13
+    real = left_padding(lengths, prompt).bool()
+    assert feed(prompt, real).shape[-2] == prompt  # the prompt's own keys: the prefill kernels run on them
+    where = [layer.keys.data_ptr(), layer.positions.data_ptr(), layer.real_counts.data_ptr()]
+    for step in range(30):
+        out = feed(1, None if step % 2 else torch.cat([real, torch.ones(2, step + 1, dtype=torch.bool)], 1))
+        assert out is layer.keys and out.shape == (2, 2, G + W + 1, 4)
+    feed(5, torch.ones(2, 5, dtype=torch.bool))  # a chunk: only its own columns of the mask are read
+    assert [layer.keys.data_ptr(), layer.positions.data_ptr(), layer.real_counts.data_ptr()] == where
+    assert int(layer.get_seq_length()) == prompt + 35 and layer.live_tokens() == W - 1 + G
+    for r in range(2):
+        n = len(feed.keys_by_pos[r])
+        assert set(range(G)) | set(range(n - W + 1, n)) <= set(feed.stored(r)) <= set(range(G)) | set(range(n - W, n))
+
+
+def test_static_layer_and_cache_refuse_bad_input():
+    with pytest.raises(ValueError, match="window must be None"):
+        StaticWindowLayer(16, window=0)
+    with pytest.raises(ValueError, match="max_cache_len must be an integer"):
+        StaticWindowLayer(0)
+    layer = StaticWindowLayer(16, window=4)
+    layer.prepare(torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="last 1 columns are the new tokens"):
+        layer.update(torch.randn(1, 1, 1, 2), torch.randn(1, 1, 1, 2))
+    assert StaticWindowLayer(10, window=8, sinks=4).full  # sinks + window beyond the cache: every position kept
+    model = patch_model(tiny("llama"), PATTERNS["window"], layers=[1], backend="reference")
+    with pytest.raises(NotImplementedError, match="needs every layer patched"):
+        SparseStaticCache(model, max_cache_len=32)
+    with pytest.raises(ValueError, match="max_cache_len must be an integer >= 1"):
+        SparseStaticCache(patch_model(tiny("llama"), "dense", backend="reference"), max_cache_len=0)
+    with pytest.raises(ValueError, match="patched by hf_sparse.patch_model"):
+        SparseStaticCache(tiny("llama"), max_cache_len=32)
+
+
+def test_transformers_static_cache_is_refused_with_the_fix():
+    model = patch_model(tiny("llama"), PATTERNS["window"], backend="reference")
+    ids = tokens(1, 12)
+    with pytest.raises(NotImplementedError, match="SparseStaticCache"):
+        generate(model, ids, torch.ones_like(ids), new=3, **cache_kwargs(StaticCache(config=model.config,
+                                                                                     max_cache_len=32)))
+
+
+# ---------------------------------------------------------------------------------------------
+# generate with the static cache
+STATIC_CASES = [(m, n) for m in ("llama", "mistral") for n in PATTERNS]
+
+
+@pytest.mark.parametrize(("model_type", "name"), STATIC_CASES, ids=[f"{a}-{b}" for a, b in STATIC_CASES])
+def test_static_cache_equals_dynamic_cache(model_type, name):
+    """cache_implementation="static" builds a SparseStaticCache: across 40 steps (the ring wraps five times)
+    of a left-padded batch, the same tokens and logits as the dynamic SparseCache and the per-head dense
+    oracle; window layers hold G + W + 1 slots whatever the length."""
+    extra = {"sliding_window": 5} if model_type == "mistral" else {}
+    base = tiny(model_type, **extra)
+    model = patch_model(tiny(model_type, **extra), PATTERNS[name], backend="reference")
+    prompt = 36 if name == "bigbird" else 20
+    ids = tokens(2, prompt, seed=5)
+    mask = left_padding([prompt, prompt - 7], prompt)
+    seq, logits, cache = generate(model, ids, mask, cache_implementation="static")
+    seq_dyn, logits_dyn, _ = generate(model, ids, mask)
+    assert isinstance(cache, SparseStaticCache) and torch.equal(seq, seq_dyn)
+    torch.testing.assert_close(logits, logits_dyn, atol=1e-5, rtol=1e-5)
+    want = oracle_logits(base, {i: patch_plan(model, i) for i in range(2)}, seq, mask, prompt)
+    torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
+    total = prompt + NEW
+    for i, layer in enumerate(cache.layers):
+        assert isinstance(layer, StaticWindowLayer) and int(layer.get_seq_length()) == total - 1
+        # "dense" on Mistral is the model's own window (5); a full history is sized by generate to
+        # prompt + new - 1 (the last token is never fed back); + the write sink
+        policy = options_of(model.config).pattern_for(i).cache_policy()
+        assert layer.keys.shape[-2] == (total - 1 if policy is None else sum(policy)) + 1
+
+
+def test_static_cache_chunked_prefill_explicit_cache_and_reuse():
+    """An explicit SparseStaticCache, allocated up front: chunked prefill (prompt in chunks of 7, each over
+    the stored slots and the chunk) and decode equal recomputation, the buffers never move, and
+    cache_bytes is what was allocated."""
+    model = patch_model(tiny("llama"), PATTERNS["longformer"], backend="reference")
+    ids = tokens(2, 30, seed=5)
+    mask = left_padding([30, 13], 30)
+    cache = SparseStaticCache(model, max_cache_len=30 + 16, max_batch_size=2)
+    where = pointers(cache)
+    seq, logits, returned = generate(model, ids, mask, new=16, prefill_chunk_size=7, **cache_kwargs(cache))
+    seq_full, logits_full, _ = generate(model, ids, mask, new=16, use_cache=False)
+    assert returned is cache and pointers(cache) == where
+    assert torch.equal(seq, seq_full)
+    torch.testing.assert_close(logits, logits_full, atol=1e-4, rtol=1e-4)
+    per_layer = 2 * (2 * 2 * (G + W + 1) * 8 * 4) + 2 * (G + W + 1) * 8 + 2 * 8  # K, V; positions; counts
+    assert cache_bytes(cache) == 2 * per_layer
+    cache.reset()  # the same cache again, from scratch
+    seq_again, _, _ = generate(model, ids, mask, new=16, **cache_kwargs(cache))
+    assert torch.equal(seq_again, seq) and pointers(cache) == where
+
+
+def test_beam_search_with_the_static_cache():
+    model = patch_model(tiny("llama"), PATTERNS["window"], backend="reference")
+    ids = tokens(2, 20, seed=3)
+    mask = left_padding([20, 14], 20)
+    beams = generate(model, ids, mask, new=12, num_beams=3, cache_implementation="static")
+    beams_full = generate(model, ids, mask, new=12, num_beams=3, use_cache=False)
+    assert torch.equal(beams[0], beams_full[0])
+    torch.testing.assert_close(beams[1], beams_full[1], atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-KV-head caches
+HEADS = {(0, 0): "dense", (0, 2): "longformer:window=4,global_tokens=3", (1, 1): "dense"}
+BASE_HEADS = dict(num_attention_heads=8, num_key_value_heads=4)
+
+
+def test_head_groups_by_policy():
+    plan = PerHead(SlidingWindow(6), ((0, Dense()), (2, Dense()), (3, SlidingWindow(4))))
+    groups = head_groups(plan, 4)
+    assert [g[0] for g in groups] == [(0, 2), (1,), (3,)]
+    assert [g[1] for g in groups] == [Dense(), SlidingWindow(6), SlidingWindow(4)]
+    # heads numbered from 0 inside a group; one group when every head keeps the same
+    mixed = PerHead(SlidingWindow(6), ((1, parse_pattern("strided:stride=4,window=2")),))
+    assert head_groups(PerHead(SlidingWindow(6), ((0, SlidingWindow(6)),)), 2)[0][0] == (0, 1)
+    assert head_groups(PerHead(Dense(), ((1, mixed.pattern_of(1)),)), 3) == [
+        ((0, 1, 2), PerHead(Dense(), ((1, mixed.pattern_of(1)),)))]
+    # a head whose rule depends on its index (random blocks) keeps the layer in one group
+    bigbird = parse_pattern(PATTERNS["bigbird"])
+    assert len(head_groups(PerHead(SlidingWindow(6), ((1, bigbird),)), 2)) == 1
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_per_head_cache_equals_per_head_oracle(static):
+    """A dense head, a Longformer head and window heads in one layer, a dense head in the other: each
+    group keeps only what its heads' pattern can still see, and 40 generated steps of a left-padded
+    batch give the per-head dense oracle's logits and the recomputation's tokens."""
+    base = tiny("llama", **BASE_HEADS)
+    model = patch_model(tiny("llama", **BASE_HEADS), "sliding_window:window=6", head_patterns=HEADS,
+                        backend="reference")
+    ids = tokens(2, 20, seed=5)
+    mask = left_padding([20, 13], 20)
+    seq, logits, cache = generate(model, ids, mask, **({"cache_implementation": "static"} if static else {}))
+    seq_full, _, _ = generate(model, ids, mask, use_cache=False)
+    assert torch.equal(seq, seq_full)
+    layer_patterns = {i: patch_plan(model, i) for i in range(2)}
+    torch.testing.assert_close(logits, oracle_logits(base, layer_patterns, seq, mask, 20), atol=1e-4, rtol=1e-4)
+    first = cache.layers[0]
+    assert isinstance(first, HeadGroupsLayer) and [g[0] for g in first.groups] == [(0,), (1, 3), (2,)]
+    kinds = [type(sub) for sub in first.layers]
+    assert kinds == ([StaticWindowLayer] * 3 if static else [DynamicLayer, SparseWindowLayer, SparseWindowLayer])
+    # the cache's bytes are the groups' own: the dense head costs the full history, the others their window
+    total = 20 + NEW - 1
+    per_slot = 2 * 2 * 8 * 4 + 2 * 8  # K and V (batch 2, head dim 8, float32) per head, positions per group
+    dense, window, longformer = (layer_bytes(sub) for sub in first.layers)
+    assert dense >= 2 * 2 * 8 * 4 * total
+    assert window <= 2 * per_slot * (6 + 1) + 16 and longformer <= per_slot * (4 + 3 + 1) + 16
+    assert cache_bytes(cache) == sum(layer_bytes(layer) for layer in cache.layers)
+    assert cache_bytes(cache) < 0.5 * (2 * 4 * 2 * 2 * 8 * 4 * total)  # half of every head kept in full
+
+
+def patch_plan(model, layer: int):
+    return options_of(model.config).pattern_for(layer)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile of the decode step
+def _prefilled(spec, head_patterns=None, backend="reference", **model_kwargs):
+    model = patch_model(tiny("llama", **model_kwargs), spec, head_patterns=head_patterns, backend=backend)
+    ids = tokens(2, 20, seed=5)
+    mask = left_padding([20, 13], 20)
+    cache = SparseStaticCache(model, max_cache_len=64, max_batch_size=2)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache_kwargs(cache))
+    return model, cache, out.logits[:, -1].argmax(-1, keepdim=True), pos[:, -1:] + 1
+
+
+def _decode(forward, cache, token, pos, steps: int):
+    logits = []
+    with torch.no_grad():
+        for _ in range(steps):
+            out = forward(input_ids=token, position_ids=pos, use_cache=True, **cache_kwargs(cache)).logits[:, -1]
+            logits.append(out)
+            token, pos = out.argmax(-1, keepdim=True), pos + 1
+    return torch.stack(logits, 1)
+
+
+COMPILE_CASES = {
+    "window": (PATTERNS["window"], None),
+    "longformer": (PATTERNS["longformer"], None),
+    "dense": ("dense", None),
+    "per-head": ("sliding_window:window=6", {(0, 0): "dense", (1, 1): "sliding_window:window=3"}),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPILE_CASES))
+def test_static_decode_step_compiles_without_graph_breaks(name):
+    """A decode step over the static cache traces to one graph (no break in our code), and the compiled
+    step (aot_eager: no C++ compiler needed) gives the eager step's logits for 24 steps across the wrap."""
+    spec, heads = COMPILE_CASES[name]
+    model, cache, token, pos = _prefilled(spec, heads)
+    with torch.no_grad():
+        explain = torch._dynamo.explain(model.forward)(input_ids=token, position_ids=pos, use_cache=True,
+                                                       **cache_kwargs(cache))
+    assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+    model, cache, token, pos = _prefilled(spec, heads)
+    eager = _decode(model.forward, cache, token, pos, 24)
+    torch._dynamo.reset()
+    model, cache, token, pos = _prefilled(spec, heads)
+    compiled = _decode(torch.compile(model.forward, backend="aot_eager", fullgraph=True), cache, token, pos, 24)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (Triton on the CPU)")
+def test_compiled_decode_runs_the_kernel_as_one_op():
+    """backend="triton": the compiled step (one graph: fullgraph=True) calls the decode kernel through its
+    custom op, with the reference path's logits."""
+    pytest.importorskip("triton")
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model, cache, token, pos = _prefilled(PATTERNS["window"])  # the prefill on the reference: faster here
+    ref_model, ref_cache, _, _ = _prefilled(PATTERNS["window"])
+    patch_model(model, PATTERNS["window"], backend="triton")
+    compiled = _decode(torch.compile(model.forward, backend=recording, fullgraph=True), cache, token, pos, 4)
+    torch.testing.assert_close(compiled, _decode(ref_model.forward, ref_cache, token, pos, 4), atol=1e-4, rtol=1e-4)
+    ops = {n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+    assert len(graphs) == 1 and torch.ops.hf_sparse.decode_positions.default in ops
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (Triton on the CPU)")
+@pytest.mark.parametrize("spec", [PATTERNS["longformer"], "dense", "per_head[sliding_window:window=5;1=dense]"])
+def test_decode_kernel_skips_empty_and_distant_tiles_exactly(spec):
+    """Decode by positions over a mostly empty buffer (a static full-history cache early on) with stale
+    positions far outside the window: the kernel skips those tiles and gives the reference's output."""
+    pytest.importorskip("triton")
+    from hf_sparse.decode import attention_with_positions
+
+    g = torch.Generator().manual_seed(0)
+    b, hq, hkv, slots, d = 2, 4, 2, 150, 16
+    q = torch.randn(b, hq, 1, d, generator=g)
+    k = torch.randn(b, hkv, slots, d, generator=g)
+    v = torch.randn(b, hkv, slots, d, generator=g)
+    k_pos = torch.full((b, slots), -1)
+    k_pos[0, :40] = torch.arange(40)  # row 0: a full history of 40 tokens, the rest empty
+    k_pos[1, 3:7] = torch.tensor([0, 1, 2, 3])  # row 1: sinks, stale positions, then the recent ones
+    k_pos[1, 60:70] = torch.arange(200, 210)
+    k_pos[1, 120:130] = torch.arange(990, 1000)
+    q_pos = torch.tensor([[39], [999]])
+    out = attention_with_positions(q, k, v, spec, q_pos=q_pos, k_pos=k_pos, backend="triton")
+    ref = attention_with_positions(q, k, v, spec, q_pos=q_pos, k_pos=k_pos, backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
