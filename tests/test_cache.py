@@ -409,20 +409,30 @@ def test_bench_generate_smoke(tmp_path, capsys):
                               "--out", str(out)])
     assert rc == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert {r["impl"] for r in rows} == {"sdpa", "hf_sparse"}
+    assert [(r["impl"], r["cache"]) for r in rows[:4]] == [("sdpa", "dynamic"), ("sdpa_static", "static"),
+                                                           ("hf_sparse", "dynamic"), ("hf_sparse_static", "static")]
     assert {r["pattern"] for r in rows} == {"none", parse_pattern(PATTERNS["window"]).spec(),
                                             parse_pattern(PATTERNS["longformer"]).spec(), "dense:causal=true"}
     for r in rows:
         assert r["error"] is None, r
         assert r["prompt_len"] == 96 and r["new_tokens"] == 6 and r["ttft_s"] > 0 and r["decode_tok_s"] > 0
-    sparse = [r for r in rows if r["impl"] == "hf_sparse" and not r["pattern"].startswith("dense")]
+        assert r["step_ms_median"] > 0 and r["roof_tok_s"] > 0 and r["sdpa_backends"] == "flash,efficient,math"
+        # the static cache gives the eager path's greedy tokens (float32 on the CPU, where nothing compiles)
+        assert r["impl"] not in ("sdpa_static", "hf_sparse_static") or r["same_prefix_eager"] == 6, r
+    sparse = [r for r in rows if r["impl"].startswith("hf_sparse") and not r["pattern"].startswith("dense")]
     dense = [r for r in rows if r["impl"] == "sdpa"][0]
     assert all(r["cache_peak_gb"] < dense["cache_peak_gb"] for r in sparse)
     # the dense pattern is the unpatched attention: the same greedy tokens (float32), the same full cache
-    ours_dense = [r for r in rows if r["pattern"] == "dense:causal=true"][0]
+    ours_dense = [r for r in rows if r["pattern"] == "dense:causal=true" and r["impl"] == "hf_sparse"][0]
     assert ours_dense["same_prefix_sdpa"] == 6 and ours_dense["tokens_equal_sdpa"] == 1.0
     assert ours_dense["cache_peak_gb"] == dense["cache_peak_gb"]
     assert "decode tok/s" in capsys.readouterr().out
+    # a deadline already passed: every row is recorded as skipped
+    rc = bench_generate.main(["--device", "cpu", "--config", "tiny", "--prompt-lens", "96", "--new-tokens", "3",
+                              "--patterns", "dense", "--impls", "sdpa,hf_sparse", "--deadline-s", "1e-9",
+                              "--out", str(out)])
+    skipped = [json.loads(line) for line in out.read_text().splitlines()][len(rows):]
+    assert rc == 0 and len(skipped) == 2 and all(r["error"].startswith("skipped") for r in skipped)
 
 
 def test_generate_example_runs_and_bounds_the_cache(capsys):
