@@ -45,11 +45,15 @@ the measured call replays; ``compile_s`` is that warm-up's time). Measured, per 
 * ``text_sample`` (``smollm2``): the first 48 generated tokens, decoded.
 
 Attention backends of SDPA (unpatched rows): ``--sdpa-backends`` (default ``flash,efficient,math``)
-runs every call under ``torch.nn.attention.sdpa_kernel`` with those backends. PyTorch's own order
-(``--sdpa-backends default``) puts cuDNN first on H100/H200 with recent cuDNN, and cuDNN builds and
-caches one execution plan per key length: with a ``DynamicCache`` every decode step has a new key
-length, so every step pays a plan build on the host (tens of ms), which is what made the unpatched
-``sdpa`` rows of earlier runs decode at a third of flash attention's speed. Rows record the setting.
+runs every call under ``torch.nn.attention.sdpa_kernel`` with those backends. Recent PyTorch builds put
+cuDNN first on H100/H200 (``check_prefer_cudnn_attention`` in ``sdp_utils.cpp``, with a recent cuDNN),
+and cuDNN builds and caches one execution plan per problem shape, key length included: with a
+``DynamicCache`` every decode step has a new key length, so every step would pay a plan build on the
+host (tens of ms). That is the likely reason why the unpatched ``sdpa`` rows of earlier runs decoded at
+about a third of the speed measured elsewhere, flat over the prompt length. Rows record the setting,
+the backend PyTorch picks for a decode step with it (``sdpa_decode_backend``) and without it
+(``sdpa_decode_backend_default``), and the cuDNN version; ``--sdpa-backends default`` measures
+PyTorch's own choice.
 
 ``--deadline-s``: rows that would start after that many seconds are recorded as skipped (the run
 stays within a machine's time slot; the rows are ordered so that each length's unpatched rows come
@@ -228,6 +232,21 @@ def sdpa_backends(spec: str):
     return sdpa_kernel([names[n] for n in spec.split(",")])
 
 
+def sdpa_decode_backend(model, device: torch.device, dtype: torch.dtype) -> str | None:
+    """The SDPA backend PyTorch picks for one decode step of ``model`` (one query, 4096 keys, no mask, GQA)
+    under the backends enabled now (``torch._fused_sdp_choice``, private; None where it is missing)."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    q = torch.zeros(1, cfg.num_attention_heads, 1, head_dim, device=device, dtype=dtype)
+    k = torch.zeros(1, cfg.num_key_value_heads, 4096, head_dim, device=device, dtype=dtype)
+    try:
+        choice = int(torch._fused_sdp_choice(q, k, k, None, 0.0, False, scale=None,
+                                             enable_gqa=cfg.num_attention_heads != cfg.num_key_value_heads))
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+    return {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}.get(choice, str(choice))
+
+
 def _cases(impls: list[str], patterns: list[Pattern]) -> list[tuple[str, Pattern | None]]:
     """Rows of one prompt length: the unpatched ones first, then each pattern eager before static."""
     cases: list[tuple[str, Pattern | None]] = [(impl, None) for impl in ("sdpa", "sdpa_static") if impl in impls]
@@ -258,6 +277,13 @@ def run(args) -> list[dict[str, Any]]:
     print(f"{args.config}: {weights / 2**30:.2f} GiB of weights on {env['device_name']}; copy {copy_bw / 1e12:.2f} TB/s",
           flush=True)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # patterns x lengths
+    with sdpa_backends(args.sdpa_backends):
+        chosen = sdpa_decode_backend(model, device, dtype)
+    sdpa_probe = {"sdpa_decode_backend": chosen, "sdpa_decode_backend_default": sdpa_decode_backend(model, device, dtype),
+                  "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+    print(f"SDPA decode backend: {sdpa_probe['sdpa_decode_backend']} with --sdpa-backends {args.sdpa_backends}, "
+          f"{sdpa_probe['sdpa_decode_backend_default']} by PyTorch's own choice (cuDNN {sdpa_probe['cudnn']})",
+          flush=True)
     patterns = [parse_pattern(p) for p in args.patterns.split(";") if p.strip()]
     impls = [x.strip() for x in args.impls.split(",") if x.strip()]
     cases = _cases(impls, patterns)
@@ -281,7 +307,7 @@ def run(args) -> list[dict[str, Any]]:
                 "new_tokens": args.new_tokens, "batch": args.batch, "dtype": str(dtype).removeprefix("torch."),
                 "backend": args.backend if pattern is not None else None, "error": None,
                 "cache": "static" if static else "dynamic", "compiled": static and device.type == "cuda",
-                "sdpa_backends": args.sdpa_backends,
+                "sdpa_backends": args.sdpa_backends, **sdpa_probe,
             }
             res = None
             if args.deadline_s and time.monotonic() - started > args.deadline_s:
