@@ -110,10 +110,15 @@ def attention_case(name: str, group) -> dict:
     """Outputs and gradients of this rank's shard against the single-process reference on the whole sequence."""
     from hf_sparse import parallel, sparse_attention
 
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
     if name == "capped-refused":
         return _refused(group)
     base, _, how = name.partition(":")
+    if how == "mesh":  # the cp dimension of a 2 x 2 (dp, cp) DeviceMesh, as in data x context parallel training
+        from torch.distributed.device_mesh import init_device_mesh
+
+        group = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))["cp"]
+    pg = parallel.resolve_group(group)
+    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
     pattern, lengths = _attention_cases()[base]
     lengths = lengths[world]
     b, hq, hkv, d, layer, dtype = _SHAPES.get(base, _SHAPES["default"])
@@ -137,8 +142,9 @@ def attention_case(name: str, group) -> dict:
     return res
 
 
-def attention_case_names() -> list[str]:
-    return [*_attention_cases(), "lf7-g3:gathered", "capped-refused"]
+def attention_case_names(world: int) -> list[str]:
+    """The cases of one group size (the mesh case needs the 4 ranks of a 2 x 2 mesh)."""
+    return [*_attention_cases(), "lf7-g3:gathered", *(["bigbird-odd:mesh"] if world == 4 else []), "capped-refused"]
 
 
 def _refused(group) -> dict:

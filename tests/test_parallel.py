@@ -22,16 +22,17 @@ from hf_sparse.parallel.plan import shard_plan
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
 
+CASES = [(case, world) for world in (2, 4) for case in attention_case_names(world)]
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """Every attention case on 4 ranks and on a 2-rank subgroup, in one start of 4 processes:
     ``{"CASE@W": worst errors over the ranks}``."""
-    cases = [f"{c}@{w}" for w in (2, 4) for c in attention_case_names()]
-    return spawn(4, "attention_case", cases, tmp_path_factory.mktemp("parallel"))
+    return spawn(4, "attention_case", [f"{c}@{w}" for c, w in CASES], tmp_path_factory.mktemp("parallel"))
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("case", attention_case_names())
+@pytest.mark.parametrize("case,world", CASES, ids=[f"{c}-{w}" for c, w in CASES])
 def test_sharded_equals_whole(results, world, case):
     res = results[f"{case}@{world}"]
     assert "error" not in res, res.get("error")
