@@ -228,6 +228,7 @@ def _gather_shapes(q, k, v, group, world: int) -> tuple[int, ...]:
     return tuple(r[0] for r in rows)
 
 
+@torch.compiler.disable  # the exchange is host-driven: under torch.compile each call runs eagerly (a graph break)
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
