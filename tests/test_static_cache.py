@@ -315,3 +315,26 @@ def test_decode_kernel_skips_empty_and_distant_tiles_exactly(spec):
     out = attention_with_positions(q, k, v, spec, q_pos=q_pos, k_pos=k_pos, backend="triton")
     ref = attention_with_positions(q, k, v, spec, q_pos=q_pos, k_pos=k_pos, backend="reference")
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["window", "longformer"])
+def test_compiled_generate_on_cuda_replays_cuda_graphs(name):
+    """On CUDA, generate(cache_implementation="static") compiles the decode step itself (Inductor,
+    mode="reduce-overhead"): no CUDA-graph skip, no recompilation per step, and the greedy tokens and
+    logits of the same static cache run eagerly (float32)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = patch_model(tiny("llama", head_dim=64, hidden_size=128).cuda(), PATTERNS[name], backend="triton")
+    ids = tokens(2, 40).cuda()
+    mask = left_padding([40, 29], 40).cuda()
+    eager = generate(model, ids, mask, new=24, cache_implementation="static", disable_compile=True)
+    compiled = generate(model, ids, mask, new=24, cache_implementation="static")
+    assert torch.equal(compiled[0], eager[0])
+    torch.testing.assert_close(compiled[1], eager[1], atol=1e-3, rtol=1e-3)
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])  # the decode step, compiled once
