@@ -21,9 +21,11 @@ For each prompt length it runs, in one process and on one model, ``model.generat
   :class:`~hf_sparse.patches.static_cache.SparseStaticCache` (fixed-shape ring buffers), compiled like
   ``sdpa_static``.
 
-Each row first runs a short warm-up generation (a 256-token prompt; for the static rows with the
-same ``max_cache_len`` as the measured call, so that the compiled step and its CUDA graph are the ones
-the measured call replays; ``compile_s`` is that warm-up's time). Measured, per row:
+Each row first runs a short warm-up generation (a 256-token prompt). A static row passes one cache
+object, allocated for ``max_cache_len = prompt + new tokens``, to the warm-up and, after ``reset()``,
+to the measured call: the measured call replays the step compiled and the CUDA graph captured by the
+warm-up, on the same buffers (a new cache would move them, and the graph would be captured again
+during the measured call). ``compile_s`` is that warm-up's time. Measured, per row:
 
 * ``ttft_s``: from the call to the first logits (prefill + first token), synchronised;
 * ``decode_tok_s``: the other ``new_tokens - 1`` steps, tokens per second over the batch;
@@ -247,6 +249,26 @@ def sdpa_decode_backend(model, device: torch.device, dtype: torch.dtype) -> str 
     return {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}.get(choice, str(choice))
 
 
+def static_cache(model, impl: str, max_cache_len: int, batch: int):
+    """The cache of a static row, allocated once: transformers' ``StaticCache`` for ``sdpa_static``, a
+    :class:`~hf_sparse.patches.static_cache.SparseStaticCache` for ``hf_sparse_static``. ``generate``
+    compiles the decode step on CUDA for either, as for ``cache_implementation="static"``."""
+    if impl == "hf_sparse_static":
+        from hf_sparse.patches.static_cache import SparseStaticCache
+
+        return SparseStaticCache(model, max_cache_len=max_cache_len, max_batch_size=batch)
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=max_cache_len)
+
+
+def cache_argument(model) -> str:
+    """``generate``'s name for a cache object: ``cache`` (transformers 5.24+) or ``past_key_values`` (5.17)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _cases(impls: list[str], patterns: list[Pattern]) -> list[tuple[str, Pattern | None]]:
     """Rows of one prompt length: the unpatched ones first, then each pattern eager before static."""
     cases: list[tuple[str, Pattern | None]] = [(impl, None) for impl in ("sdpa", "sdpa_static") if impl in impls]
@@ -291,7 +313,6 @@ def run(args) -> list[dict[str, Any]]:
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    warmed: set[str] = set()
     baseline: dict[tuple[int, str], torch.Tensor] = {}  # (length, pattern label) -> tokens of the eager row
     for length in lengths:
         ids = make_prompt(tokenizer, model.config.vocab_size, length, args.batch, device)
@@ -314,24 +335,22 @@ def run(args) -> list[dict[str, Any]]:
                 row["error"] = f"skipped: past --deadline-s {args.deadline_s}"
             else:
                 kwargs: dict[str, Any] = {}
-                if static:
-                    # the warm-up compiles and captures the step for this max_cache_len; the measured call reuses it
-                    model.__dict__.pop("_previous_max_cache_length", None)
-                    kwargs = {"cache_implementation": "static", "max_cache_len": length + args.new_tokens}
                 if args.prefill_chunk:
                     kwargs["prefill_chunk_size"] = args.prefill_chunk
                 try:
                     with sdpa_backends(args.sdpa_backends):
-                        key = f"{impl}:{label}:{length}" if static else f"{impl}:{label}"
-                        if key not in warmed:
-                            t0 = time.perf_counter()
-                            generate_once(model, ids[:, : min(length, 256)], 8 if static else 4, device, **kwargs)
-                            if static:
-                                row["compile_s"] = time.perf_counter() - t0
-                            warmed.add(key)
+                        cache = static_cache(model, impl, length + args.new_tokens, args.batch) if static else None
+                        if static:  # one cache for the warm-up and the measured call: the captured graph's buffers
+                            kwargs[cache_argument(model)] = cache
+                        t0 = time.perf_counter()
+                        warm = min(length, 256)  # and at most the tokens the static cache holds
+                        generate_once(model, ids[:, :warm], min(8, length + args.new_tokens - warm), device, **kwargs)
                         if static:
-                            model.__dict__.pop("_previous_max_cache_length", None)
+                            row["compile_s"] = time.perf_counter() - t0  # compile and capture, or a replay
+                            with torch.inference_mode():  # buffers allocated inside generate are inference tensors
+                                cache.reset()
                         res = generate_once(model, ids, args.new_tokens, device, **kwargs)
+                        del cache, kwargs
                 except torch.cuda.OutOfMemoryError as err:  # record and go on
                     row["error"] = f"out of memory: {str(err).splitlines()[0]}"
                 except Exception as err:  # noqa: BLE001 - a failing case does not end the run
