@@ -335,6 +335,8 @@ def test_compiled_generate_on_cuda_replays_cuda_graphs(name):
     eager = generate(model, ids, mask, new=24, cache_implementation="static", disable_compile=True)
     compiled = generate(model, ids, mask, new=24, cache_implementation="static")
     assert torch.equal(compiled[0], eager[0])
-    torch.testing.assert_close(compiled[1], eager[1], atol=1e-3, rtol=1e-3)
+    # float32 runs the kernels' matrix products on TF32 and Inductor fuses the rest differently: seen on an
+    # H100, logits differ by up to 1.4e-3 while every token agrees
+    torch.testing.assert_close(compiled[1], eager[1], atol=5e-3, rtol=1e-3)
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])  # the decode step, compiled once
