@@ -17,7 +17,10 @@ def _dummy(device: torch.device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int32, device=device)
 
 
-@functools.lru_cache(maxsize=64)
+# one entry per (pattern, layer, shape): a forward and backward of a model uses one per BigBird layer, so the
+# bound must exceed the deepest model's layer count (or every step rebuilds every layer's tables); each entry
+# is small (8 KV heads x 1024 query blocks x 3 blocks of int32 at 64k tokens: 100 KB with its reverse)
+@functools.lru_cache(maxsize=512)
 def _random_tables(pattern: Pattern, layer: int, kv_heads: int, nqb: int, nkb: int, device: str):
     """Forward table ``[Hkv, nqb, R]`` and its reverse ``(ptr [Hkv, nkb + 1], idx [Hkv, max])``."""
     table = random_table(pattern, layer=layer, kv_heads=kv_heads, num_q_blocks=nqb, num_k_blocks=nkb, device=device)
@@ -43,7 +46,7 @@ def _random_tables(pattern: Pattern, layer: int, kv_heads: int, nqb: int, nkb: i
     return table, ptr, idx
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=512)
 def _shared_tables(pattern: Pattern, layer: int, hkv: int, nqb: int, nkb: int, device: str):
     """The tables of every batch row: a leading dimension of 1 (read with stride 0 over the batch)."""
     return tuple(t.unsqueeze(0) for t in _random_tables(pattern, layer, hkv, nqb, nkb, device))
