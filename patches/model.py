@@ -193,7 +193,7 @@ def _undecorate(module: torch.nn.Module) -> None:
 
 
 _PREPARE_CACHE = "_prepare_cache_for_generation"
-_PREPARE_STATIC = "_prepare_static_cache"  # same signature in 5.17 and 5.25
+_PREPARE_STATIC = "_prepare_static_cache"  # (cache_implementation, batch_size, max_cache_len, ...) 5.4-5.25
 _CACHE_KWARGS = ("cache", "past_key_values")  # generate's name for the cache: 5.24, 5.17
 
 

@@ -291,14 +291,16 @@ class SparseStaticCache(StaticCache):
 
 
 def prepare_static_cache_for_generation(self, cache_implementation: str, batch_size: int, max_cache_len: int,
-                                        prefill_chunk_size, model_kwargs, *args, **kwargs):
+                                        *args, **kwargs):
     """``generate``'s ``_prepare_static_cache`` on a patched model (installed by ``patch_model``): a
     :class:`SparseStaticCache`, allocated now, sized like transformers' own (the longest ``max_cache_len``
-    this model has used, so a second call does not recompile); any other model gets transformers' cache."""
+    this model has used, so a second call does not recompile); any other model gets transformers' cache.
+
+    The arguments after ``max_cache_len`` differ by release (5.4: ``model_kwargs``; 5.25 adds
+    ``prefill_chunk_size`` before it) and are only passed on; ``generate`` names them all."""
     ours = isinstance(getattr(self.config, "hf_sparse", None), dict) and self.config._attn_implementation == ATTN_NAME
     if not ours or self.config.is_encoder_decoder:
-        return type(self)._prepare_static_cache(self, cache_implementation, batch_size, max_cache_len,
-                                                prefill_chunk_size, model_kwargs, *args, **kwargs)
+        return type(self)._prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, *args, **kwargs)
     if "offloaded" in cache_implementation:
         raise NotImplementedError(
             f"hf_sparse: cache_implementation={cache_implementation!r} offloads the cache, which the bounded sparse "

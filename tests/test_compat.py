@@ -74,3 +74,20 @@ def test_cache_internals_used_by_the_sparse_cache():
     assert all(isinstance(layer, DynamicSlidingWindowLayer) and layer.is_sliding for layer in cache.layers)
     assert hasattr(transformers.DynamicCache(), "layer_class_to_replicate")
     assert not DynamicLayer.is_sliding
+
+
+def test_prepare_static_cache_passes_through_on_this_release():
+    """GenerationMixin._prepare_static_cache(cache_implementation, batch_size, max_cache_len, ...): patch_model
+    replaces it on the model; what follows max_cache_len differs by release (5.4: model_kwargs; 5.25 adds
+    prefill_chunk_size) and is passed on to transformers' own for a model that is not ours."""
+    from hf_sparse.patches.static_cache import prepare_static_cache_for_generation
+    from transformers.cache_utils import StaticCache
+
+    params = list(inspect.signature(transformers.GenerationMixin._prepare_static_cache).parameters)
+    assert params[:4] == ["self", "cache_implementation", "batch_size", "max_cache_len"] and "model_kwargs" in params
+    # what generate passes, by name, on the installed release
+    kwargs = {"cache_implementation": "static", "batch_size": 2, "max_cache_len": 12, "model_kwargs": {}}
+    if "prefill_chunk_size" in params:
+        kwargs["prefill_chunk_size"] = None
+    cache = prepare_static_cache_for_generation(tiny("llama"), **kwargs)  # unpatched: transformers' cache
+    assert type(cache) is StaticCache and {layer.max_cache_len for layer in cache.layers} == {12}
