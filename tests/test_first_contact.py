@@ -23,11 +23,19 @@ def _readme_commands() -> list[str]:
     return re.findall(r"```bash\n(.*?)\n```", section, flags=re.S)
 
 
-def _extras() -> dict[str, set[str]]:
+def _ci_commands() -> list[str]:
+    lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def _optional_dependencies() -> dict[str, list[str]]:
     tomllib = pytest.importorskip("tomllib") if sys.version_info >= (3, 11) else pytest.importorskip("tomli")
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+
+
+def _extras() -> dict[str, set[str]]:
     return {name: {re.split(r"[<>=!~\[ ]", req, maxsplit=1)[0].lower() for req in reqs}
-            for name, reqs in project["optional-dependencies"].items()}
+            for name, reqs in _optional_dependencies().items()}
 
 
 # -- the README's two commands -------------------------------------------------------------------------
@@ -43,13 +51,29 @@ def test_two_commands_come_first_in_the_readme():
 
 
 def test_ci_runs_both_readme_commands_as_written_after_pinning_torch():
-    lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
-    commands = [ln for ln in lines if ln and not ln.startswith("#")]
+    commands = _ci_commands()
     main_job, tests = _readme_commands()
     assert main_job in commands and tests in commands
     assert commands.index(main_job) < commands.index(tests)
     installs = [ln for ln in commands if "pip install" in ln]
     assert installs[0] == "python -m pip install torch==2.13.0"  # before any extra can pull another torch
+
+
+def test_ci_tests_the_transformers_floor_that_pyproject_states():
+    # every extra that installs transformers states one floor; CI installs exactly that release and runs the
+    # tests marked `transformers` (tests/conftest.py) on it, after the README's test command (the newest release)
+    floors = {re.fullmatch(r"transformers>=([\d.]+)", req).group(1)
+              for reqs in _optional_dependencies().values() for req in reqs if re.match(r"transformers\b", req)}
+    assert len(floors) == 1, floors
+    (floor,) = floors
+    commands = _ci_commands()
+    installs = [ln for ln in commands if re.search(r"pip install .*transformers\[kernels\]==", ln)]
+    assert installs == [f'"$floor/bin/python" -m pip install "transformers[kernels]=={floor}.0"'], installs
+    runs = [i for i, ln in enumerate(commands) if "-m pytest -q -m transformers" in ln]
+    assert len(runs) == 1 and commands[runs[0]].startswith('TRITON_INTERPRET=1 "$floor/bin/python" -m pytest')
+    assert commands.index(installs[0]) < runs[0] and commands.index(_readme_commands()[1]) < runs[0]
+    source = (ROOT / "patches" / "_compat.py").read_text(encoding="utf-8")
+    assert f'MIN_TRANSFORMERS = "{floor}"' in source  # the version gate refuses what CI does not test
 
 
 # -- extras against what the commands import and what the docs promise ----------------------------------
