@@ -316,7 +316,7 @@ def select_dense(scores: torch.Tensor, budget: float, tiebreak: torch.Tensor | N
     return sorted((i, h) for _, _, i, h in ranked[:n])
 
 
-def calibrate(model, tokenizer, streaming: Pattern | str, budget: float, *, method: str = "mass",
+def calibrate(model, tokenizer, streaming: Pattern | str, budget: float, *, method: str = "gates",
               texts: list[str] | None = None, lengths: list[int] | tuple[int, ...] = (4096,), passkeys: int = 8,
               text_samples: int = 4, steps: int = 100, lr: float = 0.02, l1: float = 0.05, seed: int = 0,
               backend: str = "auto", max_seconds: float | None = None, name: str | None = None,
@@ -437,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "longformer:window=1024,global_tokens=4")
     p.add_argument("--budget", required=True, type=float, help="share of KV heads kept dense, in [0, 1]")
     p.add_argument("--out", required=True, help="the plan file to write (.json)")
-    p.add_argument("--method", default="mass", choices=METHODS, help="[%(default)s]")
+    p.add_argument("--method", default="gates", choices=METHODS,
+                   help="gates (trained, keeps retrieval heads) or mass (no training, a quick first look) [%(default)s]")
     p.add_argument("--dataset", default="stdlib", help="documents for text prompts and passkey haystacks, as in "
                                                        "hf-sparse-eval (a .txt file or folder, ...) [%(default)s]")
     p.add_argument("--lengths", default="4096", help="prompt lengths, e.g. 4k,8k [%(default)s]")
