@@ -107,9 +107,12 @@ def hf_sparse_mask(
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and (
             attention_mask.shape[-1] < kv_offset + kv_length):
         # a static cache (more slots than tokens): patched layers read only the new tokens' columns, so the
-        # mask has one shape at every decode step
+        # mask has one shape and layout at every decode step; it stays a tensor without padding too, so a
+        # compiled decode step sees the same inputs at every step (no recompilation)
         attention_mask = attention_mask[:, -q_length:]
-    padding = key_padding_mask(attention_mask)
+        padding = attention_mask.bool().contiguous()
+    else:
+        padding = key_padding_mask(attention_mask)
     if opts.all_layers:
         if isinstance(kv_offset, int) and kv_offset > 0:
             raise RuntimeError(

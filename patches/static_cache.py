@@ -162,7 +162,9 @@ class StaticWindowLayer(PositionedLayer):
 
     # -- CacheLayerMixin -------------------------------------------------------------------------
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.max_cache_len, 0  # constant, like transformers' StaticLayer: no recompilation per step
+        # constant, like transformers' StaticLayer: no recompilation per step. One more than any 2D mask that
+        # generate builds (at most max_cache_len columns), so hf_sparse_mask tells a static cache at every step
+        return self.max_cache_len + 1, 0
 
     def get_seq_length(self):
         return self._seen if self.is_initialized else 0

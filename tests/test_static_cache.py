@@ -170,6 +170,22 @@ def test_beam_search_with_the_static_cache():
     torch.testing.assert_close(beams[1], beams_full[1], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("lengths", [[9, 9], [9, 6]], ids=["no-padding", "left-padding"])
+def test_generate_hands_every_decode_step_the_same_mask_layout(lengths):
+    """A compiled decode step recompiles when its inputs change: the attention mask must be absent at every
+    step or a tensor of one shape and stride at every step, up to the last one (whose 2D mask is as long as
+    the cache)."""
+    model = patch_model(tiny("llama"), "dense", backend="reference")
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("attention_mask")),
+                                    with_kwargs=True)
+    ids, mask = tokens(2, 9, seed=4), left_padding(lengths, 9)
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                   cache_implementation="static")
+    layouts = [None if m is None else (m.shape, m.stride(), m.dtype) for m in seen[1:]]
+    assert len(layouts) == 3 and layouts == [layouts[0]] * 3, layouts
+
+
 # ---------------------------------------------------------------------------------------------
 # per-KV-head caches
 HEADS = {(0, 0): "dense", (0, 2): "longformer:window=4,global_tokens=3", (1, 1): "dense"}
