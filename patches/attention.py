@@ -307,8 +307,9 @@ def _check_history(padding: torch.Tensor, keys: int, layer: int) -> None:
         )
     if tokens < keys:
         raise NotImplementedError(
-            f"hf_sparse layer {layer}: got {keys} key slots for {tokens} tokens (a static cache); patched layers "
-            "support dynamic caches only for now (cache_implementation=None)"
+            f"hf_sparse layer {layer}: got {keys} key slots for {tokens} tokens (a static cache not made by "
+            "hf_sparse); use generate(..., cache_implementation='static'), which builds hf_sparse's "
+            "SparseStaticCache, pass SparseStaticCache(model, max_cache_len=...), or the default dynamic cache"
         )
 
 
