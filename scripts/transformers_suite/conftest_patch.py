@@ -19,10 +19,10 @@ PATTERN = os.environ.get("HF_SPARSE_SUITE_PATTERN", "").strip()
 
 
 def _install() -> None:
+    from hf_sparse.patches import SUPPORTED_MODEL_TYPES, patch_model
     from transformers import PreTrainedModel
 
     import hf_sparse  # noqa: F401  (registers the backend)
-    from hf_sparse.patches import SUPPORTED_MODEL_TYPES, patch_model
 
     original = PreTrainedModel.post_init
 
