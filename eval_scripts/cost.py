@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
-from hf_sparse import Dense, Pattern, attended_pairs
+from hf_sparse import Pattern, attended_pairs
 from hf_sparse.head_plan import HeadPlan
 from hf_sparse.layout import random_block_size
+from hf_sparse.primitives import DENSE_WINDOW
 
 __all__ = ["density", "plan_density", "dense_kv_heads", "CostMeter"]
 
@@ -42,14 +43,13 @@ def plan_density(target: Pattern | HeadPlan | None, length: int, kv_heads: int =
 
 def dense_kv_heads(target: Pattern | HeadPlan | None, num_layers: int, kv_heads: int) -> int:
     """How many KV heads of the model (all layers) attend densely: all of them unpatched (``None``) or under
-    ``dense``, a plan's dense heads, a per-head pattern's dense heads in every layer, else none."""
+    ``dense``, a plan's dense heads, else the heads whose rules reach every earlier key, in every layer."""
     if target is None:
         return num_layers * kv_heads
     if isinstance(target, HeadPlan):
         return len(target.dense_heads)
-    if hasattr(target, "pattern_of"):
-        return num_layers * sum(isinstance(target.pattern_of(h), Dense) for h in range(kv_heads))
-    return num_layers * kv_heads if isinstance(target, Dense) else 0
+    # through the pattern protocol: a head is dense when its band reaches every earlier key
+    return num_layers * sum(p is not None and p.window >= DENSE_WINDOW for p in target.head_primitives(kv_heads))
 
 
 def _rss_max_bytes() -> int | None:
