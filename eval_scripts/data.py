@@ -50,6 +50,20 @@ class Document:
     text: str
 
 
+
+def add_dataset_arguments(group, *, split: str, max_docs: int, max_docs_help: str) -> None:
+    """``--dataset`` and its companion options (the fields of :class:`DataSpec`, plus ``--max-docs``), shared by
+    the commands; each gives the split and document limit that suit it."""
+    group.add_argument("--dataset", default=BUILTIN,
+                       help="'stdlib' (built-in offline corpus: the longest .py files of Python's standard library), "
+                            "a .txt/.md/.jsonl file or folder, or a `datasets` hub name such as pg19 [%(default)s]")
+    group.add_argument("--dataset-config", default=None, help="hub dataset config, e.g. wikitext-103-raw-v1")
+    group.add_argument("--dataset-split", default=split, help="hub dataset split [%(default)s]")
+    group.add_argument("--text-column", default="text", help="text field of .jsonl rows and hub rows [%(default)s]")
+    group.add_argument("--join-rows", action="store_true",
+                       help="concatenate all rows of a hub dataset into one document (for line-per-row sets: wikitext)")
+    group.add_argument("--max-docs", type=int, default=max_docs, help=f"{max_docs_help} [%(default)s]")
+
 @dataclass(frozen=True)
 class DataSpec:
     """What ``--dataset`` and its companion options asked for."""

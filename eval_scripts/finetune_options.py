@@ -16,7 +16,7 @@ import torch
 from hf_sparse import parse_pattern
 from hf_sparse.ops import BACKENDS
 
-from .data import DataSpec, check_dataset, check_out_outside_dataset
+from .data import DataSpec, add_dataset_arguments, check_dataset, check_out_outside_dataset
 from .errors import EvalError, FinetuneError
 from .models import resolve_dtype, resolve_model
 
@@ -43,14 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="auto", choices=[b for b in BACKENDS if b != "dense"],
                    help="patch_model backend: auto (Triton on CUDA, else the PyTorch reference) [%(default)s]")
     g = p.add_argument_group("training data")
-    g.add_argument("--dataset", default="stdlib",
-                   help="'stdlib', a .txt/.md/.jsonl file or folder, or a `datasets` hub name (as hf-sparse-eval) "
-                        "[%(default)s]")
-    g.add_argument("--dataset-config", default=None, help="hub dataset config")
-    g.add_argument("--dataset-split", default="train", help="hub dataset split [%(default)s]")
-    g.add_argument("--text-column", default="text", help="text field of .jsonl and hub rows [%(default)s]")
-    g.add_argument("--join-rows", action="store_true", help="concatenate all rows of a hub split into one document")
-    g.add_argument("--max-docs", type=int, default=0, help="read at most N documents; 0 = all [%(default)s]")
+    add_dataset_arguments(g, split="train", max_docs=0, max_docs_help="read at most N documents; 0 = all")
     g.add_argument("--seq-len", type=int, default=2048, help="tokens per packed training sequence [%(default)s]")
     g.add_argument("--cache-dir", default=None,
                    help="where tokenized training text is kept, keyed by tokenizer, data and options "
