@@ -16,7 +16,7 @@ import torch
 
 from .patterns import Pattern, parse_pattern
 from .patterns.base import declares_cap
-from .reference import SeqLayout, blockwise_backward, blockwise_forward, dense_attention
+from .reference import SeqLayout, blockwise_backward, blockwise_forward, dense_attention, empty_rows_neg_inf
 
 __all__ = ["sparse_attention", "merge_attention", "padding_layout", "triton_supports", "resolve_backend", "BACKENDS"]
 
@@ -307,8 +307,7 @@ def sparse_attention(
         out, lse = _forward_impl(q, k, v, *args)
     if not return_lse:
         return out
-    # the backends mark a row without keys by +inf (its probabilities exp(s - lse) are then 0); users get -inf
-    return out, torch.where(lse == float("inf"), float("-inf"), lse)
+    return out, empty_rows_neg_inf(lse)
 
 
 def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

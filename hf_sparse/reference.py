@@ -21,12 +21,18 @@ import torch
 from .layout import key_ranges, random_block_size, random_table, rule_sets
 from .patterns import Pattern, ceil_div
 
-__all__ = ["dense_attention", "attention_probabilities", "positions_of", "blockwise_forward", "blockwise_backward",
+__all__ = ["dense_attention", "empty_rows_neg_inf", "attention_probabilities", "positions_of", "blockwise_forward", "blockwise_backward",
            "SeqLayout"]
 
 
 def _softcap(s: torch.Tensor, softcap: float) -> torch.Tensor:
     return s if not softcap else softcap * torch.tanh(s / softcap)
+
+
+def empty_rows_neg_inf(lse: torch.Tensor) -> torch.Tensor:
+    """The backends mark a row that sees no key by ``lse = +inf`` (its probabilities ``exp(s - lse)`` are then
+    0 in the backward); callers get the log of an empty sum, ``-inf``."""
+    return torch.where(lse == float("inf"), float("-inf"), lse)
 
 
 def dense_attention(

@@ -8,6 +8,7 @@ import torch
 import triton
 
 from ..patterns import Pattern, ceil_div
+from ..reference import empty_rows_neg_inf
 from .decode import _decode_combine, _decode_kernel, _ring_append_kernel
 from .launch import _interpret
 from .plan import head_table, kernel_plan
@@ -101,7 +102,7 @@ def decode_forward(q, k, v, q_pos, k_pos, pattern: Pattern, *, scale: float, sof
         raise NotImplementedError("decode by positions takes patterns without extra (random) blocks; those decode "
                                   "over their full history with sparse_attention")
     out, lse = _decode(q, k, v, pattern, scale=scale, softcap=softcap, q_pos=q_pos, k_pos=k_pos)
-    return (out, torch.where(lse == float("inf"), float("-inf"), lse)) if return_lse else out
+    return (out, empty_rows_neg_inf(lse)) if return_lse else out
 
 
 def ring_append(k_buf, v_buf, pos, counts, k_new, v_new, real, *, slots: int, sinks: int, window: int):

@@ -25,6 +25,7 @@ from ..cap import cap_acts, uncapped
 from ..ops import _backward_impl, _forward_impl, merge_attention, resolve_backend, validate_qkv
 from ..patterns import Pattern, parse_pattern
 from ..patterns.base import declares_cap
+from ..reference import empty_rows_neg_inf
 from .exchange import RankExchange, rank_exchange
 from .plan import Piece, ShardPlan, shard_plan, uses_layer
 
@@ -79,7 +80,7 @@ def _merge(pieces, parts, t: int):
     def merge(pairs):
         if len(pairs) == 1:
             return pairs[0]
-        o, lse = merge_attention([(o, torch.where(lse == inf, -inf, lse)) for o, lse in pairs])
+        o, lse = merge_attention([(o, empty_rows_neg_inf(lse)) for o, lse in pairs])
         return o, torch.where(lse == -inf, inf, lse)
 
     whole = [part for piece, part in zip(pieces, parts) if piece.rows == (0, t)]
