@@ -42,10 +42,73 @@ def _env() -> dict[str, Any]:
 
 
 def _bench(fn, *, grad_to_none=None) -> tuple[float, float, float]:
+    if not torch.cuda.is_available():  # a CPU smoke run: wall clock over a few calls
+        times = []
+        for _ in range(5):
+            for x in grad_to_none or ():
+                x.grad = None
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        ts = torch.tensor(times)
+        return tuple(float(ts.quantile(p)) for p in (0.5, 0.2, 0.8))
     import triton
 
     q = triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
     return tuple(float(x) for x in q)  # median, p20, p80 in ms
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_gb(fn) -> float | None:
+    """Memory that one call of ``fn`` holds at its peak above what was allocated before (GB; None on the CPU)."""
+    if not torch.cuda.is_available():
+        fn()
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def measure_pass(fn, q, k, v, do, ps: str):
+    """Time one pass of ``fn(q, k, v)``: ``"fwd"`` (no grad) or ``"fwd_bwd"`` (forward and ``backward(do)``).
+
+    Returns ``(median ms, p20 ms, p80 ms, peak GB, forward output or None)``; the first call compiles."""
+    if ps == "fwd":
+        with torch.no_grad():
+            o = fn(q, k, v)
+            _sync()
+            peak = _peak_gb(lambda: fn(q, k, v))
+            med, p20, p80 = _bench(lambda: fn(q, k, v))
+        return med, p20, p80, peak, o
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+
+    def step():
+        fn(qg, kg, vg).backward(do)
+
+    step()
+    _sync()
+    peak = _peak_gb(step)
+    med, p20, p80 = _bench(step, grad_to_none=[qg, kg, vg])
+    return med, p20, p80, peak, None
+
+
+def provenance(env: dict[str, Any], command: str) -> dict[str, Any]:
+    """The fields every benchmark row carries: card, versions, commit, command and time."""
+    return dict(gpu=env["device_name"], torch=env["torch"], triton=env["triton"], commit=env["commit"],
+                command=command, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Append one JSONL row, written at once (a run cut short keeps the rows it finished)."""
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def _is_dense(pattern: Pattern) -> bool:
@@ -236,38 +299,13 @@ def run(args) -> list[dict[str, Any]]:
                     for ps in passes:
                         torch.cuda.synchronize()
                         try:
-                            if ps == "fwd":
-                                with torch.no_grad():
-                                    o = fn(q, k, v)
-                                    if impl != "sdpa":
-                                        ref_out.setdefault(spec, o.float())
-                                        err = float((o.float() - ref_out[spec]).abs().max())
-                                    else:
-                                        err = None
-                                    torch.cuda.synchronize()
-                                    base = torch.cuda.memory_allocated()
-                                    torch.cuda.reset_peak_memory_stats()
-                                    fn(q, k, v)
-                                    torch.cuda.synchronize()
-                                    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-                                    med, p20, p80 = _bench(lambda: fn(q, k, v))  # noqa: B023 (called at once)
-                                flops = 4 * d * hq * pairs
-                            else:
-                                qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-
-                                def step():
-                                    fn(qg, kg, vg).backward(do)  # noqa: B023 (called at once)
-
-                                step()
-                                torch.cuda.synchronize()
-                                base = torch.cuda.memory_allocated()
-                                torch.cuda.reset_peak_memory_stats()
-                                step()
-                                torch.cuda.synchronize()
-                                peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-                                med, p20, p80 = _bench(step, grad_to_none=[qg, kg, vg])
-                                flops = 3.5 * 4 * d * hq * pairs
-                                err = None
+                            med, p20, p80, peak, o = measure_pass(fn, q, k, v, do, ps)
+                            err = None
+                            if o is not None and impl != "sdpa":
+                                ref_out.setdefault(spec, o.float())
+                                err = float((o.float() - ref_out[spec]).abs().max())
+                            o = None
+                            flops = (1 if ps == "fwd" else 3.5) * 4 * d * hq * pairs
                         except Exception as err_:  # one failing case (OOM, a compile error) must not end the run
                             print(f"FAILED: {impl} {spec} T={t} {hq}/{hkv}/{d} {ps}: {type(err_).__name__}: "
                                   f"{str(err_).splitlines()[0][:300] if str(err_) else ''}", flush=True)
@@ -280,14 +318,11 @@ def run(args) -> list[dict[str, Any]]:
                             flex_kernel_options=opts if impl == "flex" else None,
                             batch=1, dtype=args.dtype, median_ms=med, p20_ms=p20, p80_ms=p80,
                             tflops=flops / (med * 1e-3) / 1e12, attended_pairs=pairs, density=pairs / dense_pairs,
-                            peak_mem_gb=peak, max_abs_diff_vs_first_impl=err, gpu=env["device_name"],
-                            tile_configs=chosen or None,
-                            torch=env["torch"], triton=env["triton"], commit=env["commit"], command=command,
-                            time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            peak_mem_gb=peak, max_abs_diff_vs_first_impl=err,
+                            tile_configs=chosen or None, **provenance(env, command),
                         )
                         rows.append(row)
-                        with out_path.open("a") as f:
-                            f.write(json.dumps(row) + "\n")
+                        append_row(out_path, row)
                         print(f"{impl:>9} {spec[:40]:<40} T={t:>6} {hq}/{hkv}/{d} {ps:<7} {med:8.3f} ms "
                               f"{row['tflops']:6.1f} TF/s mem {peak:6.2f} GB"
                               + (f" diff {err:.2e}" if err is not None else ""), flush=True)
@@ -347,13 +382,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_and_show(parser: argparse.ArgumentParser, run_fn, table_fn, argv: list[str] | None) -> int:
+    """A benchmark command: parse ``argv``, run, print the table (and write it to ``--markdown``)."""
+    args = parser.parse_args(argv)
     args.argv = argv
     from .results import show_table
 
-    show_table(table(run(args)), args.markdown)
+    show_table(table_fn(run_fn(args)), args.markdown)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_and_show(build_parser(), run, table, argv)
 
 
 if __name__ == "__main__":
