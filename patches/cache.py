@@ -46,9 +46,18 @@ and the outputs are joined in head order. A layer whose heads all keep the same 
 
 Static forms (fixed shapes for ``torch.compile`` / CUDA graphs): :mod:`hf_sparse.patches.static_cache`.
 
-Limits: no ``crop`` (assisted/speculative decoding needs to roll back: use a full-history
-``DynamicCache()``), no offloading, in-place writes (inference only: autograd through a cached decode
-step is not supported).
+Rolling back (``crop``, which assisted and speculative decoding call after each verification): after
+``activate_past_recording()`` (which ``generate`` calls before assisted decoding, transformers >= 5.15) a
+layer records each update -- the slots it overwrites and its own tokens -- until the next ``crop``, which
+undoes any number of those tokens exactly, however far the ring has turned. Without recording, ``crop``
+is exact when no token the rolled-back queries can see was overwritten (the layer has seen at most
+``G + W`` tokens, or one token is removed, or the ring overwrote none of the positions still in the
+window); otherwise it raises, before changing anything, with the numbers and the fix. When some of the
+tokens were padding, each row's new length is read from the next forward's 2D mask. transformers' own
+``DynamicSlidingWindowLayer`` rolls back while recording or before its window is full.
+
+Limits: no offloading, in-place writes (inference only: autograd through a cached decode step is not
+supported).
 
 Using it: ``generate`` gets it by default after :func:`~hf_sparse.patches.patch_model` (the model's
 ``_prepare_cache_for_generation`` is wrapped, see :mod:`hf_sparse.patches.model`); a user can pass
@@ -88,6 +97,10 @@ class AttentionInputs:
     q_pos: torch.Tensor  # [B, Tq] positions of the new tokens, -1 = padding
     k_pos: torch.Tensor  # [B, Tk] positions of the returned key slots, -1 = empty
     prefix: bool  # the keys are exactly the new tokens (prefill on an empty cache): the kernels can run
+    # where attention probabilities (output_attentions) put each returned key: [B, Tk] columns of
+    # [0, width) (-1: none), for a static layer whose returned keys are not its slots; None: as returned
+    columns: torch.Tensor | None = None
+    width: int = 0
 
     def matches(self, key: torch.Tensor) -> bool:
         """Whether ``key`` (what the attention got) is what the update returned."""
@@ -137,6 +150,34 @@ def write_slots(k_buf, v_buf, pos_buf, k_new, v_new, q_pos, slot, sink: int) -> 
     pos_buf[:, :sink] = torch.where(has, q_pos.gather(1, idx), pos_buf[:, :sink])
 
 
+def removed_tokens(tokens_to_remove: int, seen: int, layer) -> int:
+    """How many tokens ``layer.crop(tokens_to_remove)`` removes after ``seen``: ``-n`` removes ``n``, a positive
+    value is the number to keep (the form transformers < 5.18 also passes)."""
+    if isinstance(tokens_to_remove, torch.Tensor) and tokens_to_remove.numel() == 1 and not (
+            tokens_to_remove.is_floating_point() or tokens_to_remove.dtype == torch.bool):
+        tokens_to_remove = int(tokens_to_remove)  # generate passes a tensor at times
+    if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int):
+        raise ValueError(f"hf_sparse: crop takes an integer (-n removes n tokens), got {tokens_to_remove!r}")
+    n = max(seen - tokens_to_remove, 0) if tokens_to_remove > 0 else -tokens_to_remove
+    if n > seen:
+        raise ValueError(f"hf_sparse: crop({tokens_to_remove}) on {layer!r}: it holds only {seen} tokens")
+    return n
+
+
+@dataclass
+class _Undo:
+    """One recorded update of a :class:`SparseWindowLayer`: the state before it and what it overwrote."""
+
+    seen: int
+    real: torch.Tensor  # [B] real tokens per row before it
+    pos: torch.Tensor  # [B, capacity + 1] slot positions before it
+    slot: torch.Tensor  # [B, q] the slots it wrote (the sink slot for dropped tokens)
+    old: list[torch.Tensor] | None  # keys and values those slots held; None: the layer was empty
+    k_new: torch.Tensor
+    v_new: torch.Tensor
+    q_pos: torch.Tensor
+
+
 class PositionedLayer(CacheLayerMixin):
     """Base of the cache layers whose key slots carry positions.
 
@@ -169,8 +210,9 @@ class PositionedLayer(CacheLayerMixin):
         if tokens_to_remove == 0:
             return
         raise NotImplementedError(
-            f"hf_sparse: a sparse cache layer ({type(self).__name__}) drops old tokens and cannot be rolled back, which "
-            "assisted/speculative decoding needs; pass a full-history cache instead (past_key_values=DynamicCache())"
+            f"hf_sparse: a sparse cache layer ({type(self).__name__}) cannot be rolled back (crop({tokens_to_remove})), "
+            "which assisted/speculative decoding needs; use the dynamic cache (generate's default) or a full-history "
+            "cache (past_key_values=DynamicCache())"
         )
 
     def nbytes(self) -> int:
@@ -208,6 +250,7 @@ class SparseWindowLayer(PositionedLayer):
         self.window, self.sinks = window, sinks
         self.max_slots = sinks + window
         self.kernel = kernel  # decode steps through one Triton launch (None: on CUDA when Triton is there)
+        self.record_past = False  # set by activate_past_recording: updates are recorded until the next crop
         self._clear()
 
     def _clear(self) -> None:
@@ -217,6 +260,8 @@ class SparseWindowLayer(PositionedLayer):
         self.seen = 0
         self._padding: torch.Tensor | None = None
         self._attention: AttentionInputs | None = None
+        self._log: list[_Undo] = []  # the updates since the last crop, while recording
+        self._unresolved = 0  # tokens crop removed whose rows' real counts the next forward's mask tells
         self.is_initialized = False
 
     def __repr__(self) -> str:
@@ -237,9 +282,11 @@ class SparseWindowLayer(PositionedLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self._unresolved:
+            self._resolve_crop()
         q = key_states.shape[-2]
         seen_after = self.seen + q
-        one_launch = q == 1 and self.seen > 0 and self._use_kernel(key_states, value_states)
+        one_launch = q == 1 and self.seen > 0 and not self.record_past and self._use_kernel(key_states, value_states)
         if not one_launch:
             q_pos = self._new_positions(q, key_states.device)
             n_after = self.real_counts + (q_pos >= 0).sum(1)
@@ -313,6 +360,7 @@ class SparseWindowLayer(PositionedLayer):
             return
         self._k, self._v, self._pos = fn(self._k), fn(self._v), fn(self._pos)
         self.real_counts = fn(self.real_counts)
+        self._log = []  # the record is per row: a reordered batch starts a new one
         self._refresh_views(self.keys.shape[-2])
 
     def _refresh_views(self, used: int) -> None:
@@ -371,6 +419,10 @@ class SparseWindowLayer(PositionedLayer):
         keep = (q_pos >= 0) & ((q_pos < g) | (q_pos >= n_after.view(-1, 1) - w))
         # kept positions are distinct mod W (at most the last W), so their slots are distinct
         slot = torch.where(keep, ring_slots(q_pos, g, w), self._capacity)
+        if self.record_past:
+            self._record(k_new, v_new, q_pos, slot)
+        elif self._log:  # recording was switched off (generate does, handing the cache back): commit
+            self._log = []
         write_slots(self._k, self._v, self._pos, k_new, v_new, q_pos, slot, self._capacity)
         self._refresh_views(used)
         if mark_dead:
@@ -385,6 +437,126 @@ class SparseWindowLayer(PositionedLayer):
     def live_tokens(self) -> int:
         """Largest number of stored tokens that a later query may see, over the rows (one host sync)."""
         return 0 if self.positions is None else int((self.positions >= 0).sum(1).max())
+
+    # -- rolling back ----------------------------------------------------------------------------
+    def activate_past_recording(self, **kwargs) -> None:
+        """Record every update until the next :meth:`crop`, which can then undo any of them exactly."""
+        self.record_past = True
+
+    @property
+    def is_croppable(self) -> bool:  # type: ignore[override]
+        """Whether :meth:`crop` can undo any number of the latest tokens (recording, or nothing overwritten yet)."""
+        return self.record_past or self.seen <= self.max_slots
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the latest tokens: ``-n`` removes ``n`` (``0`` commits the record), a positive value is the
+        number of tokens to keep (transformers < 5.18). Raises, before changing anything, when a token that
+        the rolled-back queries can see was overwritten and not recorded (see the module docstring)."""
+        n = self.check_crop(tokens_to_remove)
+        log, self._log = self._log, []
+        target = self.seen - n
+        if n and log and log[0].seen <= target:
+            self._undo(log, target)
+        elif n:
+            if log:
+                self._undo(log, log[0].seen)
+            self._roll_back(self.seen - target)
+
+    def check_crop(self, tokens_to_remove: int) -> int:
+        """The number of tokens ``crop(tokens_to_remove)`` removes; raises if it cannot remove them exactly."""
+        n = removed_tokens(tokens_to_remove, self.seen, self)
+        base = self._log[0].seen if self._log else self.seen  # the tokens before the record
+        if n <= self.seen - base:
+            return n
+        n_unrecorded = n - (self.seen - base)
+        counts = self._log[0].real if self._log else self.real_counts
+        if counts is None or base <= self.max_slots or n_unrecorded == 1:
+            return n  # nothing overwritten yet, or only what the query at position n - 1 does not see
+        if self._unresolved or not bool((counts == base).all()):
+            raise ValueError(
+                f"hf_sparse: crop({tokens_to_remove}) on {self!r}: {n_unrecorded} of the tokens to remove were not "
+                f"recorded and some of the {base} tokens before them were padding, so it cannot tell which positions "
+                "each row loses; call cache.activate_past_recording() before the tokens to roll back arrive"
+            )
+        g, w, m = self.sinks, self.window, base - n_unrecorded
+        first, last = max(g, m - w + 1), min(base - 1 - w, m - 1)  # positions needed after it, overwritten since
+        if first <= last:
+            raise ValueError(
+                f"hf_sparse: crop({tokens_to_remove}) on {self!r} would roll it back to {m} tokens, but positions "
+                f"{first}..{last}, which the next query sees, were overwritten when it reached {base} tokens (it keeps "
+                f"{g} sinks and the last {w}). Call cache.activate_past_recording() before the tokens to roll back "
+                "arrive (generate does for assisted decoding on transformers >= 5.15), or use a full-history cache "
+                "(past_key_values=DynamicCache())"
+            )
+        return n
+
+    def _record(self, k_new, v_new, q_pos, slot) -> None:
+        """Keep what an update is about to overwrite (the slots it writes) and the update itself."""
+        old = None
+        if self.seen:  # an empty layer has nothing to restore
+            b, q = slot.shape
+            old = [buf.gather(2, slot.view(b, 1, q, 1).expand(b, buf.shape[1], q, buf.shape[-1]))
+                   for buf in (self._k, self._v)]
+        self._log.append(_Undo(self.seen, self.real_counts.clone(), self._pos.clone(), slot, old, k_new, v_new, q_pos))
+
+    def _undo(self, log: list[_Undo], target: int) -> None:
+        """Undo the recorded updates (newest first), then store again their tokens up to ``target`` seen."""
+        for entry in reversed(log):
+            if entry.old is not None:
+                b, q = entry.slot.shape
+                for buf, old in zip((self._k, self._v), entry.old):
+                    buf.scatter_(2, entry.slot.view(b, 1, q, 1).expand_as(old), old)
+        first = log[0]
+        self._pos.fill_(-1)
+        self._pos[:, : first.pos.shape[1]] = first.pos
+        self.real_counts, self.seen = first.real, first.seen
+        keep = target - first.seen
+        if keep:
+            k_new = torch.cat([e.k_new for e in log], dim=2)[:, :, :keep]
+            v_new = torch.cat([e.v_new for e in log], dim=2)[:, :, :keep]
+            q_pos = torch.cat([e.q_pos for e in log], dim=1)[:, :keep]
+            n_after = self.real_counts + (q_pos >= 0).sum(1)
+            recording, self.record_past = self.record_past, False
+            self._store(k_new, v_new, q_pos, n_after, target)
+            self.record_past = recording
+            self.real_counts, self.seen = n_after, target
+        self._refresh_views(min(self.max_slots, self.seen))
+
+    def _roll_back(self, n: int) -> None:
+        """Forget the last ``n`` tokens, none needed overwritten (:meth:`check_crop`). When some tokens were
+        padding, which rows lose how many positions is read from the next forward's mask."""
+        if self._unresolved or not bool((self.real_counts == self.seen).all()):
+            self._unresolved += n
+            self.seen -= n
+            return
+        self.seen -= n
+        self._keep_positions(self.real_counts - n)
+
+    def _resolve_crop(self) -> None:
+        """The real tokens each row keeps after an unresolved crop, from the mask of this forward."""
+        padding = self._padding
+        if padding is None or padding.dim() != 2 or padding.shape[1] < self.seen:
+            raise ValueError(
+                f"hf_sparse: {self!r} was rolled back by {self._unresolved} tokens, some of them padding; the next "
+                f"forward must pass its 2D attention_mask ([batch, {self.seen} + new tokens]) to tell each row's length"
+            )
+        self._unresolved = 0
+        self._keep_positions(padding[:, : self.seen].to(self.real_counts.device).long().sum(1))
+
+    def _keep_positions(self, m: torch.Tensor) -> None:
+        """Keep each row's first ``m [B]`` real tokens (none of them overwritten): the slots whose positions
+        stay live are marked again, the others emptied."""
+        slots = torch.arange(self._capacity + 1, device=m.device).view(1, -1)
+        g, w, last = self.sinks, self.window, m.view(-1, 1) - 1
+        # the latest position p < m stored at ring slot s: s + W * floor((m - 1 - s) / W)
+        p = slots + w * torch.div(last - slots, w, rounding_mode="floor")
+        live_ring = (slots >= g) & (p >= g) & (p > last + 1 - w)
+        live_sink = (slots < g) & (slots <= last)
+        pos = torch.where(live_sink, slots, torch.where(live_ring, p, -1))
+        pos[:, self._capacity] = -1
+        self._pos.copy_(pos.expand_as(self._pos))
+        self.real_counts = m
+        self._refresh_views(min(self.max_slots, self.seen))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,8 +718,28 @@ class HeadGroupsLayer(PositionedLayer):
             layer.reset()
 
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove:
-            super().crop(tokens_to_remove)  # raises: a bounded group cannot be rolled back
+        for layer in self.layers:  # every group can, or none is touched
+            if hasattr(layer, "check_crop"):
+                layer.check_crop(tokens_to_remove)
+        for layer in self.layers:
+            layer.crop(tokens_to_remove)
+
+    def activate_past_recording(self, **kwargs) -> None:
+        activate_recording(self.layers, **kwargs)
+
+    @property
+    def record_past(self) -> bool:
+        return any(getattr(layer, "record_past", False) for layer in self.layers)
+
+    @record_past.setter
+    def record_past(self, value: bool) -> None:  # generate switches recording off when it hands the cache back
+        for layer in self.layers:
+            if hasattr(layer, "record_past"):
+                layer.record_past = value
+
+    @property
+    def is_croppable(self) -> bool:  # type: ignore[override]
+        return all(layer.is_croppable for layer in self.layers)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for layer in self.layers:
@@ -577,6 +769,13 @@ class HeadGroupsLayer(PositionedLayer):
         """:meth:`SparseWindowLayer.live_tokens` of each group (the full history for full-history groups)."""
         return [layer.live_tokens() if hasattr(layer, "live_tokens") else layer.get_seq_length()
                 for layer in self.layers]
+
+
+def activate_recording(layers, **kwargs) -> None:
+    """``activate_past_recording`` on each of ``layers`` that has it."""
+    for layer in layers:
+        if hasattr(layer, "activate_past_recording"):
+            layer.activate_past_recording(**kwargs)
 
 
 def _keeps(layer: CacheLayerMixin, pattern: Pattern) -> bool:
@@ -673,6 +872,12 @@ class SparseCache(DynamicCache):
     def cache_bytes(self) -> int:
         """Bytes held by keys and values (and positions) of every layer, allocated capacity included."""
         return cache_bytes(self)
+
+    def activate_past_recording(self, **kwargs) -> None:
+        """Make every layer that can record its updates until the next ``crop`` (see the module docstring):
+        ``generate`` calls it before assisted decoding from transformers 5.15 on; call it yourself before
+        rolling back on older releases."""
+        activate_recording(self.layers, **kwargs)
 
 
 def layer_bytes(layer) -> int:

@@ -174,17 +174,102 @@ def test_window_layer_keeps_sinks_and_last_tokens_per_row():
         assert feed.stored(r) == sorted(set(range(G)) | set(range(n - W + 1, n)))
 
 
-def test_window_layer_refuses_crop_and_wrong_masks():
+def test_window_layer_refuses_wrong_masks():
     layer = SparseWindowLayer(window=4)
     layer.update(torch.randn(1, 1, 6, 2), torch.randn(1, 1, 6, 2))
-    layer.crop(0)
-    with pytest.raises(NotImplementedError, match="rolled back"):
-        layer.crop(-1)
     layer.prepare(torch.ones(1, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="covering past and new tokens"):
         layer.update(torch.randn(1, 1, 1, 2), torch.randn(1, 1, 1, 2))
     with pytest.raises(ValueError, match="window"):
         SparseWindowLayer(window=0)
+
+
+def _fed(steps: list[int], keys: torch.Tensor, mask: torch.Tensor, record_after: int | None = None):
+    """A window layer fed ``keys [B, H, T, D]`` in updates of ``steps`` tokens (the 2D mask of each forward as
+    the pre-hook gives it), recording from the update ``record_after`` on."""
+    layer, at = SparseWindowLayer(window=4, sinks=1), 0
+    for i, q in enumerate(steps):
+        if i == record_after:
+            layer.activate_past_recording()
+        layer.prepare(mask[:, : at + q])
+        layer.update(keys[:, :, at : at + q], -keys[:, :, at : at + q])
+        at += q
+    return layer
+
+
+def _held(layer) -> dict:
+    """Each row's stored positions with their keys and values."""
+    pos = layer.positions
+    return {(r, p): (layer.keys[r, :, s], layer.values[r, :, s]) for r in range(pos.shape[0])
+            for s, p in enumerate(pos[r].tolist()) if p >= 0}
+
+
+def _assert_same_layer(got, want) -> None:
+    assert got.seen == want.seen and torch.equal(got.real_counts, want.real_counts)
+    a, b = _held(got), _held(want)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k][0], b[k][0]) and torch.equal(a[k][1], b[k][1])
+
+
+CROP_STEPS = {"decode": [6] + [1] * 9, "chunks": [6, 3, 1, 4, 1]}
+
+
+@pytest.mark.parametrize("steps", list(CROP_STEPS))
+def test_recording_window_layer_crops_exactly(steps):
+    """After activate_past_recording (what generate calls before assisted decoding), crop(-n) for every n up
+    to the tokens recorded leaves the layer as a layer fed n tokens fewer (left-padded rows, decode steps and
+    chunks, the ring of 4 wrapping twice), and the next update agrees too."""
+    steps = CROP_STEPS[steps]
+    total = sum(steps)
+    keys = torch.randn(2, 2, total + 1, 3)
+    mask = torch.ones(2, total + 1, dtype=torch.bool)
+    mask[1, :2] = False  # row 1: two padding tokens in the prompt
+    for n in range(total - steps[0] + 1):
+        got = _fed(steps, keys, mask, record_after=1)
+        got.crop(-n)
+        kept, left = [], total - n
+        for q in steps:  # the same updates, cut at total - n tokens
+            kept.append(min(q, left))
+            left -= kept[-1]
+        want = _fed([q for q in kept if q], keys, mask)
+        _assert_same_layer(got, want)
+        for layer in (got, want):  # the next token sees the same keys
+            layer.prepare(mask[:, : total - n + 1])
+            layer.update(keys[:, :, total - n : total - n + 1], keys[:, :, :1])
+        _assert_same_layer(got, want)
+
+
+def test_window_layer_crop_without_record_and_its_refusals():
+    """Without a record, crop is exact while nothing the rolled-back queries see was overwritten (here: the
+    last token, or anything before the ring wrapped) and refuses, unchanged, with the numbers otherwise."""
+    keys = torch.randn(1, 1, 10, 2)
+    mask = torch.ones(1, 10, dtype=torch.bool)
+    for total, n in ((10, 1), (5, 4), (5, 2)):
+        got = _fed([1] * total, keys, mask)
+        got.crop(-n)
+        _assert_same_layer(got, _fed([1] * (total - n), keys, mask))
+        got.crop(total - n)  # the positive form (transformers < 5.18): the length to keep
+        _assert_same_layer(got, _fed([1] * (total - n), keys, mask))
+    layer = _fed([1] * 10, keys, mask)
+    assert not layer.is_croppable
+    with pytest.raises(ValueError, match=r"roll it back to 8 tokens, but positions 5\.\.5.*activate_past_recording"):
+        layer.crop(-2)
+    _assert_same_layer(layer, _fed([1] * 10, keys, mask))  # refused before changing anything
+    with pytest.raises(ValueError, match="holds only 10 tokens"):
+        layer.crop(-11)
+    # a padded row: which positions go is read from the next forward's mask
+    padded = torch.ones(2, 10, dtype=torch.bool)
+    padded[1, :2] = False
+    keys = torch.randn(2, 1, 10, 2)
+    got, want = _fed([3, 1, 1], keys, padded), _fed([3], keys, padded)
+    got.crop(-2)
+    for layer in (got, want):
+        layer.prepare(padded[:, :4])
+        layer.update(keys[:, :, 3:4], -keys[:, :, 3:4])
+    _assert_same_layer(got, want)
+    with pytest.raises(ValueError, match="were padding"):
+        _fed([3] + [1] * 5, keys, padded).crop(-2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,13 +476,25 @@ def test_layers_subset_keeps_native_cache_layers():
     torch.testing.assert_close(logits, logits_full, atol=1e-4, rtol=1e-4)
 
 
-def test_assisted_decoding_is_refused():
-    model = patch_model(tiny("llama"), PATTERNS["window"], backend="reference")
-    assistant = tiny("llama", seed=1)
-    ids = tokens(1, 12)
-    with pytest.raises((ValueError, NotImplementedError), match="crop|rolled back"):
-        model.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=assistant, max_new_tokens=4,
-                       do_sample=False, pad_token_id=0)
+@pytest.mark.parametrize("name", ["window", "longformer"])
+def test_assisted_decoding_equals_greedy(name):
+    """Assisted greedy decoding gives greedy decoding's tokens (HF's guarantee) on a model whose bounded
+    cache wraps its ring several times: each rejected draft is rolled back by crop. With an explicit
+    recording SparseCache on every release; with generate's own caches (which it makes record, in the model
+    and in a patched assistant) from transformers 5.15 on."""
+    model = patch_model(tiny("llama"), PATTERNS[name], backend="reference")
+    ids, mask = tokens(1, 12), torch.ones(1, 12, dtype=torch.long)
+    seq, _, _ = generate(model, ids, mask, new=30)
+    cache = SparseCache(model)
+    cache.activate_past_recording()
+    assisted, _, cache = generate(model, ids, mask, new=30, assistant_model=tiny("llama", seed=1), **cache_kwargs(cache))
+    assert isinstance(cache.layers[0], SparseWindowLayer) and cache.layers[0].seen > W + G
+    assert torch.equal(assisted, seq)
+    if hasattr(transformers.cache_utils.Cache, "activate_past_recording"):
+        assistant = patch_model(tiny("llama", seed=1), PATTERNS["window"], backend="reference")
+        assert torch.equal(generate(model, ids, mask, new=30, assistant_model=assistant)[0], seq)
+
+
 # ---------------------------------------------------------------------------------------------
 # benchmark script
 def test_bench_generate_smoke(tmp_path, capsys):
