@@ -16,7 +16,8 @@ transformers hands a patched layer one of three masks (:mod:`hf_sparse.patches.a
   apply. The user passed a full matrix, so :func:`attention_with_weights` computes the scores densely on
   the PyTorch reference (``O(Sq * Skv)`` memory, warned once).
 * **``output_attentions=True``**: the caller asked for the ``[B, H, Sq, Skv]`` probabilities, so the layer
-  runs :func:`attention_with_weights` too (same warning) and returns them; masked pairs get 0.
+  runs :func:`attention_with_weights` too (same warning) and returns them; masked pairs get 0. A static
+  cache layer may ask for them over its slots instead of the keys it returned (``AttentionInputs.columns``).
 
 Positions for the dense path: from the bounded cache's slot positions, else from the padding mask (real
 tokens counted), else from ``position_ids`` under a custom 4D mask without cached keys (packed documents
@@ -153,4 +154,14 @@ def attention_with_weights(query, key, value, pattern: Pattern, *, padding=None,
         mask = mask & (slots[None, :] <= slots[skv - sq:, None])
     out, weights = attention_probabilities(query, key, value, pattern, q_pos=q_pos, k_pos=k_pos, scale=scale,
                                            softcap=softcap or 0.0, layer=layer, mask=mask)
+    if bounded is not None and bounded.columns is not None:
+        weights = _on_columns(weights, bounded.columns, bounded.width)
     return out.transpose(1, 2).contiguous(), weights
+
+
+def _on_columns(weights: torch.Tensor, columns: torch.Tensor, width: int) -> torch.Tensor:
+    """``weights [B, H, Sq, Skv]`` moved to ``width`` columns: key ``j`` of row ``b`` to column ``columns[b, j]``
+    (distinct for the keys that have one; ``-1``: a padding key, whose weight is 0, goes nowhere)."""
+    b, h, sq, skv = weights.shape
+    index = columns.masked_fill(columns < 0, width).view(b, 1, 1, skv).expand(b, h, sq, skv)
+    return weights.new_zeros((b, h, sq, width + 1)).scatter_(3, index, weights)[..., :width]

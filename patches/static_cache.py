@@ -11,15 +11,17 @@ Each patched layer gets a :class:`StaticWindowLayer` (per group of KV heads for 
   slots and a ring of ``W`` slots, position ``p >= G`` at slot ``G + (p - G) % W``;
 * a full history (dense, BigBird, strides): ``max_cache_len`` slots, position ``p`` at slot ``p``;
 
-plus one write-sink slot that takes the tokens no later query sees (its position stays ``-1``). Next
-to the keys and values live ``positions [B, slots + 1]`` (``-1`` empty), ``real_counts [B]`` (real
-tokens per row) and the number of tokens seen (a 0-dim tensor, as in transformers' ``StaticLayer``),
-all marked as static addresses for CUDA graphs.
+plus one write-sink slot that takes the tokens no later query sees (its position stays ``-1``). The
+buffers hold ``slots + 1`` entries; ``keys``, ``values`` and ``positions`` are views of their first
+``slots`` (``[B, H, slots, D]``: for a full history transformers' ``StaticCache`` shape,
+``[B, H, max_cache_len, D]``). Next to them live ``real_counts [B]`` (real tokens per row) and the
+number of tokens seen (a 0-dim tensor, as in transformers' ``StaticLayer``), all marked as static
+addresses for CUDA graphs.
 
 An update
 
 * of one token (decode): writes it into its slot (which held position ``n - W``, invisible to the
-  query at ``n``), advances the counts in place and returns the whole buffers; the attention runs
+  query at ``n``), advances the counts in place and returns the ``slots`` views; the attention runs
   :func:`hf_sparse.decode.attention_with_positions` over them (on CUDA the decode kernel, a
   ``torch.library`` custom op under ``torch.compile``; tiles of empty slots are skipped, so a full
   history buffer larger than the sequence costs nothing extra);
@@ -28,6 +30,11 @@ An update
 * of several tokens on a filled cache (chunked prefill): returns ``[buffer | chunk]`` and stores the
   chunk; with ``prefill_chunk_size`` a 128k prompt fills the cache chunk by chunk, each chunk
   attending over ``slots + chunk`` keys, never over the whole prompt.
+
+``output_attentions=True`` returns probabilities over the slots (``[B, H, q, slots]``, 0 outside the
+pattern and on empty slots) at every step of a full-history layer, the prompt's included, as
+transformers' static cache does; a window layer's prefill and chunks return them over the keys they
+attended (its ring cannot hold a long prompt's keys at once).
 
 Positions count real tokens per row from the padding mask of the new tokens (the mask function hands
 patched layers the last ``q`` columns of the 2D mask when the cache is static, so its shape does not
@@ -78,11 +85,12 @@ class StaticWindowLayer(PositionedLayer):
     or, with ``window=None`` (or when ``sinks + window >= max_cache_len``), every position up to
     ``max_cache_len`` at its own slot. See the module docstring for the layout and the updates.
 
-    Attributes after allocation: ``keys``/``values`` ``[B, H, slots + 1, D]``, ``positions [B, slots + 1]``,
-    ``real_counts [B]``; all updated in place.
+    Attributes after allocation: ``keys``/``values`` ``[B, H, slots, D]`` and ``positions [B, slots]`` (views
+    of the buffers, which hold one write-sink slot more), ``real_counts [B]``; all updated in place.
     """
 
     is_compileable = True
+    _k = _v = _pos = None  # [B, H, slots + 1, D] / [B, slots + 1]: the buffers, the last slot a write sink
 
     def __init__(self, max_cache_len: int, window: int | None = None, sinks: int = 0):
         super().__init__()
@@ -96,12 +104,34 @@ class StaticWindowLayer(PositionedLayer):
         # a full history is a ring that never wraps: position p at slot p
         self.sinks, self.window = (0, max_cache_len) if self.full else (sinks, window)
         self.slots = self.sinks + self.window
-        self.keys = self.values = self.positions = self.real_counts = self._seen = None
+        self._k = self._v = self._pos = self.real_counts = self._seen = None
         self._empty = True  # a host flag read only for prompts and chunks (q > 1), never by a decode step
 
     def __repr__(self) -> str:
         kind = f"full, {self.slots} slots" if self.full else f"window={self.window}, sinks={self.sinks}"
         return f"StaticWindowLayer({kind})"
+
+    # the views of the buffers without their write-sink slot, made afresh on each access (inside a compiled
+    # step too), so no two attributes alias one buffer
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, : self.slots]
+
+    @keys.setter
+    def keys(self, value) -> None:
+        _refuse_assignment("keys", value)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, : self.slots]
+
+    @values.setter
+    def values(self, value) -> None:
+        _refuse_assignment("values", value)
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        return None if self._pos is None else self._pos[:, : self.slots]
 
     # -- allocation ------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -109,14 +139,14 @@ class StaticWindowLayer(PositionedLayer):
         and device; its length is ignored, so ``Cache.early_initialization`` works too)."""
         b, h, _, d = key_states.shape
         device = key_states.device
-        self.keys = key_states.new_zeros((b, h, self.slots + 1, d))
-        self.values = value_states.new_zeros((b, value_states.shape[1], self.slots + 1, value_states.shape[-1]))
-        self.positions = torch.full((b, self.slots + 1), -1, dtype=torch.long, device=device)
+        self._k = key_states.new_zeros((b, h, self.slots + 1, d))
+        self._v = value_states.new_zeros((b, value_states.shape[1], self.slots + 1, value_states.shape[-1]))
+        self._pos = torch.full((b, self.slots + 1), -1, dtype=torch.long, device=device)
         self.real_counts = torch.zeros(b, dtype=torch.long, device=device)
         self._seen = torch.zeros((), dtype=torch.long, device=device)
         self.dtype, self.device = key_states.dtype, device
         if not _is_compiling():  # CUDA graphs replay these addresses: they must never move
-            for t in (self.keys, self.values, self.positions, self.real_counts, self._seen):
+            for t in (self._k, self._v, self._pos, self.real_counts, self._seen):
                 torch._dynamo.mark_static_address(t)
         self._empty = True
         self.is_initialized = True
@@ -140,24 +170,29 @@ class StaticWindowLayer(PositionedLayer):
         q = key_states.shape[-2]
         q_pos = new_positions(self.real_counts, self._new_real(q), q)
         n_after = self.real_counts + (q_pos >= 0).sum(1)
-        if q == 1:  # decode (or a one-token prompt): write first, then attend over the buffers
+        columns = None  # where output_attentions puts the returned keys, when they are not the slots
+        if q == 1:  # decode (or a one-token prompt): write first, then attend over the slots
             keys, values, k_pos, prefix = self.keys, self.values, self.positions, False
         elif self._empty:  # the prompt: its own keys, a plain prefix for the prefill kernels
             keys, values, k_pos, prefix = key_states, value_states, q_pos, True
-        else:  # a chunk after stored tokens: [buffer | chunk] (copied before the chunk is stored)
-            keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2)
-            values = torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2)
+            columns = q_pos if self.full else None  # a full history keeps position p at slot p
+        else:  # a chunk after stored tokens: [slots | chunk] (copied before the chunk is stored)
+            keys = torch.cat([self.keys, key_states.to(self._k.dtype)], dim=-2)
+            values = torch.cat([self.values, value_states.to(self._v.dtype)], dim=-2)
             k_pos, prefix = torch.cat([self.positions, q_pos], dim=1), False
+            if self.full:
+                own = torch.arange(self.slots, device=q_pos.device).expand(q_pos.shape[0], -1)
+                columns = torch.cat([torch.where(self.positions >= 0, own, -1), q_pos], dim=1)
         # keep the sinks and the last W tokens of each row (all of them for a full history); the others go to
         # the sink slot. Kept ring positions are distinct mod W, so their slots are distinct.
         g, w = self.sinks, self.window
         keep = (q_pos >= 0) & ((q_pos < g) | (q_pos >= n_after.view(-1, 1) - w))
         slot = torch.where(keep, ring_slots(q_pos.clamp_min(0), g, w), self.slots)
-        write_slots(self.keys, self.values, self.positions, key_states, value_states, q_pos, slot, self.slots)
+        write_slots(self._k, self._v, self._pos, key_states, value_states, q_pos, slot, self.slots)
         self.real_counts.copy_(n_after)
         self._seen.add_(q)
         self._empty = False
-        self._attention = AttentionInputs(keys, q_pos, k_pos, prefix)
+        self._attention = AttentionInputs(keys, q_pos, k_pos, prefix, columns, self.slots)
         return keys, values
 
     # -- CacheLayerMixin -------------------------------------------------------------------------
@@ -177,23 +212,23 @@ class StaticWindowLayer(PositionedLayer):
 
     def reset(self) -> None:
         if self.is_initialized:
-            self.keys.zero_()
-            self.values.zero_()
-            self.positions.fill_(-1)
+            self._k.zero_()
+            self._v.zero_()
+            self._pos.fill_(-1)
             self.real_counts.zero_()
             self._seen.zero_()
         self._empty = True
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:  # in place: the addresses stay
-            for t in (self.keys, self.values, self.positions, self.real_counts):
+            for t in (self._k, self._v, self._pos, self.real_counts):
                 t.copy_(t.index_select(0, beam_idx.to(t.device)))
 
     def _reshape_rows(self, fn) -> None:
         # the batch size changes, so the buffers cannot stay where they were (a new compiled graph follows)
         if self.is_initialized:
-            self.keys, self.values = fn(self.keys), fn(self.values)
-            self.positions, self.real_counts = fn(self.positions), fn(self.real_counts)
+            self._k, self._v = fn(self._k), fn(self._v)
+            self._pos, self.real_counts = fn(self._pos), fn(self.real_counts)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._reshape_rows(lambda t: t.repeat_interleave(repeats, dim=0))
@@ -203,7 +238,7 @@ class StaticWindowLayer(PositionedLayer):
 
     # -- hf_sparse -------------------------------------------------------------------------------
     def nbytes(self) -> int:
-        tensors = (self.keys, self.values, self.positions, self.real_counts)
+        tensors = (self._k, self._v, self._pos, self.real_counts)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def position_bound(self) -> int:
@@ -222,6 +257,12 @@ class StaticWindowLayer(PositionedLayer):
         p, n = self.positions, self.real_counts.view(-1, 1)
         live = (p >= 0) & ((p < self.sinks) | (p > n - self.window))
         return int(live.sum(1).max())
+
+
+def _refuse_assignment(name: str, value) -> None:
+    if value is not None:  # CacheLayerMixin.__init__ sets None
+        raise AttributeError(f"StaticWindowLayer.{name} is a view of a fixed buffer and cannot be replaced; update "
+                             "the layer (update, reset, reorder_cache) instead")
 
 
 def _one_static_layer(pattern: Pattern, max_cache_len: int) -> StaticWindowLayer:
@@ -250,8 +291,9 @@ class SparseStaticCache(StaticCache):
         model_or_config: a model patched by :func:`~hf_sparse.patches.patch_model` (its config carries
             ``hf_sparse``), or its config.
         max_cache_len: the most tokens one row will hold, prompt and generated tokens together (padding
-            included, as for transformers' static cache). Window layers need ``sinks + window + 1`` slots
-            whatever it is; full-history layers (dense, BigBird) ``max_cache_len + 1``.
+            included, as for transformers' static cache). Window layers keep ``sinks + window`` slots
+            whatever it is, full-history layers (dense, BigBird) ``max_cache_len`` (each plus one write-sink
+            slot that ``keys`` / ``values`` do not show).
         max_batch_size: with a model, allocate every buffer now, for this batch size (on the model's
             device and dtype); otherwise the buffers are allocated by the first update.
 

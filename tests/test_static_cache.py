@@ -72,7 +72,7 @@ def test_static_layer_keeps_sinks_and_window_in_place():
     where = [layer.keys.data_ptr(), layer.positions.data_ptr(), layer.real_counts.data_ptr()]
     for step in range(30):
         out = feed(1, None if step % 2 else torch.cat([real, torch.ones(2, step + 1, dtype=torch.bool)], 1))
-        assert out is layer.keys and out.shape == (2, 2, G + W + 1, 4)
+        assert out.data_ptr() == layer.keys.data_ptr() and out.shape == layer.keys.shape == (2, 2, G + W, 4)
     feed(5, torch.ones(2, 5, dtype=torch.bool))  # a chunk: only its own columns of the mask are read
     assert [layer.keys.data_ptr(), layer.positions.data_ptr(), layer.real_counts.data_ptr()] == where
     assert int(layer.get_seq_length()) == prompt + 35 and layer.live_tokens() == W - 1 + G
@@ -117,7 +117,7 @@ STATIC_CASES = [(m, n) for m in ("llama", "mistral") for n in PATTERNS]
 def test_static_cache_equals_dynamic_cache(model_type, name):
     """cache_implementation="static" builds a SparseStaticCache: across 40 steps (the ring wraps five times)
     of a left-padded batch, the same tokens and logits as the dynamic SparseCache and the per-head dense
-    oracle; window layers hold G + W + 1 slots whatever the length."""
+    oracle; window layers show G + W slots whatever the length."""
     extra = {"sliding_window": 5} if model_type == "mistral" else {}
     base = tiny(model_type, **extra)
     model = patch_model(tiny(model_type, **extra), PATTERNS[name], backend="reference")
@@ -134,9 +134,56 @@ def test_static_cache_equals_dynamic_cache(model_type, name):
     for i, layer in enumerate(cache.layers):
         assert isinstance(layer, StaticWindowLayer) and int(layer.get_seq_length()) == total - 1
         # "dense" on Mistral is the model's own window (5); a full history is sized by generate to
-        # prompt + new - 1 (the last token is never fed back); + the write sink
+        # prompt + new - 1 (the last token is never fed back)
         policy = options_of(model.config).pattern_for(i).cache_policy()
-        assert layer.keys.shape[-2] == (total - 1 if policy is None else sum(policy)) + 1
+        assert layer.keys.shape[-2] == (total - 1 if policy is None else sum(policy))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_static_cache_buffers_have_transformers_shapes(model_type):
+    """What transformers' tests read (cache.layers[i].keys / .values) has the shape of its own StaticCache for
+    the same config: [B, H, max_cache_len, D] for a full history, the window for Mistral's native one (which
+    "dense" keeps)."""
+    extra = {"sliding_window": 5} if model_type == "mistral" else {}
+    base = tiny(model_type, **extra)
+    ids = tokens(2, 3)
+    theirs = StaticCache(config=base.config, max_cache_len=16)
+    with torch.no_grad():
+        base(ids, **cache_kwargs(theirs))
+    model = patch_model(tiny(model_type, **extra), "dense", backend="reference")
+    ours = SparseStaticCache(model, max_cache_len=16)
+    with torch.no_grad():
+        model(ids, **cache_kwargs(ours))
+    for mine, hf in zip(ours.layers, theirs.layers, strict=True):
+        assert mine.keys.shape == hf.keys.shape and mine.values.shape == hf.values.shape
+    assert [layer.keys.shape[-2] for layer in ours.layers] == [5 if extra else 16] * 2
+
+
+def test_static_cache_attentions_equal_eager_static_cache():
+    """output_attentions with a static cache: "dense" returns transformers' eager probabilities over the cache's
+    slots, [B, H, q, max_cache_len], for the prompt, every decode step and a chunk after stored tokens."""
+    base = tiny("llama")
+    model = patch_model(tiny("llama"), "dense", backend="reference")
+    ids = tokens(2, 7)
+    runs = [m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0,
+                       cache_implementation="static", output_attentions=True, return_dict_in_generate=True)
+            for m in (base, model)]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    for want_step, got_step in zip(runs[0].attentions, runs[1].attentions, strict=True):
+        for want, got in zip(want_step, got_step, strict=True):
+            assert got.shape == want.shape and got.shape[-1] == 7 + 4 - 1
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # a prompt in two chunks, the second over the stored slots and itself
+    theirs, ours = StaticCache(config=base.config, max_cache_len=12), SparseStaticCache(model, max_cache_len=12)
+    with torch.no_grad():
+        for start, stop in ((0, 4), (4, 7)):
+            kwargs = dict(attention_mask=torch.ones(2, stop, dtype=torch.long), output_attentions=True,
+                          position_ids=torch.arange(start, stop).expand(2, -1))
+            want = base(ids[:, start:stop], **kwargs, **cache_kwargs(theirs)).attentions
+            got = model(ids[:, start:stop], **kwargs, **cache_kwargs(ours)).attentions
+            for a, b in zip(got, want, strict=True):
+                assert a.shape == b.shape == (2, 4, stop - start, 12)
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_static_cache_chunked_prefill_explicit_cache_and_reuse():
