@@ -112,26 +112,10 @@ class StaticWindowLayer(PositionedLayer):
         return f"StaticWindowLayer({kind})"
 
     # the views of the buffers without their write-sink slot, made afresh on each access (inside a compiled
-    # step too), so no two attributes alias one buffer
-    @property
-    def keys(self) -> torch.Tensor | None:
-        return None if self._k is None else self._k[:, :, : self.slots]
-
-    @keys.setter
-    def keys(self, value) -> None:
-        _refuse_assignment("keys", value)
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        return None if self._v is None else self._v[:, :, : self.slots]
-
-    @values.setter
-    def values(self, value) -> None:
-        _refuse_assignment("values", value)
-
-    @property
-    def positions(self) -> torch.Tensor | None:
-        return None if self._pos is None else self._pos[:, : self.slots]
+    # step too), so no two attributes alias one buffer; CacheLayerMixin.__init__ assigns None to keys / values
+    keys = property(lambda self: _without_sink(self._k, self.slots), lambda self, v: _refuse_assignment("keys", v))
+    values = property(lambda self: _without_sink(self._v, self.slots), lambda self, v: _refuse_assignment("values", v))
+    positions = property(lambda self: _without_sink(self._pos, self.slots))
 
     # -- allocation ------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -259,8 +243,13 @@ class StaticWindowLayer(PositionedLayer):
         return int(live.sum(1).max())
 
 
+def _without_sink(buffer: torch.Tensor | None, slots: int) -> torch.Tensor | None:
+    """``[B, H, slots + 1, D]`` or ``[B, slots + 1]`` without its last (write-sink) slot."""
+    return None if buffer is None else buffer.narrow(2 if buffer.dim() == 4 else 1, 0, slots)
+
+
 def _refuse_assignment(name: str, value) -> None:
-    if value is not None:  # CacheLayerMixin.__init__ sets None
+    if value is not None:
         raise AttributeError(f"StaticWindowLayer.{name} is a view of a fixed buffer and cannot be replaced; update "
                              "the layer (update, reset, reorder_cache) instead")
 
