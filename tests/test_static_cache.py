@@ -26,6 +26,7 @@ from hf_models import cache_kwargs, left_padding, tiny, tokens  # noqa: E402
 from hf_sparse.patches import patch_model  # noqa: E402
 from hf_sparse.patches.cache import (  # noqa: E402
     HeadGroupsLayer,
+    SparseCache,
     SparseWindowLayer,
     cache_bytes,
     head_groups,
@@ -281,6 +282,20 @@ def test_per_head_cache_equals_per_head_oracle(static):
     assert window <= 2 * per_slot * (6 + 1) + 16 and longformer <= per_slot * (4 + 3 + 1) + 16
     assert cache_bytes(cache) == sum(layer_bytes(layer) for layer in cache.layers)
     assert cache_bytes(cache) < 0.5 * (2 * 4 * 2 * 2 * 8 * 4 * total)  # half of every head kept in full
+
+
+def test_per_head_cache_rolls_back_for_assisted_decoding():
+    """A per-head cache (a full-history group and bounded ones) rolls every group back together: assisted
+    greedy decoding gives greedy decoding's tokens (HF's guarantee)."""
+    model = patch_model(tiny("llama", **BASE_HEADS), "sliding_window:window=6", head_patterns=HEADS,
+                        backend="reference")
+    ids = tokens(1, 12)
+    seq, _, _ = generate(model, ids, torch.ones_like(ids), new=24)
+    cache = SparseCache(model)
+    cache.activate_past_recording()
+    assisted, _, cache = generate(model, ids, torch.ones_like(ids), new=24, assistant_model=tiny("llama", seed=1),
+                                  **cache_kwargs(cache))
+    assert isinstance(cache.layers[0], HeadGroupsLayer) and torch.equal(assisted, seq)
 
 
 def patch_plan(model, layer: int):
