@@ -10,7 +10,9 @@ For a tile of query positions the keys needed come in three groups, computed ari
 * global tiles ``[0, g_end)`` (Longformer global tokens, BigBird global blocks),
 * window tiles ``[a, w_end)``, split into a masked leading edge ``[a, e)``, an unmasked interior
   ``[e, f)`` and a masked trailing part ``[f, w_end)`` (the diagonal for causal patterns),
-* BigBird random blocks, read from a small ``[Hkv, num_q_blocks, R]`` table.
+* BigBird random blocks, read from a small ``[Hkv, num_q_blocks, R]`` table,
+* stride runs: the key tiles below the window that a long stride hits (:func:`_stride_runs`; a short stride
+  or key columns make the window start at key 0 instead).
 
 Only tiles on a boundary evaluate the token-level predicate; interior tiles run without a mask.
 The backward has a dK/dV kernel (one program per key tile and KV head, looping over the query heads
@@ -93,6 +95,59 @@ def _visible(qp, kp, k_len, W, G, WB, S, CP, CC, KIND: tl.constexpr, CAUSAL: tl.
     return vis & (kp2 < k_len) & (kp2 >= 0)
 
 
+# ----------------------------------------------------------------------------------------------
+# stride runs. Through a stride S the query positions [x_lo, x_hi) of a tile see the keys [x_lo - k S,
+# x_hi - k S), k >= 0 (and the keys [x_lo, x_hi) of a tile are seen by the queries [x_lo + k S, x_hi + k S)):
+# runs of x_hi - x_lo positions, S apart. Once S >= (x_hi - x_lo) + TILE no two runs share a tile of the
+# other side, so a tile can visit the tiles of its runs, each once, instead of every tile of the prefix.
+@triton.jit
+def _far_rules(S, CC, span, KIND: tl.constexpr, CAUSAL: tl.constexpr, TILE: tl.constexpr):
+    """For a tile of ``span`` positions: whether a stride or key columns reach the whole prefix (``reach``: the
+    window range starts at 0, or ends at the last query), and whether the stride hits are visited as runs
+    instead (``runs``: causal, no key columns, and no two runs share a ``TILE`` of the other side)."""
+    reach = (S > 0) | (CC > 0)
+    runs = False
+    if KIND & 4 and CAUSAL:
+        runs = (S >= span + TILE) & (CC == 0)
+        reach = reach & ~runs
+    return reach, runs
+
+
+@triton.jit
+def _stride_runs(x_lo, x_hi, S, on, c_lo, c_hi, none, UP: tl.constexpr, TILE: tl.constexpr):
+    """The runs of the positions ``[x_lo, x_hi)`` on the other side -- later queries (``UP``) or earlier keys --
+    restricted to ``[c_lo, c_hi)`` (``c_lo`` a multiple of ``TILE``): the tuple :func:`_run_tile` reads (first
+    run's start, step, length, tiles per run, the clip, the empty tile ``none``, the tile count; no tiles unless
+    ``on``). A run covers at most ``per`` tiles; one that covers fewer (another alignment, or clipped) spends
+    the spare iterations on ``none``, a tile that no valid row sees."""
+    s = tl.maximum(S, 1)
+    if UP:  # run k: queries [x_lo + k s, x_hi + k s)
+        near = c_lo - x_hi
+        far = c_hi - 1 - x_lo
+        step = s
+    else:  # run k: keys [x_lo - k s, x_hi - k s)
+        near = x_lo - c_hi
+        far = x_hi - 1 - c_lo
+        step = -s
+    k_first = tl.maximum(near + s, 0) // s  # the first run that reaches into [c_lo, c_hi); far // s is the last
+    n_runs = tl.where(on & (far >= 0), tl.maximum(far, 0) // s - k_first + 1, 0)
+    span = x_hi - x_lo
+    off = tl.where(S % TILE == 0, x_lo % TILE, TILE - 1)  # offset of a run in its first tile (the worst if it varies)
+    per = tl.maximum((off + span + TILE - 1) // TILE, 1)
+    return x_lo + k_first * step, step, span, per, c_lo, c_hi, none, tl.maximum(n_runs, 0) * per
+
+
+@triton.jit
+def _run_tile(j, run, TILE: tl.constexpr):
+    """Start of tile ``j`` of the runs ``run`` (:func:`_stride_runs`): tile ``j % per`` of run ``j // per``, or the
+    empty tile past the run's end or the clip."""
+    first, step, span, per, c_lo, c_hi, none, n = run
+    r = j // per
+    run_lo = first + r * step
+    start = _floor_to(tl.maximum(run_lo, c_lo), TILE) + (j - r * per) * TILE
+    return tl.where(start < tl.minimum(run_lo + span, c_hi), start, none)
+
+
 @triton.jit
 def _query_tile_ranges(m_lo, m_hi, k_len, W, G, WB, S, CP, CC,
                        KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -100,7 +155,8 @@ def _query_tile_ranges(m_lo, m_hi, k_len, W, G, WB, S, CP, CC,
 
     The bands give the window ``[win_lo, win_hi)`` and its unmasked interior ``[full_lo, full_hi)``; a
     token band and a block band together (causal) take the union of both. A stride or key columns reach
-    every earlier key: the window then starts at 0, masked outside the bands' interior."""
+    every earlier key: the window then starts at 0, masked outside the bands' interior -- unless the stride
+    hits are visited as runs (``runs``, see :func:`_stride_runs`), which leaves the window to the bands."""
     if CAUSAL:
         win_hi = tl.minimum(m_hi, k_len)
         full_hi = _floor_to(tl.minimum(m_lo + 1, k_len), BLOCK_N)
@@ -122,8 +178,10 @@ def _query_tile_ranges(m_lo, m_hi, k_len, W, G, WB, S, CP, CC,
             if not CAUSAL:
                 win_hi = tl.minimum((qb + WB) * BLK, k_len)
                 full_hi = _floor_to(win_hi, BLOCK_N)
+    runs = False
     if KIND & 12:
-        win_lo = tl.where((S > 0) | (CC > 0), 0, win_lo)
+        reach, runs = _far_rules(S, CC, m_hi - m_lo, KIND, CAUSAL, BLOCK_N)
+        win_lo = tl.where(reach, 0, win_lo)
     if not CAUSAL:
         if m_lo < G:  # global query rows see every key: take all tiles, masked
             win_lo = 0
@@ -141,7 +199,7 @@ def _query_tile_ranges(m_lo, m_hi, k_len, W, G, WB, S, CP, CC,
     f = tl.minimum(tl.maximum(full_hi, e), w_end)
     g_full = tl.minimum(_floor_to(g_hi, BLOCK_N), a)
     g_end = tl.minimum(_ceil_to(g_hi, BLOCK_N), a)
-    return g_full, g_end, a, e, f, w_end
+    return g_full, g_end, a, e, f, w_end, runs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,13 +207,19 @@ def _query_tile_ranges(m_lo, m_hi, k_len, W, G, WB, S, CP, CC,
 # tiles. Each loop walks up to three contiguous tile ranges and a list of random blocks through a
 # single index, so the compiler sees one loop body (one software pipeline, one register budget).
 @triton.jit
-def _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0,
-                TPB: tl.constexpr, BLK: tl.constexpr, TILE: tl.constexpr, HAS_RAND: tl.constexpr):
-    """Start position of tile ``it`` of the sequence A (``na`` tiles from ``a0``), random blocks
-    (``n_rand`` tiles, ``TPB`` per block, block ids at ``RPTR``), B (``nb`` from ``b0``), C (from ``c0``).
+def _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, RUN,
+                TPB: tl.constexpr, BLK: tl.constexpr, TILE: tl.constexpr, HAS_RAND: tl.constexpr,
+                HAS_RUNS: tl.constexpr):
+    """Start position of tile ``it`` of the sequence: with ``HAS_RUNS`` first the stride runs ``RUN``
+    (:func:`_stride_runs`), then A (``na`` tiles from ``a0``), random blocks (``n_rand`` tiles, ``TPB`` per
+    block, block ids at ``RPTR``), B (``nb`` from ``b0``), C (from ``c0``).
 
     Without random blocks (``HAS_RAND`` false, ``n_rand`` must be 0) the table read and its index
-    arithmetic are left out of the loop body."""
+    arithmetic are left out of the loop body; without ``HAS_RUNS`` (``RUN`` unused) the runs' arithmetic."""
+    if HAS_RUNS:
+        run_start = _run_tile(it, RUN, TILE)
+        is_run = it < RUN[7]
+        it = it - RUN[7]
     j = it - na
     if HAS_RAND:
         is_rand = (j >= 0) & (j < n_rand)
@@ -167,6 +231,8 @@ def _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0,
     else:
         is_rand = j < -_BIG_I32  # never true; keeps the return type
         start = tl.where(it < na, a0 + it * TILE, tl.where(j < nb, b0 + j * TILE, c0 + (j - nb) * TILE))
+    if HAS_RUNS:
+        start = tl.where(is_run, run_start, start)
     return start, is_rand
 
 
@@ -202,16 +268,17 @@ def _count_valid(RPTR, R: tl.constexpr):
 def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
               desc_k, desc_v, b, hk, k_shift,
               offs_n, offs_d, qp, k_len, W, G, WB, S, CP, CC, qk_scale, softcap,
-              a0, na, RPTR, n_rand, b0, nb, c0, n_total,
+              a0, na, RPTR, n_rand, b0, nb, c0, RUN, n_total,
               KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-              TPB: tl.constexpr, HAS_RAND: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr):
+              TPB: tl.constexpr, HAS_RAND: tl.constexpr, HAS_RUNS: tl.constexpr, TMA: tl.constexpr,
+              BLOCK_D: tl.constexpr):
     """``TMA``: this loop loads K/V tiles through tensor descriptors. Interior tiles lie inside the keys;
     masked tiles may reach past them, where the copy engine reads rows outside ``[0, Tk)`` as 0 -- what the
     masked pointer load gives -- so they use it too unless keys are padded inside the tensor (``VARLEN``)."""
     d_ok = offs_d < HEAD_DIM
     for it in range(0, n_total):
-        start_n, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_N, HAS_RAND)
+        start_n, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, RUN, TPB, BLK, BLOCK_N, HAS_RAND, HAS_RUNS)
         kp = start_n + offs_n
         k_ptrs = k_base + kp[None, :] * stride_kn + offs_d[:, None] * stride_kd
         v_ptrs = v_base + kp[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -341,8 +408,13 @@ def _query_side_plan(m_lo_eff, m_hi, k_len, W, G, WB, S, CP, CC, RAND, hk, strid
 
     A causal random block precedes its query block, so it lies inside the keys and runs unmasked --
     unless queries sit past the last key block (``PAST_KEYS``: ``q_offset + Tq > Tk``), where the last,
-    partial key block may have been drawn: those tiles send their random blocks to the masked loop."""
-    g_full, g_end, a, e, f, w_end = _query_tile_ranges(m_lo_eff, m_hi, k_len, W, G, WB, S, CP, CC, KIND, CAUSAL, BLK, BLOCK_N)
+    partial key block may have been drawn: those tiles send their random blocks to the masked loop.
+
+    Stride runs (causal plans with a stride, where :func:`_far_rules` allows them) are masked tiles below
+    the window and at or above the global tiles, ``[g_end, min(a, k_len))``: tiles of the window or of the
+    globals are visited there, so each key tile is visited once."""
+    g_full, g_end, a, e, f, w_end, runs = _query_tile_ranges(
+        m_lo_eff, m_hi, k_len, W, G, WB, S, CP, CC, KIND, CAUSAL, BLK, BLOCK_N)
     TPB: tl.constexpr = BLK // BLOCK_N
     if R > 0:
         rptr = RAND + hk * stride_rh + (m_lo_eff // BLK) * stride_rq
@@ -366,8 +438,15 @@ def _query_side_plan(m_lo_eff, m_hi, k_len, W, G, WB, S, CP, CC, RAND, hk, strid
     nm_a = (g_end - g_full) // BLOCK_N
     nm_b = (e - a) // BLOCK_N
     nm_c = (w_end - f) // BLOCK_N
+    if (KIND & 4) != 0 and CAUSAL:
+        run = _stride_runs(m_lo_eff, m_hi, S, runs, g_end, tl.minimum(a, k_len), _ceil_to(m_hi, BLOCK_N), False,
+                           BLOCK_N)
+        n_run = run[7]
+    else:
+        run = 0  # (unused)
+        n_run = 0
     return (rptr, nu_a, u_rand, e, nu_b, nu_a + u_rand + nu_b,
-            g_full, nm_a, m_rand, a, nm_b, f, nm_a + m_rand + nm_b + nm_c)
+            g_full, nm_a, m_rand, a, nm_b, f, n_run + nm_a + m_rand + nm_b + nm_c, run)
 
 
 @triton.jit
@@ -402,20 +481,20 @@ def _fwd_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        (rptr, nu_a, u_rand, ub0, nu_b, nu, ma0, nm_a, m_rand, mb0, nm_b, mc0, nm) = _query_side_plan(
+        (rptr, nu_a, u_rand, ub0, nu_b, nu, ma0, nm_a, m_rand, mb0, nm_b, mc0, nm, run) = _query_side_plan(
             m_lo_eff, m_hi, k_len, W, G, WB, S, CP, CC, RAND + b * stride_rb, hk, stride_rh, stride_rq, KIND, CAUSAL, R, BLK,
             BLOCK_N, PAST_KEYS)
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, S, CP, CC, sm_scale, softcap,
-                                  0, nu_a, rptr, u_rand, ub0, nu_b, ub0, nu,
+                                  0, nu_a, rptr, u_rand, ub0, nu_b, ub0, run, nu,
                                   KIND, CAUSAL, BLK, False, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB,
-                                  (R > 0) and CAUSAL and (KIND & 16) == 0, USE_TMA, BLOCK_D)
+                                  (R > 0) and CAUSAL and (KIND & 16) == 0, False, USE_TMA, BLOCK_D)
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, S, CP, CC, sm_scale, softcap,
-                                  ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, nm,
+                                  ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, run, nm,
                                   KIND, CAUSAL, BLK, True, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB,
-                                  (R > 0) and (PAST_KEYS or not CAUSAL or (KIND & 16) != 0), USE_TMA and not VARLEN,
-                                  BLOCK_D)
+                                  (R > 0) and (PAST_KEYS or not CAUSAL or (KIND & 16) != 0), (KIND & 4) != 0 and CAUSAL,
+                                  USE_TMA and not VARLEN, BLOCK_D)
         has = l_i > 0.0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
@@ -447,14 +526,14 @@ def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
 @triton.jit
 def _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
              desc_k, desc_v, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, S, CP, CC, sm_scale, softcap,
-             a0, na, RPTR, n_rand, b0, nb, c0, n_total,
+             a0, na, RPTR, n_rand, b0, nb, c0, RUN, n_total,
              KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
              HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TPB: tl.constexpr,
-             HAS_RAND: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr):
+             HAS_RAND: tl.constexpr, HAS_RUNS: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr):
     """``TMA`` as in :func:`_fwd_loop`."""
     d_ok = offs_d < HEAD_DIM
     for it in range(0, n_total):
-        start_n, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_N, HAS_RAND)
+        start_n, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, RUN, TPB, BLK, BLOCK_N, HAS_RAND, HAS_RUNS)
         kp = start_n + offs_n
         k_ok = (kp < k_len) & (kp >= 0)
         if TMA:
@@ -520,20 +599,20 @@ def _bwd_dq_kernel(
         k_base = K + b * stride_kb + hk * stride_kh + k_shift * stride_kn
         v_base = V + b * stride_vb + hk * stride_vh + k_shift * stride_vn
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        (rptr, nu_a, u_rand, ub0, nu_b, nu, ma0, nm_a, m_rand, mb0, nm_b, mc0, nm) = _query_side_plan(
+        (rptr, nu_a, u_rand, ub0, nu_b, nu, ma0, nm_a, m_rand, mb0, nm_b, mc0, nm, run) = _query_side_plan(
             m_lo_eff, m_hi, k_len, W, G, WB, S, CP, CC, RAND + b * stride_rb, hk, stride_rh, stride_rq, KIND, CAUSAL, R, BLK,
             BLOCK_N, PAST_KEYS)
         dq = _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                       DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, S, CP, CC, sm_scale, softcap,
-                      0, nu_a, rptr, u_rand, ub0, nu_b, ub0, nu,
+                      0, nu_a, rptr, u_rand, ub0, nu_b, ub0, run, nu,
                       KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB,
-                      (R > 0) and CAUSAL and (KIND & 16) == 0,
+                      (R > 0) and CAUSAL and (KIND & 16) == 0, False,
                       USE_TMA, BLOCK_D)
         dq = _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                       DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, S, CP, CC, sm_scale, softcap,
-                      ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, nm,
+                      ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, run, nm,
                       KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB,
-                      (R > 0) and (PAST_KEYS or not CAUSAL or (KIND & 16) != 0),
+                      (R > 0) and (PAST_KEYS or not CAUSAL or (KIND & 16) != 0), (KIND & 4) != 0 and CAUSAL,
                       USE_TMA and not VARLEN, BLOCK_D)
         dq = dq * sm_scale
         tl.store(DQ + b * stride_dqb + heads[:, None] * stride_dqh + rows[:, None] * stride_dqm
@@ -543,14 +622,14 @@ def _bwd_dq_kernel(
 @triton.jit
 def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod,
                desc_q, desc_do, b, h, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len, W, G, WB, S, CP, CC, sm_scale, softcap,
-               a0, na, RPTR, n_rand, b0, nb, c0, it_lo, it_hi,
+               a0, na, RPTR, n_rand, b0, nb, c0, RUN, it_lo, it_hi,
                KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TPB: tl.constexpr,
-               HAS_RAND: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr):
+               HAS_RAND: tl.constexpr, HAS_RUNS: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles ``[it_lo, it_hi)`` of the plan (BLOCK_M rows each)."""
     d_ok = offs_d < HEAD_DIM
     for it in range(it_lo, it_hi):
-        start_m, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, TPB, BLK, BLOCK_M, HAS_RAND)
+        start_m, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, RUN, TPB, BLK, BLOCK_M, HAS_RAND, HAS_RUNS)
         qp = start_m + offs_m
         rows = qp - q_start
         row_ok = (rows >= row_lo) & (rows < row_hi)
@@ -591,7 +670,8 @@ def _key_tile_ranges(n_lo, n_hi, q_lo, q_hi, W, G, WB, S, CP, CC,
     """Query-position ranges that see keys ``[n_lo, n_hi)``, valid queries being ``[q_lo, q_hi)``.
 
     Returns ``s_end`` (global query rows ``[q_lo_al, s_end)``, non-causal only), then the window part
-    ``a, e, f, w_end`` (masked ``[a, e)``, unmasked ``[e, f)``, masked ``[f, w_end)``).
+    ``a, e, f, w_end`` (masked ``[a, e)``, unmasked ``[e, f)``, masked ``[f, w_end)``), and whether the
+    stride hits past the window are visited as runs (:func:`_far_rules`; else the window reaches ``q_hi``).
     """
     q_lo_al = _floor_to(q_lo, BLOCK_M)
     if KIND & 1:
@@ -618,8 +698,10 @@ def _key_tile_ranges(n_lo, n_hi, q_lo, q_hi, W, G, WB, S, CP, CC,
                 full_lo = lo
             hi = b_hi
             full_hi = hi
+    runs = False
     if KIND & 12:  # a stride or key columns: every later query may see this tile
-        hi = tl.where((S > 0) | (CC > 0), q_hi, hi)
+        reach, runs = _far_rules(S, CC, n_hi - n_lo, KIND, CAUSAL, BLOCK_M)
+        hi = tl.where(reach, q_hi, hi)
     if n_lo < G:  # the tile holds global keys: every later query (every query if non-causal) sees them
         if not CAUSAL:
             lo = 0
@@ -637,7 +719,7 @@ def _key_tile_ranges(n_lo, n_hi, q_lo, q_hi, W, G, WB, S, CP, CC,
     w_end = tl.maximum(_ceil_to(hi, BLOCK_M), a)
     e = tl.minimum(tl.maximum(_ceil_to(full_lo, BLOCK_M), a), w_end)
     f = tl.minimum(tl.maximum(_floor_to(full_hi, BLOCK_M), e), w_end)
-    return q_lo_al, s_end, a, e, f, w_end
+    return q_lo_al, s_end, a, e, f, w_end, runs
 
 
 @triton.jit
@@ -701,7 +783,15 @@ def _bwd_dkdv_kernel(
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         q_lo = q_start + row_lo
         q_hi = q_start + row_hi
-        s_lo, s_end, a, e, f, w_end = _key_tile_ranges(n_lo, n_hi, q_lo, q_hi, W, G, WB, S, CP, CC, KIND, CAUSAL, BLK, BLOCK_M)
+        s_lo, s_end, a, e, f, w_end, runs = _key_tile_ranges(n_lo, n_hi, q_lo, q_hi, W, G, WB, S, CP, CC, KIND, CAUSAL,
+                                                             BLK, BLOCK_M)
+        HAS_RUNS: tl.constexpr = (KIND & 4) != 0 and CAUSAL
+        if HAS_RUNS:  # the query tiles past the window that see this key tile through the stride
+            run = _stride_runs(n_lo, n_hi, S, runs, w_end, q_hi, _ceil_to(q_hi, BLOCK_M), True, BLOCK_M)
+            n_run = run[7]
+        else:
+            run = 0  # (unused)
+            n_run = 0
         if R > 0:  # query blocks that drew this key block at random: a CSR row of the reverse table
             kb = n_lo // BLK
             j0 = tl.load(REV_PTR + b * stride_pb + hk * stride_ph + kb)
@@ -719,7 +809,7 @@ def _bwd_dkdv_kernel(
         nu = nu_a + u_rand
         nm_a = (s_end - s_lo) // BLOCK_M
         nm_b = (e - a) // BLOCK_M
-        nm = nm_a + m_rand + nm_b + (w_end - f) // BLOCK_M
+        nm = n_run + nm_a + m_rand + nm_b + (w_end - f) // BLOCK_M
         cu = (nu + nsplit - 1) // nsplit  # this program's share of each loop (all of it unless split)
         cm = (nm + nsplit - 1) // nsplit
         for g in range(GROUP):
@@ -730,16 +820,16 @@ def _bwd_dkdv_kernel(
             delta_base = DELTA + (b * H + h) * Tq
             dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
                                 stride_dom, stride_dod, DESC_Q, DESC_DO, b, h, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len,
-                                W, G, WB, S, CP, CC, sm_scale, softcap, e, nu_a, rptr, u_rand, f, 0, f,
+                                W, G, WB, S, CP, CC, sm_scale, softcap, e, nu_a, rptr, u_rand, f, 0, f, run,
                                 split * cu, tl.minimum(nu, split * cu + cu),
                                 KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, (R > 0) and (KIND & 16) == 0,
-                                USE_TMA, BLOCK_D)
+                                False, USE_TMA, BLOCK_D)
             dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
                                 stride_dom, stride_dod, DESC_Q, DESC_DO, b, h, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len,
-                                W, G, WB, S, CP, CC, sm_scale, softcap, s_lo, nm_a, rptr, m_rand, a, nm_b, f,
+                                W, G, WB, S, CP, CC, sm_scale, softcap, s_lo, nm_a, rptr, m_rand, a, nm_b, f, run,
                                 split * cm, tl.minimum(nm, split * cm + cm),
                                 KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, (R > 0) and (KIND & 16) != 0,
-                                USE_TMA, BLOCK_D)
+                                HAS_RUNS, USE_TMA, BLOCK_D)
         dk = dk * sm_scale
         if is_extra:  # a share of a global tile: add into the fp32 buffer [B, Hkv, GP, BLOCK_D]
             acc_off = (pid_bh * GP + kp)[:, None] * BLOCK_D + offs_d[None, :]
