@@ -24,6 +24,7 @@ from hf_sparse import (
 )
 from hf_sparse.decode import attention_with_positions
 from hf_sparse.kernels.plan import kernel_plan, kernel_unfit
+from hf_sparse.patterns import ceil_div
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,6 +133,124 @@ def test_predicate_only_patterns_say_what_the_kernels_need():
 
 
 # ---------------------------------------------------------------------------------------------
+# stride runs: with a stride S >= (query positions of a tile) + BLOCK_N (forward, dQ) or BLOCK_M + BLOCK_N
+# (dK/dV), a tile visits only the tiles of its stride runs below the window instead of the whole prefix.
+# The interpreter's tiles are 16 x 16; a GQA-2 packed tile holds 8 positions: runs from S = 24 (forward,
+# dQ) and S = 32 (dK/dV).
+RUN_PATTERNS = [
+    SlidingWindow(window=20) | Strided(stride=64, window=1),
+    SlidingWindow(window=9) | Strided(stride=72, window=1),  # S not a multiple of the tile: runs straddle tiles
+    Longformer(window=12, global_tokens=20) | Strided(stride=80, window=1),  # runs clipped at the global tiles
+    BigBird(block=16, window_blocks=1, global_blocks=1, random_blocks=2) | Strided(stride=64, window=1),
+    PerHead(SlidingWindow(window=24), ((0, Strided(stride=96, window=8)),)),  # one head with runs, one without
+    Strided(stride=64, window=1),  # the stride beside a band of one key
+]
+# the whole prefix, as before: runs in the forward and dQ only (S = 28), in none (S = 13), key columns
+OLD_PATH_PATTERNS = [
+    SlidingWindow(window=5) | Strided(stride=28, window=1),
+    SlidingWindow(window=20) | Strided(stride=13, window=1),
+    Fixed(block=16, summary=2) | Strided(stride=64, window=1),
+]
+RUN_SHAPES = [(1, 4, 2, 150, 16), (2, 3, 1, 130, 16)]  # GQA 2 (8 positions a tile) and 3 (6), off the tile
+
+
+def _spy_runs(monkeypatch):
+    """Record the stride-run tile counts the kernels compute: ``{"fwd": [...], "dkdv": [...]}``."""
+    import hf_sparse.kernels.attention as kernels
+
+    seen = {"fwd": [], "dkdv": []}
+    runs = kernels._stride_runs
+
+    def spy(*args):
+        run = runs(*args)
+        seen["dkdv" if args[7] else "fwd"].append(int(run[7]))
+        return run
+
+    monkeypatch.setattr(kernels, "_stride_runs", spy)
+    return seen
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shape", RUN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("pattern", RUN_PATTERNS + OLD_PATH_PATTERNS, ids=pid)
+def test_stride_runs_match_oracle(pattern, shape, monkeypatch):
+    seen = _spy_runs(monkeypatch)
+    q, k, v, do = _qkv(*shape, seed=7)
+    _assert_matches_oracle(q, k, v, do, pattern, (q, k, v))
+    fwd, dkdv = sum(seen["fwd"]), sum(seen["dkdv"])
+    if pattern in RUN_PATTERNS:
+        assert fwd > 0 and dkdv > 0, (fwd, dkdv)
+    else:  # S = 28 takes runs in the forward and dQ (at most 8 positions a tile + 16 <= 28), not in dK/dV
+        assert (fwd > 0, dkdv) == (pattern.primitives().stride == 28, 0), (fwd, dkdv)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("pattern", RUN_PATTERNS[1:5], ids=pid)
+def test_stride_runs_padding_and_q_offset(pattern, monkeypatch):
+    seen = _spy_runs(monkeypatch)
+    b, hq, hkv, t, d = 3, 4, 2, 133, 16
+    q, k, v, do = _qkv(b, hq, hkv, t, d, seed=8)
+    kpm = torch.ones(b, t, dtype=torch.bool)
+    kpm[0, :21] = False  # left padding: positions start later than the slots
+    kpm[1, 117:] = False
+    kpm[2, :5] = False
+    for kw in (dict(key_padding_mask=kpm), dict(q_offset=t - 45), dict(key_padding_mask=kpm, q_offset=t - 45)):
+        qq, dd = (q[:, :, -45:], do[:, :, -45:]) if "q_offset" in kw else (q, do)
+        _assert_matches_oracle(qq, k, v, dd, pattern, (q, k, v), **kw)
+    assert sum(seen["fwd"]) > 0 and sum(seen["dkdv"]) > 0
+
+
+@needs_interpreter
+@pytest.mark.parametrize("pattern", RUN_PATTERNS[:3:2], ids=pid)
+def test_stride_runs_rectangular_tiles_one_head_per_program(pattern, monkeypatch):
+    # as on the GPU, forward tiles of one head per program (32 positions here) and dK/dV tiles of other shapes,
+    # with pointer loads: runs need S >= 32 + 16 (forward, dQ) and 16 + 32 (dK/dV)
+    from hf_sparse.kernels import configs
+
+    seen = _spy_runs(monkeypatch)
+    for name, cfg in (("fwd", configs.KernelConfig(32, 16, 4, 2, pack=False)),
+                      ("dq", configs.KernelConfig(32, 16, 4, 2, pack=False)), ("dkdv", configs.KernelConfig(16, 32, 4, 2))):
+        monkeypatch.setitem(configs._OVERRIDES, (name, None), cfg)
+    monkeypatch.setitem(configs._SETTINGS, "tma", False)
+    q, k, v, do = _qkv(2, 4, 2, 181, 16, seed=12)
+    _assert_matches_oracle(q, k, v, do, pattern, (q, k, v))
+    assert sum(seen["fwd"]) > 0 and sum(seen["dkdv"]) > 0
+
+
+@needs_interpreter
+@pytest.mark.parametrize("runs", [True, False], ids=["runs", "prefix"])
+@pytest.mark.parametrize("pattern", RUN_PATTERNS[:5:2], ids=pid)
+def test_stride_runs_visit_only_tiles_with_hits(pattern, runs, monkeypatch):
+    # a query tile of the forward visits exactly the key tiles that hold a pair the pattern shows (as a block
+    # mask would); with the runs switched off it walks the whole prefix (GQA 2: 8 positions a tile, S % 16 == 0)
+    import hf_sparse.kernels.attention as kernels
+
+    plans = []
+    plan = kernels._query_side_plan
+
+    def spy(*args):
+        out = plan(*args)
+        plans.append((int(args[0]), int(args[1]), int(args[10]), int(out[5]) + int(out[12])))
+        return out
+
+    monkeypatch.setattr(kernels, "_query_side_plan", spy)
+    if not runs:
+        monkeypatch.setattr(kernels, "_far_rules", lambda S, CC, *_: ((S > 0) | (CC > 0), S < 0))
+    t = 203
+    q, k, v, _ = _qkv(1, 4, 2, t, 16, seed=9)
+    out = sparse_attention(q, k, v, pattern, backend="triton")
+    assert (out - sparse_attention(q, k, v, pattern, backend="dense")).abs().max() < 3e-5
+    assert len(plans) == 2 * ceil_div(t, 8)
+    extra = 0
+    for m_lo, m_hi, hk, visited in plans:
+        seen = pattern.allowed(torch.arange(m_lo, m_hi)[:, None], torch.arange(t)[None, :], kv_head=hk).any(0)
+        hit_tiles = int(torch.nn.functional.pad(seen, (0, -t % 16)).view(-1, 16).any(1).sum())
+        assert visited >= hit_tiles, (m_lo, hk)
+        extra += visited - hit_tiles
+    assert (extra == 0) == runs, extra
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU: bf16 against a float32 reference, flash-attention's "at most twice PyTorch's bf16 error" rule
 GPU_PATTERNS = [
     Strided(stride=128, window=256),
@@ -140,6 +259,10 @@ GPU_PATTERNS = [
     SlidingWindow(window=1024) | BigBird(block=64, window_blocks=1, global_blocks=0, random_blocks=3),
     PerHead(SlidingWindow(window=256), ((0, Dense()),)),
     PerHead(SlidingWindow(window=256), ((0, BigBird()), (1, Strided(stride=64, window=64)))),
+    # stride runs: past the global tiles, with overlapping extra blocks, a stride that is no multiple of the tile
+    Longformer(window=256, global_tokens=100) | Strided(stride=768, window=1),
+    SlidingWindow(window=128) | BigBird(block=64, window_blocks=1, global_blocks=1, random_blocks=3)
+    | Strided(stride=1000, window=1),
 ]
 
 
