@@ -36,6 +36,10 @@ class _Recorder:
         return launch
 
 
+# the PTX ISA version to emit (e.g. 88); None: Triton's choice, which its bundled ptxas may not accept
+PTX_VERSION = None
+
+
 def compile_one(kernel, args, kwargs, num_warps, num_stages, arch=90):
     fn = kernel  # the JITFunction
     names = fn.arg_names
@@ -63,8 +67,10 @@ def compile_one(kernel, args, kwargs, num_warps, num_stages, arch=90):
         else:
             sig[n] = "fp32"
     src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
-    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps,
-                                                                          "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if PTX_VERSION:
+        options["ptx_version"] = PTX_VERSION
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = ck.asm["ptx"]
     if os.environ.get("DUMP_TTGIR"):
         with open(os.path.join(os.environ["DUMP_TTGIR"], f"{fn.__name__}.ttgir"), "w") as f:
@@ -96,6 +102,8 @@ def main(argv=None) -> int:
                     "_ring_append_kernel")
     ap.add_argument("--tma", default="table", choices=["table", "on", "off"],
                     help="K/V tiles through tensor descriptors: as the tile table says on Hopper, always, never")
+    ap.add_argument("--ptx-version", type=int, default=None,
+                    help="PTX ISA version to emit, e.g. 88 when the bundled ptxas says 'Unsupported .version'")
     ap.add_argument("--config", action="append", default=[],
                     help="override as kernel=BM,BN,warps,stages (e.g. fwd=128,64,8,3); repeatable")
     args = ap.parse_args(argv)
@@ -117,12 +125,20 @@ def main(argv=None) -> int:
     else:
         configs.set_tma(args.tma == "on")
     configs.apply_overrides(args.config)
+    global PTX_VERSION
+    PTX_VERSION = args.ptx_version
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     os.environ.pop("TRITON_INTERPRET", None)
     sink = []
-    for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_preprocess", "_dkdv_global_finish",
-                 "_decode_kernel", "_decode_combine", "_ring_append_kernel"):
-        setattr(K, name, _Recorder(getattr(K, name), sink))
+    # the launchers call the kernels by the names they import: record the launches there
+    import hf_sparse.kernels.decoding as kdec
+    import hf_sparse.kernels.gradients as kgrad
+    import hf_sparse.kernels.prefill as kpre
+    for mod in (kpre, kgrad, kdec):
+        for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_preprocess", "_dkdv_global_finish",
+                     "_decode_kernel", "_decode_combine", "_ring_append_kernel"):
+            if hasattr(mod, name):
+                setattr(mod, name, _Recorder(getattr(mod, name), sink))
     patterns = [parse_pattern(p) for p in args.patterns.split(";")] if ";" in args.patterns else None
     if patterns is None:
         patterns = [parse_pattern(p) for p in re.split(r",(?=[a-z_]+(?::|,|$))", args.patterns)]
