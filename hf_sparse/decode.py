@@ -60,6 +60,7 @@ def attention_with_positions(
     num_keys: int | None = None,
     backend: str = "auto",
     q_cap: torch.Tensor | None = None,
+    k_cap: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of queries over key slots whose absolute positions are given.
 
@@ -81,6 +82,8 @@ def attention_with_positions(
         q_cap: for a pattern with ``max_distance=N`` (:mod:`hf_sparse.cap`): the queries rotated to position
             ``min(i, N)``, same shape as ``q``; required for such a pattern (give the pattern with
             ``max_distance=none`` when every query is known to stand at or before ``N``).
+        k_cap: for a pattern whose dense heads cap their distances (``dense:max_distance=N``): the keys rotated
+            back to position 0 (``k`` unrotated by ``k_pos``), same shape as ``k``; required for such a pattern.
 
     Returns:
         ``[B, Hq, Tq, Dv]`` in the dtype of ``q``. Equal to :func:`~hf_sparse.sparse_attention` on the
@@ -95,11 +98,12 @@ def attention_with_positions(
     _check(q, k, v, q_pos, k_pos)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     softcap = float(softcap or 0.0)
-    if q_cap is not None or declares_cap(pat):
+    if q_cap is not None or k_cap is not None or declares_cap(pat):
         from .cap import capped_positions_attention
 
         return capped_positions_attention(q, q_cap, k, v, pat, q_pos=q_pos, k_pos=k_pos, scale=scale,
-                                          softcap=softcap, layer=layer, num_keys=num_keys, backend=backend)
+                                          softcap=softcap, layer=layer, num_keys=num_keys, backend=backend,
+                                          k_cap=k_cap)
     return positions_attention(q, k, v, pat, q_pos=q_pos, k_pos=k_pos, scale=scale, softcap=softcap, layer=layer,
                                num_keys=num_keys, backend=backend)[0]
 

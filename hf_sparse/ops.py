@@ -220,6 +220,7 @@ def sparse_attention(
     check_padding: bool = True,
     return_lse: bool = False,
     q_cap: torch.Tensor | None = None,
+    k_cap: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention restricted to a sparse ``pattern``; differentiable in ``q``, ``k`` and ``v``.
 
@@ -249,6 +250,9 @@ def sparse_attention(
             ``min(i, N)`` instead of ``i``, same shape as ``q``; global keys that only the global rule shows
             are scored with it. Needed once a query stands past ``N``; ``hf_sparse.patch_model`` computes it
             from the model's rotary embedding.
+        k_cap: for a pattern whose dense heads cap their distances (``dense:max_distance=N``): the keys
+            rotated back to position 0, same shape as ``k``; with ``q_cap``, it scores the keys at distance
+            ``N`` or more. Needed, with ``q_cap``, once a query stands past ``N``.
 
     Returns:
         ``[B, Hq, Tq, D]`` in the dtype of ``q``. A query row that sees no key is zero. With
@@ -283,11 +287,11 @@ def sparse_attention(
                 f"with key_padding_mask the queries must be key slots: q_offset ({q_offset}) + Tq ({q.shape[2]}) "
                 f"must be <= Tk ({k.shape[2]})"
             )
-    if q_cap is not None or declares_cap(pat):
+    if q_cap is not None or k_cap is not None or declares_cap(pat):
         from .cap import capped_attention, route_capped
 
-        if route_capped(q, q_cap, k, pat, q_offset):
-            out, lse = capped_attention(q, q_cap, k, v, pat, scale=scale, softcap=softcap,
+        if route_capped(q, q_cap, k, pat, q_offset, k_cap):
+            out, lse = capped_attention(q, q_cap, k, v, pat, k_cap=k_cap, scale=scale, softcap=softcap,
                                         key_padding_mask=key_padding_mask, q_offset=q_offset, layer=layer,
                                         backend=backend, check_padding=check_padding)
             return (out, lse) if return_lse else out

@@ -26,7 +26,9 @@ inside the global prefix (``i < global_tokens``) sees every key. Strides and col
 ``max_distance`` (``None``: off) does not change which keys a query sees but how it scores some of
 them: a key of the global prefix that no other rule shows is scored with the query rotated to position
 ``min(i, max_distance)`` (:mod:`hf_sparse.cap`). The kernels ignore it; :func:`hf_sparse.sparse_attention`
-routes a capped pattern through the cap.
+routes a capped pattern through the cap. ``dense_cap`` (``None``: off), set by ``dense:max_distance=N`` only,
+caps the distances of a dense band: a key at distance ``i - j >= N`` is scored as if at distance ``N``
+(ReRoPE); it does not merge with other rules.
 
 The union of two patterns is the union of their rules: :meth:`Primitives.union` merges two sets of
 primitives when the result is again one set (the larger band, the longer prefix, at most one stride,
@@ -71,6 +73,8 @@ class Primitives:
     random_disjoint: bool = False
     # the distance cap of the global prefix (None: off): see the module docstring
     max_distance: int | None = None
+    # the distance cap of a dense band (None: off): keys at distance >= dense_cap are scored at that distance
+    dense_cap: int | None = None
 
     # -- derived facts ---------------------------------------------------------------------------
     @property
@@ -110,6 +114,8 @@ class Primitives:
         """The primitives of the union of two patterns, or ``None`` when one set cannot express it."""
         if self.causal != other.causal:
             return None
+        if self.dense_cap is not None or other.dense_cap is not None:
+            return self if self == other else None  # a capped dense band scores every far key: nothing adds to it
         blocks = {b for p in (self, other) if p.block_structured for b in (p.block,)}
         if len(blocks) > 1:
             return None
