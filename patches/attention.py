@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import torch
 
+from hf_sparse.cap import dense_caps
 from hf_sparse.decode import attention_with_positions
 from hf_sparse.ops import BACKENDS, sparse_attention
 from hf_sparse.patterns import Pattern
@@ -49,7 +50,7 @@ from .cache import WINDOW_LAYER_ATTR, GroupedInputs, window_layer_fits
 from .masks import attention_with_holes, attention_with_weights, custom_mask, has_holes, key_padding_mask
 from .options import ATTN_NAME, SparseOptions, options_of
 from .packing import forget_layout, packed_attention, packed_layout
-from .rope import cap_pattern, capped_query, packed_cap_pattern, position_bound, query_positions
+from .rope import cap_inputs, cap_pattern, capped_query, packed_cap_pattern, position_bound, query_positions
 
 __all__ = ["ATTN_NAME", "HybridMask", "SparseOptions", "hf_sparse_attention", "hf_sparse_mask", "options_of"]
 
@@ -266,16 +267,23 @@ def hf_sparse_attention(
         # keys from a bounded cache: sinks + ring buffer, slots not in position order. The chunk shortcut
         # moves keys next to the sinks: it holds for token bands and globals seen alike by every head
         prims = pattern.primitives()
-        q_cap = capped_query(module, query, pattern, bounded.q_pos) if capped else None
+        q_cap = k_cap = None
+        if capped:
+            q_cap, k_cap = cap_inputs(module, query, key, pattern, bounded.q_pos, bounded.k_pos)
         if sq > 1 and prims is not None and prims.shifts_freely and _padding_leads(bounded.q_pos):
             out = _chunk_over_bounded(query, key, value, bounded, pattern, scale=scaling, softcap=softcap,
-                                      layer=layer, backend=opts.backend, q_cap=q_cap)
+                                      layer=layer, backend=opts.backend, q_cap=q_cap, k_cap=k_cap)
         else:
             out = attention_with_positions(query, key, value, pattern, q_pos=bounded.q_pos,
                                            k_pos=bounded.k_pos, scale=scaling, softcap=softcap, layer=layer,
-                                           backend=opts.backend, q_cap=q_cap)
+                                           backend=opts.backend, q_cap=q_cap, k_cap=k_cap)
         return out.transpose(1, 2).contiguous(), None
     if padding is not None and has_holes(padding):
+        if capped and any(n is not None for n in dense_caps(pattern, key.shape[1])):
+            raise NotImplementedError(
+                f"hf_sparse layer {layer}: an attention mask with holes and a capped dense head "
+                f"({pattern.spec()}) past its cap are not supported together; pass left- or right-padded rows "
+                "(one run of real tokens each), or give the dense heads max_distance=none")
         q_cap = capped_query(module, query, pattern, query_positions(padding, sq, skv, query.device)) if capped else None
         out = attention_with_holes(query, key, value, padding, pattern, scale=scaling, softcap=softcap, layer=layer,
                                    backend=opts.backend, q_cap=q_cap)
@@ -288,10 +296,13 @@ def hf_sparse_attention(
                                backend=opts.backend)
         return out, None
 
-    q_cap = capped_query(module, query, pattern, query_positions(padding, sq, skv, query.device)) if capped else None
+    q_cap = k_cap = None
+    if capped:
+        q_cap, k_cap = cap_inputs(module, query, key, pattern, query_positions(padding, sq, skv, query.device),
+                                  query_positions(padding, skv, skv, query.device))
     out = sparse_attention(
         query, key, value, pattern, scale=scaling, key_padding_mask=padding, q_offset=skv - sq, layer=layer,
-        softcap=softcap, backend=opts.backend, check_padding=False, q_cap=q_cap,
+        softcap=softcap, backend=opts.backend, check_padding=False, q_cap=q_cap, k_cap=k_cap,
     )
     return out.transpose(1, 2).contiguous(), None
 
@@ -343,7 +354,7 @@ def _padding_leads(q_pos: torch.Tensor) -> bool:
 
 
 def _chunk_over_bounded(query, key, value, bounded, pattern: Pattern, *, scale, softcap, layer: int, backend: str,
-                        q_cap=None):
+                        q_cap=None, k_cap=None):
     """Several new tokens over a bounded cache (chunked prefill) on the prefill kernels.
 
     Sorting a row's slots by position (empty slots, -1, first) lays its keys out as one right-aligned
@@ -354,7 +365,8 @@ def _chunk_over_bounded(query, key, value, bounded, pattern: Pattern, *, scale, 
     the same attention, with the kernels' ``O(chunk * W)`` work instead of every (query, slot) pair.
     Holds for rules that shift freely (token bands and globals, :attr:`Primitives.shifts_freely`), the only
     ones routed here. The capped queries (``q_cap``) were rotated from the true positions, and the shift
-    keeps every sink outside the band of a query it was outside of.
+    keeps every sink outside the band of a query it was outside of. The keys at position 0 (``k_cap``, rotated
+    back from the true positions) move with their slots.
     """
     order = torch.argsort(bounded.k_pos, dim=1, stable=True)
 
@@ -364,7 +376,8 @@ def _chunk_over_bounded(query, key, value, bounded, pattern: Pattern, *, scale, 
     real_keys = bounded.k_pos.gather(1, order) >= 0
     out = sparse_attention(query, by_position(key), by_position(value), pattern, key_padding_mask=real_keys,
                            q_offset=key.shape[2] - query.shape[2], scale=scale, softcap=softcap, layer=layer,
-                           backend=backend, check_padding=False, q_cap=q_cap)
+                           backend=backend, check_padding=False, q_cap=q_cap,
+                           k_cap=None if k_cap is None else by_position(k_cap))
     # padding queries took the slots of earlier keys: their rows are zero, as on the positions path
     return out.masked_fill((bounded.q_pos < 0)[:, None, :, None], 0.0)
 

@@ -17,6 +17,11 @@ float64, so the capped query carries no more angle error than HF's own rotation 
 The rotary module is found once per model: :func:`remember_rotary` runs in ``patch_model`` and when
 ``from_pretrained(..., attn_implementation="hf_sparse")`` registers the module; the attention modules
 find it through their shared config.
+
+A capped dense head (``dense:max_distance=N``) scores its far keys against the keys at position 0: the
+cached keys, rotated to their positions ``j``, turned back by ``delta = -j`` with the same :func:`rotate`
+(:func:`capped_keys`, the ``k_cap`` of :func:`hf_sparse.sparse_attention`). ``attention_scaling`` stays on
+them as it stays on ``q_cap``, so the score carries ``s**2`` like every other.
 """
 
 from __future__ import annotations
@@ -25,14 +30,14 @@ import weakref
 
 import torch
 
-from hf_sparse.cap import cap_acts, head_caps, uncapped
+from hf_sparse.cap import cap_acts, dense_caps, head_caps, uncapped
 from hf_sparse.patterns import Pattern
 from hf_sparse.patterns.base import declares_cap
 
 from .cache import WINDOW_LAYER_ATTR
 
 __all__ = ["remember_rotary", "remember_model_rotary", "is_rotary", "rotary_frequencies", "rotate", "capped_query",
-           "cap_pattern", "position_bound", "query_positions", "packed_cap_pattern"]
+           "capped_keys", "cap_inputs", "cap_pattern", "position_bound", "query_positions", "packed_cap_pattern"]
 
 # id(config) -> the rotary embedding module of the model that config belongs to (checked on use)
 _ROTARY: dict[int, weakref.ref] = {}
@@ -154,3 +159,19 @@ def capped_query(module: torch.nn.Module, query: torch.Tensor, pattern: Pattern,
         delta = torch.minimum(pos, limit) - pos
     delta = torch.where(pos >= 0, delta, 0)
     return rotate(query, delta, rotary_frequencies(module))
+
+
+def capped_keys(module: torch.nn.Module, key: torch.Tensor, pattern: Pattern, k_pos: torch.Tensor) -> torch.Tensor | None:
+    """The keys rotated back to position 0 (``-1`` positions: padding or empty slots, left as they are): the
+    ``k_cap`` of :func:`hf_sparse.sparse_attention`, or ``None`` when no dense head of ``pattern`` is capped.
+    ``key [B, Hkv, Tk, D]``, ``k_pos [B or 1, Tk]``. ``O(Tk * D)`` per call: a decode step rotates the history."""
+    if not any(n is not None for n in dense_caps(pattern, key.shape[1])):
+        return None
+    pos = k_pos.long().unsqueeze(1)  # [B, 1, Tk]
+    return rotate(key, -pos.clamp_min(0), rotary_frequencies(module))
+
+
+def cap_inputs(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, pattern: Pattern, q_pos: torch.Tensor,
+               k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(q_cap, k_cap)`` of a call whose cap acts: :func:`capped_query` and :func:`capped_keys`."""
+    return capped_query(module, query, pattern, q_pos), capped_keys(module, key, pattern, k_pos)
