@@ -54,7 +54,7 @@ from .errors import EvalError
 from .perplexity import make_units
 
 __all__ = ["calibrate", "mass_scores", "gate_scores", "select_dense", "make_samples", "Sample", "compare_plans",
-           "main", "METHODS"]
+           "dense_cap_pattern", "main", "METHODS"]
 
 METHODS = ("mass", "gates")
 CALIBRATION_NAME = "hf_sparse_calibration"  # the attention implementation registered while calibrating
@@ -320,7 +320,7 @@ def calibrate(model, tokenizer, streaming: Pattern | str, budget: float, *, meth
               texts: list[str] | None = None, lengths: list[int] | tuple[int, ...] = (4096,), passkeys: int = 8,
               text_samples: int = 4, steps: int = 100, lr: float = 0.02, l1: float = 0.05, seed: int = 0,
               backend: str = "auto", max_seconds: float | None = None, name: str | None = None,
-              progress: bool = False) -> HeadPlan:
+              progress: bool = False, dense_pattern: Pattern | str = "dense") -> HeadPlan:
     """A :class:`~hf_sparse.head_plan.HeadPlan` for ``model``: ``streaming`` everywhere except the
     ``floor(budget * layers * kv_heads)`` KV heads that ``method`` scores highest, which stay dense.
 
@@ -335,11 +335,15 @@ def calibrate(model, tokenizer, streaming: Pattern | str, budget: float, *, meth
         steps, lr, l1, max_seconds: the gates' training (``max_seconds`` stops it early; the plan says so).
         backend: ``sparse_attention`` backend of both attentions.
         name: the model's name in the plan (default: the config's ``_name_or_path``).
+        dense_pattern: what the dense heads run, written into the plan: ``"dense"``, or
+            ``"dense:max_distance=auto"`` to cap their distances past the trained length. The scores always
+            compare with plain dense attention (the cap changes nothing within the trained length).
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}: use one of {', '.join(METHODS)}")
     streaming = parse_pattern(streaming)
-    plan_check = HeadPlan(streaming, (), model_identity(model.config, name), budget)  # validates budget/pattern
+    plan_check = HeadPlan(streaming, (), model_identity(model.config, name), budget,  # validates budget/patterns
+                          dense_pattern=dense_pattern)
     if passkeys < 0 or text_samples < 0 or passkeys + text_samples == 0:
         raise ValueError(f"passkeys={passkeys}, text_samples={text_samples}: give at least one prompt")
     if text_samples and not texts:
@@ -361,7 +365,7 @@ def calibrate(model, tokenizer, streaming: Pattern | str, budget: float, *, meth
         tiebreak = torch.tensor(record["mean_gates"])
     details["seconds"] = time.perf_counter() - start
     return HeadPlan(streaming, select_dense(scores, budget, tiebreak), plan_check.model, plan_check.budget, method=method,
-                    scores=scores.tolist(), details=details)
+                    scores=scores.tolist(), details=details, dense_pattern=plan_check.dense_pattern)
 
 
 def _progress(enabled: bool, msg: str) -> None:
@@ -437,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "longformer:window=1024,global_tokens=4")
     p.add_argument("--budget", required=True, type=float, help="share of KV heads kept dense, in [0, 1]")
     p.add_argument("--out", required=True, help="the plan file to write (.json)")
+    p.add_argument("--dense-cap", default="none",
+                   help="distance cap of the dense heads, written into the plan as dense:max_distance=...: auto (the "
+                        "model's trained length), none (plain dense) or N tokens [%(default)s]")
     p.add_argument("--method", default="gates", choices=METHODS,
                    help="gates (trained, keeps retrieval heads) or mass (no training, a quick first look) [%(default)s]")
     p.add_argument("--dataset", default="stdlib", help="documents for text prompts and passkey haystacks, as in "
@@ -454,6 +461,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def dense_cap_pattern(value: str) -> Pattern:
+    """The plan's ``dense_pattern`` for ``--dense-cap VALUE`` (``auto``, ``none`` or a number of tokens)."""
+    try:
+        return parse_pattern(f"dense:max_distance={value.strip()}")
+    except ValueError as err:
+        raise EvalError(f"--dense-cap {value!r}: {err}") from None
 
 
 def _checked(args) -> tuple[Pattern, list[int]]:
@@ -507,6 +522,7 @@ def run(args, argv: list[str]) -> HeadPlan:
     from .results import environment_info
 
     streaming, lengths = _checked(args)
+    dense_pattern = dense_cap_pattern(args.dense_cap)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     source = resolve_model(args.model)
@@ -519,7 +535,7 @@ def run(args, argv: list[str]) -> HeadPlan:
         plan = calibrate(model, tokenizer, streaming, args.budget, method=args.method, texts=texts, lengths=lengths,
                          passkeys=args.passkeys, text_samples=args.texts, steps=args.steps, lr=args.lr, l1=args.l1,
                          seed=args.seed, backend=args.backend, max_seconds=args.max_seconds, name=source.label,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, dense_pattern=dense_pattern)
     except ValueError as err:
         raise EvalError(str(err)) from None
     env = environment_info(device)

@@ -3,7 +3,8 @@
 A :class:`HeadPlan` is the output of a calibration (``hf-sparse-calibrate``, docs/calibration.md) and an
 input of :func:`hf_sparse.patch_model` and ``hf-sparse-eval --patterns plan.json``: one ``streaming``
 pattern for every KV head, except the ``dense_heads`` (``(layer, kv_head)`` pairs, and the query heads of
-their GQA group), which keep ``dense_pattern`` (plain causal attention unless it says otherwise). It also
+their GQA group), which keep ``dense_pattern`` (plain causal attention unless it says otherwise:
+``"dense:max_distance=auto"`` caps their distances at the trained length, :mod:`hf_sparse.cap`). It also
 records the model it was made for (so it is refused on another one), the budget (the share of KV heads
 allowed to stay dense), the calibration method with its per-head scores, and where it came from.
 
@@ -211,7 +212,7 @@ class HeadPlan:
 
     def spec(self) -> str:
         """A short canonical name: ``plan[STREAMING;dense=22/90;DIGEST]`` (a results key in hf-sparse-eval)."""
-        dense = "" if isinstance(self.dense_pattern, Dense) else f";dense_pattern={self.dense_pattern.spec()}"
+        dense = "" if self.dense_pattern == Dense() else f";dense_pattern={self.dense_pattern.spec()}"
         return (f"plan[{self.streaming.spec()};dense={len(self.dense_heads)}/{self.total_heads}{dense};"
                 f"{self.digest()}]")
 
