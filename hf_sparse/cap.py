@@ -117,18 +117,21 @@ def check_q_cap(q: torch.Tensor, q_cap, pattern: Pattern) -> None:
     if not declares_cap(pattern):
         raise ValueError(f"q_cap is given but pattern {pattern.spec()!r} sets no max_distance; drop q_cap or give "
                          "the pattern max_distance=N")
-    if not isinstance(q_cap, torch.Tensor) or q_cap.shape != q.shape or q_cap.device != q.device:
-        got = tuple(q_cap.shape) if isinstance(q_cap, torch.Tensor) else type(q_cap).__name__
-        raise ValueError(f"q_cap must be a tensor shaped like q {tuple(q.shape)} on {q.device}, got {got}")
+    _check_like("q_cap", q_cap, "q", q)
+
+
+def _check_like(name: str, x, like_name: str, like: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.shape != like.shape or x.device != like.device:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a tensor shaped like {like_name} {tuple(like.shape)} on {like.device}, "
+                         f"got {got}")
 
 
 def check_k_cap(k: torch.Tensor, k_cap, pattern: Pattern) -> None:
     if not any(n is not None for n in dense_caps(pattern, k.shape[1])):
         raise ValueError(f"k_cap is given but pattern {pattern.spec()!r} caps no dense head; drop k_cap or give the "
                          "dense heads max_distance=N (dense:max_distance=N)")
-    if not isinstance(k_cap, torch.Tensor) or k_cap.shape != k.shape or k_cap.device != k.device:
-        got = tuple(k_cap.shape) if isinstance(k_cap, torch.Tensor) else type(k_cap).__name__
-        raise ValueError(f"k_cap must be a tensor shaped like k {tuple(k.shape)} on {k.device}, got {got}")
+    _check_like("k_cap", k_cap, "k", k)
 
 
 def _missing_k_cap(pattern: Pattern, where: str) -> ValueError:

@@ -18,6 +18,7 @@ import sys
 import pytest
 import torch
 from helpers import HAS_CUDA, HAS_TRITON, needs_interpreter
+from test_distance_cap import check_bf16_rule, dense_grid, use_oracle_attention
 
 from hf_sparse import Longformer, PerHead, SlidingWindow, parse_pattern, sparse_attention
 from hf_sparse.decode import attention_with_positions
@@ -194,14 +195,10 @@ needs_gpu = pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="needs a CU
 def _dense_capped(q, q_cap, k, k_cap, v, pattern, q_offset):
     """Dense masked softmax in the inputs' dtype, the far pairs of capped dense heads scored by ``q_cap`` against
     ``k_cap`` (PyTorch's own math, ``O(T^2)``)."""
-    hq, tq, d = q.shape[1], q.shape[2], q.shape[3]
-    hkv, tk = k.shape[1], k.shape[2]
-    g = hq // hkv
-    qi = torch.arange(q_offset, q_offset + tq, device=q.device).view(tq, 1)
-    kj = torch.arange(tk, device=q.device).view(1, tk)
-    heads = torch.arange(hkv, device=q.device).view(hkv, 1, 1)
+    qi, kj, _, allowed = dense_grid(q, k, pattern, q_offset)
+    hkv = k.shape[1]
+    g, d = q.shape[1] // hkv, q.shape[3]
     caps = torch.tensor([n or 2**30 for n in head_caps_of(pattern, hkv)], device=q.device).view(hkv, 1, 1)
-    allowed = pattern.allowed(qi, kj, kv_head=heads).expand(hkv, tq, tk)
     far = (qi - kj >= caps) & allowed
     far, allowed = far.repeat_interleave(g, 0), allowed.repeat_interleave(g, 0)
     rep = lambda x: x.repeat_interleave(g, 1)  # noqa: E731
@@ -209,29 +206,19 @@ def _dense_capped(q, q_cap, k, k_cap, v, pattern, q_offset):
     return torch.softmax(s.masked_fill(~allowed, -math.inf), -1) @ rep(v)
 
 
-def _bf16_rule(b, hq, hkv, t, d, pattern, q_offset=0):
-    g = torch.Generator(device="cuda").manual_seed(t + d)
-    mk = lambda h, n=t: torch.randn(b, h, n, d, generator=g, device="cuda").bfloat16()  # noqa: E731
+def _bf16_rule(b, hq, hkv, t, d, pattern, q_offset=0, device="cuda", backend="triton"):
+    g = torch.Generator(device=device).manual_seed(t + d)
+    mk = lambda h, n=t: torch.randn(b, h, n, d, generator=g, device=device).bfloat16()  # noqa: E731
     q, q_cap, k, k_cap, v = mk(hq, t - q_offset), mk(hq, t - q_offset), mk(hkv), mk(hkv), mk(hkv)
     do = mk(hq, t - q_offset)
 
-    def run(dtype, fn):
-        x = [t_.detach().to(dtype).requires_grad_() for t_ in (q, q_cap, k, k_cap, v)]
-        out = fn(*x)
-        return (out, *torch.autograd.grad(out, x, do.to(dtype)))
-
     def kernels(q_, qc, k_, kc, v_):
-        return sparse_attention(q_, k_, v_, pattern, q_cap=qc, k_cap=kc, q_offset=q_offset, backend="triton")
+        return sparse_attention(q_, k_, v_, pattern, q_cap=qc, k_cap=kc, q_offset=q_offset, backend=backend)
 
     def dense(q_, qc, k_, kc, v_):
         return _dense_capped(q_, qc, k_, kc, v_, pattern, q_offset)
 
-    ours, ref, torch_bf16 = run(torch.bfloat16, kernels), run(torch.float32, dense), run(torch.bfloat16, dense)
-    for name, a, r, p in zip(("out", "dq", "dq_cap", "dk", "dk_cap", "dv"), ours, ref, torch_bf16):
-        err, err_pt = (a.float() - r).abs().max().item(), (p.float() - r).abs().max().item()
-        print(f"{name}: ours {err:.3e} vs torch-bf16 {err_pt:.3e}")
-        assert torch.isfinite(a).all(), name
-        assert err <= 2 * err_pt + 1e-4, f"{name}: kernel error {err:.3e} > 2 x PyTorch bf16 error {err_pt:.3e}"
+    check_bf16_rule({"q": q, "q_cap": q_cap, "k": k, "k_cap": k_cap, "v": v}, do, kernels, dense)
 
 
 @pytest.mark.gpu
@@ -306,16 +293,7 @@ def _oracle_attention(plan):
 
 
 def _with_oracle(model, plan):
-    import transformers
-
-    rotary = model.model.rotary_emb
-    for module in model.modules():
-        if hasattr(module, "layer_idx") and type(module).__name__.endswith("Attention"):
-            module.__dict__["_oracle_rotary"] = rotary
-            module.register_forward_pre_hook(lambda m, a, kw: m.__dict__.__setitem__(
-                "_oracle_input", kw.get("hidden_states", a[0] if a else None)), with_kwargs=True)
-    transformers.AttentionInterface.register("dense_cap_oracle_test", _oracle_attention(plan))
-    model.set_attn_implementation("dense_cap_oracle_test")
+    use_oracle_attention(model, "dense_cap_oracle_test", _oracle_attention(plan))
 
 
 def test_patched_plan_matches_the_per_head_oracle_with_its_own_rope():
@@ -401,17 +379,7 @@ def test_plan_file_carries_the_cap_and_eval_accepts_it(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # errors
-@pytest.mark.parametrize("text,match", [
-    ("dense:max_distance=-3", r"max_distance must be an integer >= 1, got -3"),
-    ("dense:max_distance=0", r"max_distance must be an integer >= 1, got 0"),
-    ("dense:causal=false,max_distance=64", r"needs causal=true"),
-    ("dense:max_distance=far", r"max_distance='far' is not a number"),
-])
-def test_bad_values_are_refused(text, match):
-    with pytest.raises(ValueError, match=match):
-        parse_pattern(text)
-
-
+# (bad values of dense:max_distance: tests/test_distance_cap.py, test_bad_values_are_refused_with_the_range)
 def test_spec_round_trips_and_plain_dense_keeps_its_spec():
     assert Dense().spec() == "dense:causal=true" and Dense().to_dict() == {"type": "dense", "causal": True}
     for text in ("dense:max_distance=8", "dense:max_distance=auto", "per_head[sliding_window:window=4;1=dense:"

@@ -242,18 +242,23 @@ def _dense_capped(q, q_cap, k, v, pattern, q_offset):
     """Dense masked softmax in the inputs' dtype, global-only pairs scored with ``q_cap`` (PyTorch's own math)."""
     from hf_sparse.patterns.without_globals import without_globals
 
-    hq, tq, d = q.shape[1], q.shape[2], q.shape[3]
-    hkv, tk = k.shape[1], k.shape[2]
-    g = hq // hkv
-    qi = torch.arange(q_offset, q_offset + tq, device=q.device).view(tq, 1)
-    kj = torch.arange(tk, device=q.device).view(1, tk)
-    heads = torch.arange(hkv, device=q.device).view(hkv, 1, 1)
-    allowed = pattern.allowed(qi, kj, kv_head=heads).expand(hkv, tq, tk)
-    rest = without_globals(pattern, capped_only=True).allowed(qi, kj, kv_head=heads).expand(hkv, tq, tk)
+    qi, kj, heads, allowed = dense_grid(q, k, pattern, q_offset)
+    g, d = q.shape[1] // k.shape[1], q.shape[3]
+    rest = without_globals(pattern, capped_only=True).allowed(qi, kj, kv_head=heads).expand_as(allowed)
     glob, allowed = (x.repeat_interleave(g, 0) for x in (allowed & ~rest, allowed))
     kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     s = torch.where(glob, q_cap @ kk.transpose(-1, -2), q @ kk.transpose(-1, -2)) * d**-0.5
     return torch.softmax(s.masked_fill(~allowed, -math.inf), -1) @ vv
+
+
+def dense_grid(q, k, pattern, q_offset):
+    """Query positions ``[Tq, 1]``, key positions ``[1, Tk]``, KV heads ``[Hkv, 1, 1]`` and the pairs the
+    pattern allows ``[Hkv, Tq, Tk]``, for queries at ``q_offset`` over keys from 0 (dense PyTorch oracles)."""
+    tq, hkv, tk = q.shape[2], k.shape[1], k.shape[2]
+    qi = torch.arange(q_offset, q_offset + tq, device=q.device).view(tq, 1)
+    kj = torch.arange(tk, device=q.device).view(1, tk)
+    heads = torch.arange(hkv, device=q.device).view(hkv, 1, 1)
+    return qi, kj, heads, pattern.allowed(qi, kj, kv_head=heads).expand(hkv, tq, tk)
 
 
 def _bf16_cap_rule(b, hq, hkv, t, d, pattern, q_offset=0):
@@ -262,19 +267,25 @@ def _bf16_cap_rule(b, hq, hkv, t, d, pattern, q_offset=0):
     q, q_cap, k, v = mk(hq, t - q_offset), mk(hq, t - q_offset), mk(hkv), mk(hkv)
     do = mk(hq, t - q_offset)
 
-    def run(dtype, fn):
-        x = [t_.detach().to(dtype).requires_grad_() for t_ in (q, q_cap, k, v)]
-        out = fn(*x)
-        return (out, *torch.autograd.grad(out, x, do.to(dtype)))
-
     def kernels(q_, qc, k_, v_):
         return sparse_attention(q_, k_, v_, pattern, q_cap=qc, q_offset=q_offset, backend="triton")
 
     def dense(q_, qc, k_, v_):
         return _dense_capped(q_, qc, k_, v_, pattern, q_offset)
 
+    check_bf16_rule({"q": q, "q_cap": q_cap, "k": k, "v": v}, do, kernels, dense)
+
+
+def check_bf16_rule(inputs: dict, do, kernels, dense):
+    """Outputs and gradients of ``kernels(*inputs)`` in bf16 against ``dense`` in float32: the error at most
+    twice that of ``dense`` in bf16 (``inputs``: name -> bf16 tensor; ``do``: the output's gradient)."""
+    def run(dtype, fn):
+        x = [t_.detach().to(dtype).requires_grad_() for t_ in inputs.values()]
+        out = fn(*x)
+        return (out, *torch.autograd.grad(out, x, do.to(dtype)))
+
     ours, ref, torch_bf16 = run(torch.bfloat16, kernels), run(torch.float32, dense), run(torch.bfloat16, dense)
-    for name, a, r, p in zip(("out", "dq", "dq_cap", "dk", "dv"), ours, ref, torch_bf16):
+    for name, a, r, p in zip(("out", *(f"d{n}" for n in inputs)), ours, ref, torch_bf16):
         err, err_pt = (a.float() - r).abs().max().item(), (p.float() - r).abs().max().item()
         print(f"{name}: ours {err:.3e} vs torch-bf16 {err_pt:.3e}")
         assert torch.isfinite(a).all(), name
@@ -342,6 +353,21 @@ def _oracle_attention(n, window, globals_):
     return fn
 
 
+def use_oracle_attention(model, name: str, fn) -> None:
+    """Run ``model`` on the attention function ``fn``, registered as ``name``; each attention module gets the
+    model's rotary embedding (``_oracle_rotary``) and, at every forward, its input (``_oracle_input``)."""
+    import transformers
+
+    rotary = model.model.rotary_emb
+    for module in model.modules():
+        if hasattr(module, "layer_idx") and type(module).__name__.endswith("Attention"):
+            module.__dict__["_oracle_rotary"] = rotary
+            module.register_forward_pre_hook(lambda m, a, kw: m.__dict__.__setitem__(
+                "_oracle_input", kw.get("hidden_states", a[0] if a else None)), with_kwargs=True)
+    transformers.AttentionInterface.register(name, fn)
+    model.set_attn_implementation(name)
+
+
 @pytest.mark.parametrize("family,rope_parameters", [
     ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16, "rope_theta": 10000.0}),
@@ -349,7 +375,6 @@ def _oracle_attention(n, window, globals_):
     ("phi3", None),
 ], ids=["llama3-scaled", "yarn", "phi3-partial-rotary"])
 def test_patched_model_matches_the_oracle_with_its_own_rope(family, rope_parameters):
-    import transformers
     from hf_models import tiny, tokens
 
     from hf_sparse import patch_model
@@ -358,14 +383,7 @@ def test_patched_model_matches_the_oracle_with_its_own_rope(family, rope_paramet
     model = tiny(family, max_position_embeddings=64, **extra)
     ids = tokens(2, 48)
     n, window, globals_ = 20, 6, 3
-    rotary = model.model.rotary_emb
-    for module in model.modules():
-        if hasattr(module, "layer_idx") and type(module).__name__.endswith("Attention"):
-            module.__dict__["_oracle_rotary"] = rotary
-            module.register_forward_pre_hook(lambda m, a, kw: m.__dict__.__setitem__(
-                "_oracle_input", kw.get("hidden_states", a[0] if a else None)), with_kwargs=True)
-    transformers.AttentionInterface.register("cap_oracle_test", _oracle_attention(n, window, globals_))
-    model.set_attn_implementation("cap_oracle_test")
+    use_oracle_attention(model, "cap_oracle_test", _oracle_attention(n, window, globals_))
     with torch.no_grad():
         want = model(ids).logits
     patch_model(model, f"longformer:window={window},global_tokens={globals_},max_distance={n}", backend="reference")
@@ -459,6 +477,10 @@ def test_spec_round_trips_and_shows_the_cap():
     ("bigbird:max_distance=true", r"max_distance='true' is not a number"),
     ("longformer:causal=false,max_distance=64", r"needs causal=true"),
     ("longformer:window=4,max_distance=none|bigbird", r"cap their distance differently \(max_distance auto, none\)"),
+    ("dense:max_distance=-3", r"max_distance must be an integer >= 1, got -3"),
+    ("dense:max_distance=0", r"max_distance must be an integer >= 1, got 0"),
+    ("dense:causal=false,max_distance=64", r"needs causal=true"),
+    ("dense:max_distance=far", r"max_distance='far' is not a number"),
 ])
 def test_bad_values_are_refused_with_the_range(text, match):
     with pytest.raises(ValueError, match=match):
