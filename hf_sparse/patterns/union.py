@@ -34,6 +34,11 @@ class Union(Pattern):
         causal = {m.causal for m in self.members}
         if len(causal) > 1:
             raise ValueError(f"the members of a union must all be causal or all non-causal: {self.spec()!r}")
+        capped_dense = [m.spec() for m in self.members if getattr(m.primitives(), "dense_cap", None) is not None]
+        if capped_dense:
+            raise ValueError(f"a union cannot hold a dense pattern with a distance cap ({', '.join(capped_dense)}): "
+                             "dense already sees every key, so give the capped dense alone (e.g. as a head of "
+                             "a per-head plan) or drop max_distance")
         caps = {getattr(m, "max_distance", None) for m in self.members if m.global_tokens_total}
         if len(caps) > 1:
             shown = ", ".join(sorted("none" if c is None else str(c) for c in caps))
