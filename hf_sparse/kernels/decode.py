@@ -20,6 +20,27 @@ from .attention import _head_rules, _row_keys, _tanh, _visible
 
 
 @triton.jit
+def _stride_hit(qp, q_rem, q_min, q_max, kp, lo, hi, S, POSITIONS: tl.constexpr):
+    """Whether a key tile holds a key that some row sees through a causal stride ``S > 0`` (``(i - j) % S == 0``,
+    ``j <= i``), decided before its keys and values are loaded: it may take a tile that holds none, never miss one.
+
+    Prefill layout (not ``POSITIONS``): the tile's keys are the positions ``[lo, hi)``, ``lo >= 0``; row ``qp``
+    (``-1``: padding; ``q_rem = qp % S``) hits it when the first key of ``[lo, qp]`` on its stride,
+    ``lo + (qp - lo) % S``, lies below ``hi``. By positions: the slots hold positions ``kp`` (``-1``: empty) and
+    the rows lie in ``[q_min, q_max]``; slot ``kp`` is hit when the first position ``>= max(kp, q_min)`` on its
+    stride is at most ``q_max`` -- exact when the rows' positions are consecutive, as those of a decode step."""
+    s = tl.maximum(S, 1)
+    if POSITIONS:
+        x = tl.maximum(kp, q_min)
+        gap = (x - kp) % s
+        first = x + tl.where(gap == 0, 0, s - gap)
+        return tl.max(((kp >= 0) & (first <= q_max)).to(tl.int32), 0) > 0
+    d = q_rem - lo % s
+    first = lo + tl.where(d < 0, d + s, d)
+    return tl.max(((qp >= lo) & (first < hi)).to(tl.int32), 0) > 0
+
+
+@triton.jit
 def _decode_kernel(
     Q, K, V, QPOS, KPOS, KSHIFT, KLEN, RAND, HP, OPART, MPART, LPART,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -37,8 +58,8 @@ def _decode_kernel(
     ``POSITIONS``: slot positions come from ``KPOS`` (``-1`` empty) and query positions from ``QPOS``;
     else the prefill layout: slot ``j`` of row ``b`` holds position ``j - k_shift[b]`` (when below
     ``k_len[b]``) and query ``i`` sits at ``q_offset - k_shift[b] + i``. Either way, tiles that no row can
-    see (outside the window span, the globals and the random blocks; with positions, also tiles of
-    empty slots) are skipped before their keys and values are loaded.
+    see (outside the window span, the globals, the random blocks and the keys a causal stride hits; with
+    positions, also tiles of empty slots) are skipped before their keys and values are loaded.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -79,8 +100,15 @@ def _decode_kernel(
         else:
             span_lo = b_lo
             span_hi = q_max if CAUSAL else (q_max // BLK + WB) * BLK - 1
-    if KIND & 12:  # a stride or key columns reach every earlier key
-        span_lo = tl.where((S > 0) | (CC > 0), 0, span_lo)
+    # key columns reach every earlier key, and so does a stride (non-causal); a causal stride's tiles are
+    # tested one by one instead (_stride_hit), so they cost only the tiles that hold a hit
+    STRIDE_HITS: tl.constexpr = (KIND & 4) != 0 and CAUSAL
+    if KIND & 8:
+        span_lo = tl.where(CC > 0, 0, span_lo)
+    if (KIND & 4) != 0 and not CAUSAL:
+        span_lo = tl.where(S > 0, 0, span_lo)
+    if STRIDE_HITS:
+        q_rem = qp % tl.maximum(S, 1)  # (prefill layout)
     if not CAUSAL:
         if q_min < G:  # a global query row sees every key
             span_lo = q_min * 0  # same integer type as the positions (int64 position tables)
@@ -104,6 +132,8 @@ def _decode_kernel(
             kp = tl.load(KPOS + b * stride_kpb + kn, mask=k_ok, other=-1)
             near = (kp >= 0) & (((kp >= span_lo) & (kp <= span_hi)) | (kp < G))
             hit = tl.max(near.to(tl.int32), 0) > 0
+            lo = 0
+            hi = 0
         else:
             p0 = start - k_shift  # position of the tile's first slot
             hit = ((p0 + BLOCK_N > span_lo) & (p0 <= span_hi)) | (p0 < G)
@@ -111,6 +141,11 @@ def _decode_kernel(
                 for j in tl.static_range(R):
                     rb = tl.load(rb_base + j, mask=qp >= 0, other=-1)
                     hit |= tl.max(((rb >= 0) & (rb * BLK < p0 + BLOCK_N) & (rb * BLK + BLK > p0)).to(tl.int32), 0) > 0
+            lo = tl.maximum(p0, 0)  # the tile's real keys: [lo, hi)
+            hi = tl.minimum(p0 + BLOCK_N, tl.minimum(k_lim, n1 - k_shift))
+        if STRIDE_HITS:
+            if S > 0:  # (a per-head plan's heads without a stride skip the test)
+                hit = hit | _stride_hit(qp, q_rem, q_min, q_max, kp if POSITIONS else kn, lo, hi, S, POSITIONS)
         if hit:
             if not POSITIONS:
                 kp = tl.where(k_ok, kn - k_shift, -1)
