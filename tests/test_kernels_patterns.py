@@ -251,6 +251,144 @@ def test_stride_runs_visit_only_tiles_with_hits(pattern, runs, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# stride hits at decode: the decode kernel loads a key tile's K/V only when a row's stride hits a key of it (or
+# another rule shows one), not every tile of the prefix. Tiles are 16 keys in the interpreter.
+DECODE_STRIDE_PATTERNS = [
+    Strided(stride=32, window=1),  # S a multiple of the tile
+    Strided(stride=24, window=3),  # not a multiple: a stride hit's offset in its tile moves
+    Strided(stride=5, window=2),  # S below the tile: every tile is hit
+    SlidingWindow(window=9) | Strided(stride=40, window=1),
+    Longformer(window=5, global_tokens=20) | Strided(stride=19, window=2),  # hits inside the global tiles too
+    PerHead(SlidingWindow(window=12), ((0, Strided(stride=24, window=4)),)),  # one strided head, one window head
+    PerHead(Strided(stride=48, window=1), ((1, Fixed(block=16, summary=2)),)),  # key columns on one head
+]
+DECODE_RAND_PATTERN = BigBird(block=16, window_blocks=1, global_blocks=1, random_blocks=2) | Strided(stride=48, window=1)
+
+
+def _spy_decode(monkeypatch):
+    """Count the decode kernel's launches (through the prefill launcher, which sends few queries to it)."""
+    import hf_sparse.kernels.prefill as kernels
+
+    calls = []
+    decode = kernels._decode
+    monkeypatch.setattr(kernels, "_decode", lambda *a, **kw: calls.append(1) or decode(*a, **kw))
+    return calls
+
+
+def _assert_out_matches(ours, want, pattern, atol=3e-5):
+    diff = (ours - want).abs()
+    assert diff.max() <= atol, f"{pattern.spec()}: max {diff.max():.2e} at {int(diff.argmax())}"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("pattern", DECODE_STRIDE_PATTERNS + [DECODE_RAND_PATTERN], ids=pid)
+def test_decode_stride_hits_match_oracle(pattern, monkeypatch):
+    # the prefill layout: one and three new queries after a prompt, then with left and right padding
+    # (k_shift / k_len), whose queries sit at other positions than their slots
+    calls = _spy_decode(monkeypatch)
+    b, hq, hkv, t, d = 3, 4, 2, 150, 16
+    q, k, v, _ = _qkv(b, hq, hkv, t, d, seed=21)
+    kpm = torch.ones(b, t, dtype=torch.bool)
+    kpm[0, :37] = False  # left padding, not a multiple of the tile
+    kpm[1, :3] = False
+    kpm[1, 141:] = False  # and right padding: the last queries of this row are padding
+    for tq in (1, 3):
+        for kw in (dict(q_offset=t - tq), dict(q_offset=t - tq, key_padding_mask=kpm)):
+            args = (q[:, :, -tq:], k, v, pattern)
+            _assert_out_matches(sparse_attention(*args, backend="triton", **kw),
+                                sparse_attention(*args, backend="dense", **kw), pattern)
+    assert len(calls) == 4
+
+
+def _ring_slots(history: int, slots: int, sinks: int, seed: int) -> torch.Tensor:
+    """Slot positions of a ring-like cache: the sinks first, then the last ``slots - sinks`` positions of a
+    ``history`` of tokens in ring order (rotated), a few of them dropped (``-1``)."""
+    g = torch.Generator().manual_seed(seed)
+    ring = torch.arange(max(sinks, history - (slots - sinks)), history)
+    ring = torch.cat([ring, torch.full((slots - sinks - len(ring),), -1)])
+    ring = ring.roll(int(torch.randint(1, len(ring), (1,), generator=g)))
+    ring[torch.randperm(len(ring), generator=g)[:7]] = -1
+    return torch.cat([torch.arange(sinks), ring])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("pattern", DECODE_STRIDE_PATTERNS, ids=pid)
+def test_decode_stride_hits_by_positions(pattern):
+    # by positions: ring-ordered slots with empty ones, one query and three consecutive ones (a padded row)
+    torch.manual_seed(1)
+    b, hq, hkv, slots, d = 2, 4, 2, 120, 16
+    k, v = torch.randn(b, hkv, slots, d), torch.randn(b, hkv, slots, d)
+    k_pos = torch.stack([_ring_slots(200, slots, 4, seed=0), _ring_slots(131, slots, 2, seed=1)])
+    for q_pos in (torch.tensor([[199], [130]]), torch.tensor([[197, 198, 199], [-1, 129, 130]])):
+        q = torch.randn(b, hq, q_pos.shape[1], d)
+        kw = dict(q_pos=q_pos, k_pos=k_pos)
+        _assert_out_matches(attention_with_positions(q, k, v, pattern, backend="triton", **kw),
+                            attention_with_positions(q, k, v, pattern, backend="reference", **kw), pattern)
+
+
+def _spy_decode_tiles(monkeypatch, hits: bool):
+    """Record the rule values ``(W, S)`` of every key tile whose K/V the decode kernel loads (``_visible`` runs
+    once per such tile); without ``hits`` every tile of a stride head counts as hit (the whole prefix)."""
+    import hf_sparse.kernels.decode as kernels
+
+    seen = []
+    visible = kernels._visible
+
+    def spy(qp, kp, k_len, W, G, WB, S, *rest):
+        seen.append((int(W), int(S)))
+        return visible(qp, kp, k_len, W, G, WB, S, *rest)
+
+    monkeypatch.setattr(kernels, "_visible", spy)
+    if not hits:
+        monkeypatch.setattr(kernels, "_stride_hit", lambda *_: True)
+    return seen
+
+
+def _hit_tiles(pattern, q_pos, k_pos, hkv):
+    """``{(W, S): tiles}``: per KV head (by its rule values), the 16-slot tiles holding a pair the pattern shows."""
+    from hf_sparse.kernels.plan import kernel_plan
+
+    plan = kernel_plan(pattern, hkv)
+    want = {}
+    for hk in range(hkv):
+        rules = plan.per_head[hk] if plan.per_head else plan.rules
+        seen = pattern.allowed(q_pos[:, None], k_pos[None, :], kv_head=hk).any(0) & (k_pos >= 0)
+        key = (rules[0], rules[3])
+        want[key] = want.get(key, 0) + int(seen.view(-1, 16).any(1).sum())
+    return want
+
+
+@needs_interpreter
+@pytest.mark.parametrize("hits", [True, False], ids=["hits", "prefix"])
+@pytest.mark.parametrize("pattern", [DECODE_STRIDE_PATTERNS[i] for i in (0, 1, 3, 5)], ids=pid)
+def test_decode_stride_hits_visit_only_tiles_with_hits(pattern, hits, monkeypatch):
+    # one decode query (a GQA group of 2 rows) visits exactly the key tiles that hold a pair the pattern shows,
+    # in the prefill layout and by positions; with the stride test switched off it walks the whole prefix
+    from collections import Counter
+
+    hkv, t, d = 2, 208, 16
+    q, k, v = (x.detach() for x in _qkv(1, 4, hkv, t, d, seed=22)[:3])
+    q = q[:, :, -1:]
+    seen = _spy_decode_tiles(monkeypatch, hits)
+    out = sparse_attention(q, k, v, pattern, backend="triton", q_offset=t - 1)
+    _assert_out_matches(out, sparse_attention(q, k, v, pattern, backend="dense", q_offset=t - 1), pattern)
+    layouts = [(Counter(seen), _hit_tiles(pattern, torch.tensor([t - 1]), torch.arange(t), hkv))]
+    seen.clear()
+    k_pos = _ring_slots(300, t, 4, seed=3)[None]
+    q_pos = torch.tensor([[299]])
+    kw = dict(q_pos=q_pos, k_pos=k_pos)
+    out = attention_with_positions(q, k, v, pattern, backend="triton", **kw)
+    _assert_out_matches(out, attention_with_positions(q, k, v, pattern, backend="reference", **kw), pattern)
+    layouts.append((Counter(seen), _hit_tiles(pattern, q_pos[0], k_pos[0], hkv)))
+    for visited, want in layouts:
+        assert set(visited) == set(want), (visited, want)
+        for key, n in want.items():
+            assert visited[key] >= n, (key, visited, want)
+        extra = sum(visited.values()) - sum(want.values())
+        assert (extra == 0) == hits, (visited, want)
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU: bf16 against a float32 reference, flash-attention's "at most twice PyTorch's bf16 error" rule
 GPU_PATTERNS = [
     Strided(stride=128, window=256),
