@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import torch
 
-from hf_sparse.cap import dense_caps
 from hf_sparse.decode import attention_with_positions
 from hf_sparse.ops import BACKENDS, sparse_attention
 from hf_sparse.patterns import Pattern
@@ -50,7 +49,7 @@ from .cache import WINDOW_LAYER_ATTR, GroupedInputs, window_layer_fits
 from .masks import attention_with_holes, attention_with_weights, custom_mask, has_holes, key_padding_mask
 from .options import ATTN_NAME, SparseOptions, options_of
 from .packing import forget_layout, packed_attention, packed_layout
-from .rope import cap_inputs, cap_pattern, capped_query, packed_cap_pattern, position_bound, query_positions
+from .rope import cap_inputs, cap_pattern, packed_cap_pattern, position_bound, query_positions
 
 __all__ = ["ATTN_NAME", "HybridMask", "SparseOptions", "hf_sparse_attention", "hf_sparse_mask", "options_of"]
 
@@ -279,14 +278,12 @@ def hf_sparse_attention(
                                            backend=opts.backend, q_cap=q_cap, k_cap=k_cap)
         return out.transpose(1, 2).contiguous(), None
     if padding is not None and has_holes(padding):
-        if capped and any(n is not None for n in dense_caps(pattern, key.shape[1])):
-            raise NotImplementedError(
-                f"hf_sparse layer {layer}: an attention mask with holes and a capped dense head "
-                f"({pattern.spec()}) past its cap are not supported together; pass left- or right-padded rows "
-                "(one run of real tokens each), or give the dense heads max_distance=none")
-        q_cap = capped_query(module, query, pattern, query_positions(padding, sq, skv, query.device)) if capped else None
+        q_cap = k_cap = None
+        if capped:  # positions count real tokens (as generate's position ids do)
+            q_cap, k_cap = cap_inputs(module, query, key, pattern, query_positions(padding, sq, skv, query.device),
+                                      query_positions(padding, skv, skv, query.device))
         out = attention_with_holes(query, key, value, padding, pattern, scale=scaling, softcap=softcap, layer=layer,
-                                   backend=opts.backend, q_cap=q_cap)
+                                   backend=opts.backend, q_cap=q_cap, k_cap=k_cap)
         return out, None
     layout = _packed_layout(query, key, padding, kwargs)
     if layout is not None:

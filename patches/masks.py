@@ -87,7 +87,7 @@ def attention_with_holes(query, key, value, padding: torch.Tensor, pattern: Patt
     ``padding [B, Skv]`` marks the real keys (cache included); the queries are the last ``Sq`` slots. A stable
     sort moves each row's real tokens to its end, in order: the row becomes left padding, whose positions
     count real tokens, and the real queries become the last real keys (``q_offset = Skv - Sq``). ``kwargs`` go
-    to :func:`hf_sparse.sparse_attention` (``scale``, ``softcap``, ``layer``, ``backend``, ``q_cap``).
+    to :func:`hf_sparse.sparse_attention` (``scale``, ``softcap``, ``layer``, ``backend``, ``q_cap``, ``k_cap``).
     """
     sq, skv = query.shape[2], key.shape[2]
     real_q = padding[:, skv - sq:]
@@ -95,6 +95,8 @@ def attention_with_holes(query, key, value, padding: torch.Tensor, pattern: Patt
     q_order = torch.argsort(real_q.to(torch.int8), dim=1, stable=True)
     if kwargs.get("q_cap") is not None:  # the distance cap's rotated queries travel with the queries
         kwargs["q_cap"] = _by_row(kwargs["q_cap"], q_order)
+    if kwargs.get("k_cap") is not None:  # and the keys turned back to position 0 with the keys
+        kwargs["k_cap"] = _by_row(kwargs["k_cap"], k_order)
     out = sparse_attention(_by_row(query, q_order), _by_row(key, k_order), _by_row(value, k_order), pattern,
                            key_padding_mask=padding.gather(1, k_order), q_offset=skv - sq, check_padding=False,
                            **kwargs)

@@ -415,14 +415,24 @@ def test_a_capped_call_without_k_cap_or_with_a_wrong_one_is_refused():
         dense_cap_pattern("-1")
 
 
-def test_a_mask_with_holes_past_the_cap_is_refused():
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_interpreter)])
+def test_a_mask_with_holes_past_the_cap_equals_the_rows_without_their_holes(backend):
+    # pad ids inside a row (positions count real tokens, as generate's do): each row's real tokens get the logits
+    # they get alone, past the cap of the dense heads and the globals'
     from hf_models import tiny, tokens
 
     from hf_sparse import patch_model
 
     model = tiny("llama", max_position_embeddings=64)
-    patch_model(model, _plan(model, "dense:max_distance=8"), backend="reference")
-    mask = torch.ones(1, 20, dtype=torch.long)
-    mask[0, 5] = 0
-    with torch.no_grad(), pytest.raises(NotImplementedError, match=r"mask with holes and a capped dense head"):
-        model(tokens(1, 20), attention_mask=mask)
+    patch_model(model, _plan(model, "dense:max_distance=8"), backend=backend)
+    ids = tokens(2, 24)
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[0, [5, 6, 13]] = 0
+    mask[1, 20] = 0
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    with torch.no_grad():
+        holes = model(ids, attention_mask=mask, position_ids=pos).logits
+        for row in range(2):
+            real = mask[row].bool()
+            alone = model(ids[row : row + 1, real]).logits[0]
+            torch.testing.assert_close(holes[row, real], alone, atol=1e-4, rtol=1e-4)
