@@ -330,6 +330,9 @@ COMPILE_CASES = {
     "longformer": (PATTERNS["longformer"], None),
     "dense": ("dense", None),
     "per-head": ("sliding_window:window=6", {(0, 0): "dense", (1, 1): "sliding_window:window=3"}),
+    # distance caps past their N (positions reach 44): the rotated queries and keys inside the compiled step
+    "global-cap": ("longformer:window=6,global_tokens=2,max_distance=8", None),
+    "dense-cap": ("sliding_window:window=6", {(0, 0): "dense:max_distance=8", (1, 1): "sliding_window:window=3"}),
 }
 
 
