@@ -49,7 +49,7 @@ from .cache import WINDOW_LAYER_ATTR, GroupedInputs, window_layer_fits
 from .masks import attention_with_holes, attention_with_weights, custom_mask, has_holes, key_padding_mask
 from .options import ATTN_NAME, SparseOptions, options_of
 from .packing import forget_layout, packed_attention, packed_layout
-from .rope import cap_inputs, cap_pattern, packed_cap_pattern, position_bound, query_positions
+from .rope import cap_inputs, cap_pattern, packed_cap_pattern, padded_cap_inputs, position_bound
 
 __all__ = ["ATTN_NAME", "HybridMask", "SparseOptions", "hf_sparse_attention", "hf_sparse_mask", "options_of"]
 
@@ -278,10 +278,7 @@ def hf_sparse_attention(
                                            backend=opts.backend, q_cap=q_cap, k_cap=k_cap)
         return out.transpose(1, 2).contiguous(), None
     if padding is not None and has_holes(padding):
-        q_cap = k_cap = None
-        if capped:  # positions count real tokens (as generate's position ids do)
-            q_cap, k_cap = cap_inputs(module, query, key, pattern, query_positions(padding, sq, skv, query.device),
-                                      query_positions(padding, skv, skv, query.device))
+        q_cap, k_cap = padded_cap_inputs(module, query, key, pattern, padding) if capped else (None, None)
         out = attention_with_holes(query, key, value, padding, pattern, scale=scaling, softcap=softcap, layer=layer,
                                    backend=opts.backend, q_cap=q_cap, k_cap=k_cap)
         return out, None
@@ -293,10 +290,7 @@ def hf_sparse_attention(
                                backend=opts.backend)
         return out, None
 
-    q_cap = k_cap = None
-    if capped:
-        q_cap, k_cap = cap_inputs(module, query, key, pattern, query_positions(padding, sq, skv, query.device),
-                                  query_positions(padding, skv, skv, query.device))
+    q_cap, k_cap = padded_cap_inputs(module, query, key, pattern, padding) if capped else (None, None)
     out = sparse_attention(
         query, key, value, pattern, scale=scaling, key_padding_mask=padding, q_offset=skv - sq, layer=layer,
         softcap=softcap, backend=opts.backend, check_padding=False, q_cap=q_cap, k_cap=k_cap,

@@ -175,3 +175,12 @@ def cap_inputs(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
                k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(q_cap, k_cap)`` of a call whose cap acts: :func:`capped_query` and :func:`capped_keys`."""
     return capped_query(module, query, pattern, q_pos), capped_keys(module, key, pattern, k_pos)
+
+
+def padded_cap_inputs(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, pattern: Pattern,
+                      padding: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`cap_inputs` of a call whose keys are its whole history, the queries the last ones; positions count
+    the real tokens of ``padding [B, Tk]`` (as generate's position ids do; ``None``: no padding)."""
+    sq, skv = query.shape[2], key.shape[2]
+    return cap_inputs(module, query, key, pattern, query_positions(padding, sq, skv, query.device),
+                      query_positions(padding, skv, skv, query.device))
