@@ -50,7 +50,7 @@ import torch
 
 from .decode import positions_attention, positions_forward
 from .ops import merge_attention, padding_layout, sparse_attention
-from .patterns import Pattern, SlidingWindow
+from .patterns import Dense, Pattern, SlidingWindow
 from .patterns.base import declares_cap, map_patterns, set_cap
 from .patterns.without_globals import without_globals
 
@@ -161,6 +161,9 @@ def _has_prefix_cap(caps, dense) -> bool:
     return any(c is not None and d is None for c, d in zip(caps, dense))
 
 
+_DENSE = Dense()  # an instance, not the name: parsing a spec string breaks a torch.compile graph
+
+
 def _far_pass(q_cap, k_cap, v, dense, *, scale: float, softcap: float, key_padding_mask, q_offset: int,
               backend: str):
     """``(out, lse)`` over the far keys of the capped dense heads (``j <= i - N``): ``q_cap`` (rows at
@@ -182,7 +185,7 @@ def _far_pass(q_cap, k_cap, v, dense, *, scale: float, softcap: float, key_paddi
         qh = (kv.view(-1, 1) * group + torch.arange(group, device=q_cap.device)).flatten()
         mask = None if key_padding_mask is None else key_padding_mask[:, :keys]
         o, lo = sparse_attention(q_cap.index_select(1, qh)[:, :, first:], k_cap.index_select(1, kv)[:, :, :keys],
-                                 v.index_select(1, kv)[:, :, :keys], "dense", scale=scale, softcap=softcap,
+                                 v.index_select(1, kv)[:, :, :keys], _DENSE, scale=scale, softcap=softcap,
                                  key_padding_mask=mask, q_offset=q_offset + first - n, backend=backend,
                                  check_padding=False, return_lse=True)
         o = torch.cat([o.new_zeros((b, len(qh), first, dv)), o], 2)

@@ -109,7 +109,9 @@ def cap_pattern(pattern: Pattern, kv_heads: int, max_position: int) -> tuple[Pat
         return pattern, False
     if cap_acts(pattern, kv_heads, max_position):
         return pattern, True
-    return uncapped(pattern), False
+    # under torch.compile the pattern is rebuilt while tracing (the graph holds no Python object): the
+    # cache of ``uncapped`` would only be ignored by Dynamo, with a warning
+    return (uncapped.__wrapped__ if torch.compiler.is_compiling() else uncapped)(pattern), False
 
 
 def position_bound(module: torch.nn.Module, keys: int) -> int:

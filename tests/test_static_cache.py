@@ -354,6 +354,29 @@ def test_static_decode_step_compiles_without_graph_breaks(name):
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", list(COMPILE_CASES))
+def test_static_prefill_compiles_without_graph_breaks(name):
+    """The padded prefill into the static cache (20 tokens: the caps of 8 act) traces to one graph too, and
+    the compiled prefill gives the eager logits."""
+    spec, heads = COMPILE_CASES[name]
+    model = patch_model(tiny("llama"), spec, head_patterns=heads, backend="reference")
+    ids, mask = tokens(2, 20, seed=5), left_padding([20, 13], 20)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+
+    def prefill(forward):
+        cache = SparseStaticCache(model, max_cache_len=64, max_batch_size=2)
+        with torch.no_grad():
+            return forward(ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache_kwargs(cache)).logits
+
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(prefill)(model.forward)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+    eager = prefill(model.forward)
+    torch._dynamo.reset()
+    compiled = prefill(torch.compile(model.forward, backend="aot_eager", fullgraph=True))
+    torch.testing.assert_close(compiled[mask.bool()], eager[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (Triton on the CPU)")
 def test_compiled_decode_runs_the_kernel_as_one_op():
     """backend="triton": the compiled step (one graph: fullgraph=True) calls the decode kernel through its
