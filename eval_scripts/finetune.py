@@ -269,14 +269,20 @@ def _record_run(args, out: Path, saved: dict[str, Any] | None, facts: dict[str, 
                                                  "max_steps": args.max_steps, "env": facts["env"]})
     path.write_text(json.dumps(config, indent=2, default=str), encoding="utf-8")
     if saved is not None and saved.get("finished"):
+        kept = f"eval_after_step_{saved['step']}"
         for name in ("eval_after.json", "eval_after"):
             if (out / name).exists():
-                target = out / name.replace("eval_after", f"eval_after_step_{saved['step']}")
+                target = out / name.replace("eval_after", kept)
                 if target.is_dir():
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
                 os.replace(out / name, target)
+        record = out / f"{kept}.json"
+        if record.exists():  # its rows moved with it; OUT/final will hold the extended model
+            data = json.loads(record.read_text(encoding="utf-8"))
+            data |= {"results": str(out / kept / "results.jsonl"), "step": saved["step"]}
+            record.write_text(json.dumps(data, indent=2), encoding="utf-8")
 
 
 # -- the run ----------------------------------------------------------------------------------------------

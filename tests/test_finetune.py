@@ -328,7 +328,9 @@ def test_cosine_extension_follows_the_schedule_of_the_new_length(model_dir, corp
     assert run(model_dir, corpus / "train", out, *common, "--max-steps", "6", "--resume") == 0
     # the evaluation before training is the original model's; the finished run's own is kept by its step
     assert (out / "eval_before.json").read_text() == before
-    assert (out / "eval_after_step_3.json").read_text() == after_3 and (out / "eval_after_step_3").is_dir()
+    kept = json.loads((out / "eval_after_step_3.json").read_text())
+    assert kept == json.loads(after_3) | {"results": str(out / "eval_after_step_3" / "results.jsonl"), "step": 3}
+    assert (out / "eval_after_step_3" / "results.jsonl").exists()
     assert json.loads((out / "eval_after.json").read_text())["ppl_before"] == json.loads(before)["ppl"]
     config = json.loads((out / "run_config.json").read_text())
     assert config["command"].startswith("hf-sparse-finetune --model") and "--resume" not in config["command"]
