@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,9 +139,17 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **source.kwargs())
+        with warnings.catch_warnings():
+            # the load's warning that a saved pattern is not applied: the eval applies each of its patterns itself
+            warnings.filterwarnings("ignore", message=r"this \w* ?config carries an hf_sparse pattern",
+                                    category=UserWarning)
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **source.kwargs())
     except Exception as err:
         raise EvalError(f"cannot load the model {source.label!r}: {err}") from err
+    stored = getattr(model.config, "hf_sparse", None)
+    if isinstance(stored, dict) and stored.get("pattern"):
+        print(f"{source.label}: its config names the pattern {stored['pattern']}; each pattern of the run is applied "
+              "to the loaded weights ('full' runs full attention)", file=sys.stderr)
     if source.gguf_file:
         # transformers dequantizes GGUF weights into ordinary tensors of `dtype` while loading, but keeps the
         # GGUF "quantizer", which refuses save_pretrained. Nothing is quantized any more: drop it, so a model
