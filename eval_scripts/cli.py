@@ -82,9 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="re-render summary.md, summary.csv and plots from DIR/results.jsonl")
     rep.add_argument("--out", default="eval_out", help="results folder [%(default)s]")
     rep.add_argument("--no-plots", action="store_true", help="tables only")
-    bench = sub.add_parser("bench-kernels", help="kernel timings (hf_sparse.eval.bench_kernels), when installed",
-                           add_help=False)
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    # listed for the help only: main() hands what follows it to hf_sparse.eval.bench_kernels
+    sub.add_parser("bench-kernels", help="kernel timings (hf_sparse.eval.bench_kernels), when installed")
     return parser
 
 
@@ -148,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     # a bare command line, or options without a command, means `run`
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["run", *argv]
+    if argv[0] == "bench-kernels":  # its options go to its own parser (REMAINDER would refuse a leading --option)
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.command == "bench-kernels":
-        return _bench(args.bench_args)
     try:
         if args.command == "report":
             _report(args.out, not args.no_plots)

@@ -13,6 +13,7 @@ import json
 import math
 import random
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -279,6 +280,14 @@ def test_bench_kernels_missing_says_not_available(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "hf_sparse.eval.bench_kernels", None)
     assert main(["bench-kernels"]) == 2
     assert "not available" in capsys.readouterr().err
+
+
+def test_bench_kernels_gets_every_option(monkeypatch):
+    seen = []
+    monkeypatch.setitem(sys.modules, "hf_sparse.eval.bench_kernels", types.SimpleNamespace(main=seen.append))
+    argv = ["--shapes", "32/8/128", "--seq-lens", "65536", "--fwd-only-seq-lens", "", "--patterns", "a|b;c"]
+    assert main(["bench-kernels", *argv]) == 0 and main(["bench-kernels", "--help"]) == 0
+    assert seen == [argv, ["--help"]]
 
 
 def test_report_on_empty_folder(tmp_path, capsys):
