@@ -304,7 +304,9 @@ def test_finished_run_extends_like_one_longer_run(model_dir, corpus, tmp_path, c
     # the extension keeps the run's own warmup without --warmup-steps (5% of 8 steps would be 0)
     capsys.readouterr()
     assert run(model_dir, corpus / "train", short, *extend, "--max-steps", "8", "--resume") == 0
-    assert "extending the finished run from step 4 to 8; the data order continues at sample 8" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "extending the finished run from step 4 to 8; the data order continues at sample 8" in err
+    assert "one process, no distribution, mixed precision no; training data:" in err
     a, b = metrics(long_), metrics(short)
     assert [r["step"] for r in b] == list(range(1, 9))
     for ra, rb in zip(a, b):
@@ -648,7 +650,7 @@ def test_two_processes_train_like_one_and_resume_where_they_stopped(model_dir, c
     ddp = tmp_path / "ddp"
     proc = launch("--max-steps", "2", "--eval-seq-len", "128", "--output-dir", str(ddp))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "MULTI_CPU on 2 process(es)" in proc.stderr and state(ddp, 2)["run"]["num_processes"] == 2
+    assert "MULTI_CPU on 2 processes, mixed precision" in proc.stderr and state(ddp, 2)["run"]["num_processes"] == 2
     assert "; 1 of 2 process(es) tokenized)" in proc.stderr  # the main one; the other read its cache file
     assert state(ddp, 2)["finished"] and (ddp / "eval_after.json").exists()
     proc = launch("--max-steps", "4", "--resume", "--eval-seq-len", "100000", "--output-dir", str(ddp))
