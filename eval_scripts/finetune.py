@@ -356,10 +356,9 @@ def train(args: argparse.Namespace, *, trackers: Sequence[Any] = ()) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps({"id": d.doc_id, "text": d.text}) + "\n" for d in text.heldout),
                             encoding="utf-8")
-    kind = accelerator.distributed_type.value
-    _log(accelerator, f"{'one process, no distribution' if kind == 'NO' else f'{kind} on {accelerator.num_processes} processes'}"
-                      f", mixed precision "
-                      f"{accelerator.mixed_precision}; training data: {text.documents} documents "
+    kind = accelerator.distributed_type.value  # "NO", "MULTI_GPU", "FSDP", ...
+    where = "one process, no distribution" if kind == "NO" else f"{kind} on {accelerator.num_processes} processes"
+    _log(accelerator, f"{where}, mixed precision {accelerator.mixed_precision}; training data: {text.documents} documents "
                       f"({'tokenized into' if text.tokenized_here else 'read from'} {text.path}; {tokenized} of "
                       f"{accelerator.num_processes} process(es) tokenized), {len(data)} "
                       f"sequences of {args.seq_len} tokens; {args.max_steps} steps x {layout.global_batch} sequences "
