@@ -136,13 +136,13 @@ def load_tokenizer(source: ModelSource):
 
 
 def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype):
+    from hf_sparse.patches import StoredPatternWarning
     from transformers import AutoModelForCausalLM
 
     try:
         with warnings.catch_warnings():
             # the load's warning that a saved pattern is not applied: the eval applies each of its patterns itself
-            warnings.filterwarnings("ignore", message=r"this \w* ?config carries an hf_sparse pattern",
-                                    category=UserWarning)
+            warnings.simplefilter("ignore", StoredPatternWarning)
             model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **source.kwargs())
     except Exception as err:
         raise EvalError(f"cannot load the model {source.label!r}: {err}") from err

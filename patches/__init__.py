@@ -18,7 +18,15 @@ from __future__ import annotations
 from ._compat import MIN_TRANSFORMERS  # noqa: F401  (raises a clear ImportError on transformers < 5.4)
 from .attention import ATTN_NAME, HybridMask, hf_sparse_attention, hf_sparse_mask
 from .cache import HeadGroupsLayer, SparseCache, SparseWindowLayer
-from .model import SUPPORTED_MODEL_TYPES, install_load_hook, native_fields, patch_model, register, unpatch_model
+from .model import (
+    SUPPORTED_MODEL_TYPES,
+    StoredPatternWarning,
+    install_load_hook,
+    native_fields,
+    patch_model,
+    register,
+    unpatch_model,
+)
 from .static_cache import SparseStaticCache, StaticWindowLayer
 
 register()
@@ -31,6 +39,7 @@ __all__ = [
     "native_fields",
     "ATTN_NAME",
     "SUPPORTED_MODEL_TYPES",
+    "StoredPatternWarning",
     "HybridMask",
     "hf_sparse_attention",
     "hf_sparse_mask",

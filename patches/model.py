@@ -65,7 +65,12 @@ from .rope import is_rotary, remember_model_rotary, remember_rotary
 from .static_cache import prepare_static_cache_for_generation
 
 __all__ = ["patch_model", "unpatch_model", "register", "check_backend_available", "native_fields",
-           "on_module_registered", "install_load_hook", "SUPPORTED_MODEL_TYPES"]
+           "on_module_registered", "install_load_hook", "SUPPORTED_MODEL_TYPES", "StoredPatternWarning"]
+
+
+class StoredPatternWarning(UserWarning):
+    """A model was built from a config that names an hf_sparse pattern, without the pattern: it runs full
+    attention. Code that loads such a model dense on purpose (the eval's ``full``) filters this category."""
 
 # model_type -> note; each is tested on a tiny model (tests/test_patches.py) with the registry path.
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -340,7 +345,7 @@ def on_module_registered(parent: torch.nn.Module, name: str, child: torch.nn.Mod
                 f"but the model is built with attn_implementation={config._attn_implementation!r}, so it runs full "
                 "attention. Load it with from_pretrained(path, attn_implementation='hf_sparse') or call "
                 "hf_sparse.patch_model(model)",
-                UserWarning, stacklevel=2,
+                StoredPatternWarning, stacklevel=2,
             )
     elif ours and isinstance(stored, dict) and vars(parent).get("config") is config:
         _wrap_generate_cache(parent)

@@ -156,7 +156,7 @@ def test_plan_and_head_patterns_together_are_refused():
 
 
 # -- patch_model, save, reload, eval --------------------------------------------------------------------
-@pytest.mark.filterwarnings("error:this llama config carries an hf_sparse pattern")  # the eval loads it quietly
+@pytest.mark.filterwarnings("error::hf_sparse.patches.StoredPatternWarning")  # the eval loads it quietly
 def test_plan_through_patch_model_save_reload_and_eval(folder, tmp_path):
     model = load(folder)
     plan = a_plan(model, method="mass")

@@ -25,7 +25,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from hf_models import left_padding, tiny, tokens  # noqa: E402
-from hf_sparse.patches import ATTN_NAME, native_fields, patch_model, unpatch_model  # noqa: E402
+from hf_sparse.patches import ATTN_NAME, StoredPatternWarning, native_fields, patch_model, unpatch_model  # noqa: E402
 from hf_sparse.patches.cache import HeadGroupsLayer, SparseWindowLayer, generated_cache  # noqa: E402
 from test_patches import assert_real_close, run  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -171,7 +171,7 @@ def test_plain_load_of_another_pattern_warns_once_and_is_dense(tmp_path):
     model = patch_model(base, "longformer:window=6,global_tokens=2", backend="reference")
     assert (run(model, ids) - dense).abs().max() > 1e-3
     model.save_pretrained(tmp_path)
-    with pytest.warns(UserWarning, match=r"longformer:window=6,global_tokens=2.*runs full attention") as record:
+    with pytest.warns(StoredPatternWarning, match=r"longformer:window=6,global_tokens=2.*runs full attention") as record:
         plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert len([w for w in record if "hf_sparse pattern" in str(w.message)]) == 1
     torch.testing.assert_close(run(plain, ids), dense)
