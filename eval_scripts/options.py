@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from hf_sparse import Pattern, parse_pattern
 from hf_sparse.head_plan import HeadPlan, load_plan
+from hf_sparse.patterns.base import split_outside_brackets
 
 from .errors import EvalError
 
@@ -45,8 +46,9 @@ class PatternChoice:
 def _split_patterns(text: str) -> list[str]:
     # Pattern options are comma-separated too: "longformer:window=1024,global_tokens=4,bigbird".
     # An item with "=" but no ":" continues the previous pattern; anything else starts a new one.
+    # Separators inside brackets belong to a per-head plan: "per_head[sliding_window:window=4096;0=dense]".
     items: list[str] = []
-    for raw in text.replace(";", ",").split(","):
+    for raw in (t for part in split_outside_brackets(text, ";") for t in split_outside_brackets(part, ",")):
         tok = raw.strip()
         if not tok:
             continue

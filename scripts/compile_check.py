@@ -109,6 +109,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from hf_sparse import parse_pattern
     from hf_sparse.kernels import configs
+    from hf_sparse.patterns.base import split_outside_brackets
     if args.tma == "table":  # decide as on an H200 (the inputs here are CPU tensors)
         import hf_sparse.kernels.gradients as kb
         import hf_sparse.kernels.prefill as kp
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
                      "_decode_kernel", "_decode_combine", "_ring_append_kernel"):
             if hasattr(mod, name):
                 setattr(mod, name, _Recorder(getattr(mod, name), sink))
-    patterns = [parse_pattern(p) for p in args.patterns.split(";")] if ";" in args.patterns else None
+    patterns = [parse_pattern(p) for p in split_outside_brackets(args.patterns, ";")] if ";" in args.patterns else None
     if patterns is None:
         patterns = [parse_pattern(p) for p in re.split(r",(?=[a-z_]+(?::|,|$))", args.patterns)]
     failures = 0

@@ -31,6 +31,8 @@ from hf_sparse.eval.report import PLOTS  # noqa: E402
 from hf_sparse.eval.results import read_results  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
+from hf_sparse import parse_pattern  # noqa: E402
+
 MAX_POS = 160
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
@@ -305,6 +307,15 @@ def test_option_parsing_and_defaults():
     args = build_parser().parse_args(["run"])
     assert args.model == "smollm2-135m" and args.dataset == "stdlib" and args.device == "auto"
     assert len(parse_patterns(args.patterns)) == 4
+
+
+def test_patterns_option_keeps_per_head_plans_whole():
+    # the separators inside a plan's brackets are the plan's, not the list's
+    choices = parse_patterns("full,per_head[sliding_window:window=64;0=dense;1=dense],longformer:window=64,global_tokens=4")
+    plan = choices[1].pattern
+    assert [c.label for c in choices][::2] == ["full", "longformer:window=64,global_tokens=4"]
+    assert plan.spec() == parse_pattern("per_head[sliding_window:window=64;0=dense;1=dense]").spec()
+    assert len(parse_patterns("per_head[sliding_window:window=64;0=dense];bigbird")) == 2
 
 
 def test_stdlib_corpus_is_offline_and_long():
