@@ -104,7 +104,7 @@ def random_table(pattern: Pattern, *, layer: int, kv_heads: int, num_q_blocks: i
         return None
     out = torch.full((kv_heads, num_q_blocks, width), -1, dtype=torch.long, device=device)
     for source in dict.fromkeys(p.random_source for p in heads if p is not None and p.random_blocks):
-        rows = [h for h, p in enumerate(heads) if p is not None and p.random_source is source]
+        rows = [h for h, p in enumerate(heads) if p is not None and p.random_source == source]
         t = source.random_table(layer=layer, kv_heads=kv_heads, num_q_blocks=num_q_blocks,
                                 num_k_blocks=None if source.causal else num_k_blocks, device=device).long()
         out[rows, :, : t.shape[-1]] = t[rows]

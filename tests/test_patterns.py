@@ -242,6 +242,24 @@ def test_bigbird_random_blocks_are_a_pure_function(pattern):
     assert torch.equal(twin.random_table(**args), a)
 
 
+def test_a_plan_draws_extra_blocks_for_every_head_of_an_equal_pattern():
+    # two KV heads given equal (not identical) BigBird patterns: each draws its own row, and the reference
+    # path equals the dense mask of the predicate
+    from hf_sparse import sparse_attention
+    from hf_sparse.layout import random_table
+
+    bb = "bigbird:block=16,window_blocks=1,global_blocks=1,random_blocks=2"
+    plan = parse_pattern(f"per_head[sliding_window:window=9;1={bb};3={bb}]")
+    table = random_table(plan, layer=0, kv_heads=4, num_q_blocks=4, num_k_blocks=4)
+    alone = parse_pattern(bb).random_table(layer=0, kv_heads=4, num_q_blocks=4, num_k_blocks=None)
+    assert torch.equal(table[[1, 3]], alone[[1, 3]].long()) and (table[[0, 2]] == -1).all()
+    assert (table[3] >= 0).any()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 53, 16, generator=g) for h in (8, 4, 4))
+    ref = sparse_attention(q, k, v, plan, backend="reference")
+    torch.testing.assert_close(ref, sparse_attention(q, k, v, plan, backend="dense"), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 def test_bigbird_random_blocks_vary_with_seed_layer_and_head(causal):
     p = BigBird(block=16, window_blocks=1, global_blocks=1, random_blocks=3, causal=causal)
