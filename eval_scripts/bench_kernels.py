@@ -228,6 +228,7 @@ def run(args) -> list[dict[str, Any]]:
     configs.apply_overrides(args.config)
     configs.set_tma({"auto": None, "on": True, "off": False}[args.tma])
     configs.set_pack({"auto": None, "on": True, "off": False}[args.pack])
+    configs.set_split_backward({"auto": None, "on": True, "off": False}[args.split_backward])
     from torch.nn.attention.flex_attention import flex_attention
 
     torch._dynamo.config.cache_size_limit = 256
@@ -315,6 +316,7 @@ def run(args) -> list[dict[str, Any]]:
                             impl=impl, pattern=spec, **{"pass": ps}, seq_len=t, head_dim=d, q_heads=hq, kv_heads=hkv,
                             tma=args.tma if impl == "hf_sparse" else None,
                             pack=args.pack if impl == "hf_sparse" else None,
+                            split_backward=args.split_backward if impl == "hf_sparse" else None,
                             flex_kernel_options=opts if impl == "flex" else None,
                             batch=1, dtype=args.dtype, median_ms=med, p20_ms=p20, p80_ms=p80,
                             tflops=flops / (med * 1e-3) / 1e12, attended_pairs=pairs, density=pairs / dense_pairs,
@@ -372,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="our K/V tiles through tensor descriptors (Hopper TMA) [%(default)s]")
     p.add_argument("--pack", default="auto", choices=["auto", "on", "off"],
                    help="forward/dQ tiles hold a GQA group's query heads (on) or one head (off) [%(default)s]")
+    p.add_argument("--split-backward", default="auto", choices=["auto", "on", "off"],
+                   help="a per-head plan's backward: one launch per group of heads with the same rules (on, auto) "
+                        "or one launch for all heads (off) [%(default)s]")
     p.add_argument("--sweep", default="", help="candidates per kernel before the run, e.g. "
                    "'dq=64,64,4,3|128,64,8,2;dkdv=32,64,8,2|64,128,8,2' (timed at --sweep-seq-len)")
     p.add_argument("--sweep-seq-len", type=int, default=65536)

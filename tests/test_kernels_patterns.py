@@ -404,6 +404,85 @@ GPU_PATTERNS = [
 ]
 
 
+# per-head plans over four KV heads whose heads of one rule are not neighbours: the backward runs one launch
+# per rule (dense + window; globals whose dK/dV is summed over split programs; random blocks on two heads)
+SPLIT_PLANS = [
+    parse_pattern("per_head[sliding_window:window=6;0=dense;2=dense]"),
+    parse_pattern("per_head[longformer:window=5,global_tokens=3;1=sliding_window:window=7;3=dense]"),
+    parse_pattern("per_head[sliding_window:window=9;1=bigbird:block=16,window_blocks=1,global_blocks=1,random_blocks=2;"
+                  "3=bigbird:block=16,window_blocks=1,global_blocks=1,random_blocks=2;2=strided:stride=5,window=2]"),
+]
+SPLIT_SHAPES = [(1, 8, 4, 53, 16), (2, 12, 4, 70, 16)]  # GQA 2 and 3
+
+
+@needs_interpreter
+@pytest.mark.parametrize("split", [True, False], ids=["split", "one_launch"])
+@pytest.mark.parametrize("pattern", SPLIT_PLANS, ids=pid)
+def test_per_head_backward_split_or_not_matches_oracle(pattern, split):
+    from hf_sparse.kernels import configs
+
+    configs.set_split_backward(split)
+    try:
+        for i, shape in enumerate(SPLIT_SHAPES):
+            q, k, v, do = _qkv(*shape, seed=10 + i)
+            _assert_matches_oracle(q, k, v, do, pattern, (q, k, v))
+        b, hq, hkv, t, d = 3, 8, 4, 45, 16
+        q, k, v, do = _qkv(b, hq, hkv, t, d, seed=4)
+        kpm = torch.ones(b, t, dtype=torch.bool)
+        kpm[0, :7] = False
+        kpm[1, 38:] = False
+        _assert_matches_oracle(q[:, :, -20:], k, v, do[:, :, -20:], pattern, (q, k, v), key_padding_mask=kpm,
+                               q_offset=t - 20)
+    finally:
+        configs.set_split_backward(None)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("pattern", SPLIT_PLANS, ids=pid)
+def test_per_head_backward_launches_once_per_rule(pattern, monkeypatch):
+    # one dQ and one dK/dV launch per distinct rule, over exactly that rule's KV heads; none per head
+    import hf_sparse.kernels.gradients as grads
+
+    b, hq, hkv, t, d = 2, 8, 4, 40, 16
+    launches = {"dq": [], "dkdv": []}
+    for name, key in (("_bwd_dq_kernel", "dq"), ("_bwd_dkdv_kernel", "dkdv")):
+        kernel = getattr(grads, name)
+
+        class Spy:
+            def __getitem__(self, grid, kernel=kernel, key=key):
+                def launch(*args, **kw):
+                    launches[key].append((grid[1], kw["HEAD_MAP"], kw["PER_HEAD"]))
+                    return kernel[grid](*args, **kw)
+                return launch
+
+        monkeypatch.setattr(grads, name, Spy())
+    plan = kernel_plan(pattern, hkv)
+    assert plan.per_head is not None and 2 <= len(plan.groups) < hkv
+    assert sorted(h for heads, _ in plan.groups for h in heads) == list(range(hkv))
+    for heads, sub in plan.groups:  # each group is its rule alone: the plan of the head's own pattern
+        alone = kernel_plan(pattern.pattern_of(heads[0]), hkv)
+        assert sub.per_head is None and sub.rules == alone.rules and sub.kind == alone.kind
+    q, k, v, do = _qkv(b, hq, hkv, t, d)
+    o = sparse_attention(q, k, v, pattern, backend="triton")
+    torch.autograd.grad(o, (q, k, v), do)
+    sizes = [len(heads) for heads, _ in plan.groups]
+    assert [(n, m, p) for n, m, p in launches["dkdv"]] == [(b * s, True, False) for s in sizes]
+    pack = {n // (b * s) for (n, _, _), s in zip(launches["dq"], sizes)}
+    assert len(launches["dq"]) == len(sizes) and pack <= {1, hq // hkv}
+    assert all(m and not p for _, m, p in launches["dq"])
+
+    from hf_sparse.kernels import configs
+
+    launches["dq"].clear()
+    launches["dkdv"].clear()
+    configs.set_split_backward(False)
+    try:
+        torch.autograd.grad(sparse_attention(q, k, v, pattern, backend="triton"), (q, k, v), do)
+    finally:
+        configs.set_split_backward(None)
+    assert launches["dkdv"] == [(b * hkv, False, True)] and len(launches["dq"]) == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="needs a CUDA GPU and triton")
 @pytest.mark.parametrize("shape", [(2, 9, 3, 4113, 64), (1, 8, 2, 8192, 128)], ids=lambda s: "x".join(map(str, s)))

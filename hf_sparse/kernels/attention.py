@@ -379,20 +379,35 @@ def _tile_rows(f_lo, p_first, p_end, q_start, row_lo, row_hi, h0, PACK: tl.const
 
 
 @triton.jit
-def _program_heads(H, GROUP: tl.constexpr, PACK: tl.constexpr):
-    """Batch row, first query head and KV head of this program (grid axis 1: ``B * H / PACK``)."""
+def _program_heads(H, HMAP, NH, GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_MAP: tl.constexpr):
+    """Batch row, first query head and KV head of this program (grid axis 1: ``B * H / PACK``; with
+    ``HEAD_MAP``, ``B * NH * GROUP / PACK`` over the ``NH`` KV heads listed in ``HMAP``)."""
     pid_bh = tl.program_id(1)
+    if HEAD_MAP:
+        per_kv: tl.constexpr = GROUP // PACK
+        i = pid_bh % (NH * per_kv)
+        hk = tl.load(HMAP + i // per_kv)
+        return pid_bh // (NH * per_kv), hk * GROUP + (i % per_kv) * PACK, hk
     hp = H // PACK
     h0 = (pid_bh % hp) * PACK
     return pid_bh // hp, h0, h0 // GROUP
 
 
 @triton.jit
-def _query_program(H, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN: tl.constexpr, GROUP: tl.constexpr,
-                   PACK: tl.constexpr, BLOCK_M: tl.constexpr):
+def _key_program_head(HKV, HMAP, NH, HEAD_MAP: tl.constexpr):
+    """Batch row and KV head of a dK/dV program (grid axis 1: ``B * HKV``, or ``B * NH`` over ``HMAP``)."""
+    pid_bh = tl.program_id(1)
+    if HEAD_MAP:
+        return pid_bh // NH, tl.load(HMAP + pid_bh % NH)
+    return pid_bh // HKV, pid_bh % HKV
+
+
+@triton.jit
+def _query_program(H, HMAP, NH, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN: tl.constexpr, GROUP: tl.constexpr,
+                   PACK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_MAP: tl.constexpr):
     """The prologue of the forward and dQ programs: batch row, KV head, the row's keys, the tile's rows
     (positions, heads, query indices, validity), its position range, and whether it holds any row."""
-    b, h0, hk = _program_heads(H, GROUP, PACK)
+    b, h0, hk = _program_heads(H, HMAP, NH, GROUP, PACK, HEAD_MAP)
     k_shift, k_len, q_start, row_lo, row_hi, p_first, p_end, f_lo = _tile_setup(
         b, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, BLOCK_M, PACK)
     live = (f_lo < p_end * PACK) & (p_first < p_end)
@@ -451,20 +466,21 @@ def _query_side_plan(m_lo_eff, m_hi, k_len, W, G, WB, S, CP, CC, RAND, hk, strid
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, KSHIFT, KLEN, RAND, HP, DESC_K, DESC_V,
+    Q, K, V, O, LSE, KSHIFT, KLEN, RAND, HP, HMAP, DESC_K, DESC_V,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_rb, stride_rh, stride_rq,
-    Tq, Tk, q_offset, H, W, G, WB, S, CP, CC, sm_scale, softcap,
+    Tq, Tk, q_offset, H, NH, W, G, WB, S, CP, CC, sm_scale, softcap,
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, PACK: tl.constexpr, PAST_KEYS: tl.constexpr, PER_HEAD: tl.constexpr,
+    HEAD_MAP: tl.constexpr,
 ):
     b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo_eff, m_hi, live = _query_program(
-        H, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, GROUP, PACK, BLOCK_M)
+        H, HMAP, NH, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, GROUP, PACK, BLOCK_M, HEAD_MAP)
     if PER_HEAD:
         W, G, WB, S, CP, CC = _head_rules(HP, hk)
     if live:
@@ -566,21 +582,22 @@ def _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, strid
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, KSHIFT, KLEN, RAND, HP, DESC_K, DESC_V,
+    Q, K, V, DO, DQ, LSE, DELTA, KSHIFT, KLEN, RAND, HP, HMAP, DESC_K, DESC_V,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_rb, stride_rh, stride_rq,
-    Tq, Tk, q_offset, H, W, G, WB, S, CP, CC, sm_scale, softcap,
+    Tq, Tk, q_offset, H, NH, W, G, WB, S, CP, CC, sm_scale, softcap,
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, PACK: tl.constexpr, PAST_KEYS: tl.constexpr, PER_HEAD: tl.constexpr,
+    HEAD_MAP: tl.constexpr,
 ):
     b, hk, k_shift, k_len, qp, heads, rows, row_ok, m_lo_eff, m_hi, live = _query_program(
-        H, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, GROUP, PACK, BLOCK_M)
+        H, HMAP, NH, q_offset, Tq, Tk, KSHIFT, KLEN, VARLEN, GROUP, PACK, BLOCK_M, HEAD_MAP)
     if PER_HEAD:
         W, G, WB, S, CP, CC = _head_rules(HP, hk)
     if live:
@@ -724,7 +741,8 @@ def _key_tile_ranges(n_lo, n_hi, q_lo, q_hi, W, G, WB, S, CP, CC,
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, KSHIFT, KLEN, REV_PTR, REV_IDX, HP, DESC_Q, DESC_DO, DESC_K, DESC_V, DKACC, DVACC,
+    Q, K, V, DO, DK, DV, LSE, DELTA, KSHIFT, KLEN, REV_PTR, REV_IDX, HP, HMAP, DESC_Q, DESC_DO, DESC_K, DESC_V, DKACC,
+    DVACC,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -732,11 +750,11 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_pb, stride_ph, stride_ib, stride_ih,
-    Tq, Tk, q_offset, H, HKV, W, G, WB, S, CP, CC, sm_scale, softcap, NKT, NSPLIT, GP, NG,
+    Tq, Tk, q_offset, H, HKV, NH, W, G, WB, S, CP, CC, sm_scale, softcap, NKT, NSPLIT, GP, NG,
     KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr, R: tl.constexpr, BLK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, SPLIT_GLOBAL: tl.constexpr, PER_HEAD: tl.constexpr,
+    USE_TMA: tl.constexpr, SPLIT_GLOBAL: tl.constexpr, PER_HEAD: tl.constexpr, HEAD_MAP: tl.constexpr,
 ):
     # Key tiles holding global keys are seen by every query: one program each would run T / BLOCK_M
     # query tiles alone after the others finish. With SPLIT_GLOBAL they get NSPLIT programs each
@@ -755,8 +773,7 @@ def _bwd_dkdv_kernel(
         split = 0
         nsplit = 1
         skip = False
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
+    b, hk = _key_program_head(HKV, HMAP, NH, HEAD_MAP)
     if PER_HEAD:
         W, G, WB, S, CP, CC = _head_rules(HP, hk)
     k_shift, k_len = _row_keys(b, Tk, KSHIFT, KLEN, VARLEN)
@@ -831,7 +848,7 @@ def _bwd_dkdv_kernel(
                                 KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, (R > 0) and (KIND & 16) != 0,
                                 HAS_RUNS, USE_TMA, BLOCK_D)
         dk = dk * sm_scale
-        if is_extra:  # a share of a global tile: add into the fp32 buffer [B, Hkv, GP, BLOCK_D]
+        if is_extra:  # a share of a global tile: add into the fp32 buffer [B, Hkv (or NH), GP, BLOCK_D]
             acc_off = (pid_bh * GP + kp)[:, None] * BLOCK_D + offs_d[None, :]
             tl.atomic_add(DKACC + acc_off, dk, mask=kmask, sem="relaxed")
             tl.atomic_add(DVACC + acc_off, dv, mask=kmask, sem="relaxed")
@@ -843,16 +860,15 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dkdv_global_finish(DK, DV, DKACC, DVACC, KSHIFT, KLEN,
+def _dkdv_global_finish(DK, DV, DKACC, DVACC, KSHIFT, KLEN, HMAP,
                         stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                         stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                        Tk, HKV, GP, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+                        Tk, HKV, NH, GP, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_N: tl.constexpr, HEAD_MAP: tl.constexpr):
     """Write the summed fp32 dK/dV of the global key tiles into their key slots."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
+    b, hk = _key_program_head(HKV, HMAP, NH, HEAD_MAP)
     k_shift, k_len = _row_keys(b, Tk, KSHIFT, KLEN, VARLEN)
     kp = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

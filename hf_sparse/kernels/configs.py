@@ -56,7 +56,7 @@ _TABLE_BIGBIRD: dict[tuple[str, int], KernelConfig] = {
 }
 
 _OVERRIDES: dict[tuple[str, int | None], KernelConfig] = {}
-_SETTINGS: dict[str, bool | None] = {"tma": None, "pack": None}  # None: per config (and GPU, inputs)
+_SETTINGS: dict[str, bool | None] = {"tma": None, "pack": None, "split_backward": None}  # None: the default
 
 
 def _set(name: str, enabled: bool | None) -> None:
@@ -76,6 +76,18 @@ def set_pack(enabled: bool | None) -> None:
     """Forward and dQ tiles hold the query heads of one GQA group (``True``) or one head per program
     (``False``) whatever the tile table says; ``None`` (default): the table's ``pack`` flag."""
     _set("pack", enabled)
+
+
+def set_split_backward(enabled: bool | None) -> None:
+    """The backward of a per-head plan: one launch of the dQ and of the dK/dV kernel per group of KV
+    heads that share their rules, each compiled as that rule alone (``True``; ``None``, the default, does
+    the same), or one launch for all heads that reads each head's rules from a table (``False``). The
+    forward always runs a plan in one launch."""
+    _set("split_backward", enabled)
+
+
+def split_backward_setting() -> bool | None:
+    return _SETTINGS["split_backward"]
 
 
 def tma_setting() -> bool | None:

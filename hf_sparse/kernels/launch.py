@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 
 from ..patterns import Pattern
-from .configs import KernelConfig, pick_config, tma_setting
-from .plan import KernelPlan, head_table, kernel_plan
+from .configs import KernelConfig, pick_config, split_backward_setting, tma_setting
+from .plan import KernelPlan, head_map, head_table, kernel_plan
 from .tables import _dummy, _tables
 
 try:  # host-side tensor descriptors (Triton >= 3.4)
@@ -26,7 +26,8 @@ def _interpret() -> bool:
 @dataclass(frozen=True)
 class Problem:
     """One attention call as the prefill and backward launchers see it: shapes, the kernel plan, the
-    padding layout (or dummies), the extra-block tables and the per-head rule table."""
+    padding layout (or dummies), the extra-block tables and the per-head rule table. A launch over some
+    of the KV heads (:meth:`launches`) lists them in ``hmap`` (``nh`` of them; else ``nh == hkv``)."""
 
     b: int
     hq: int
@@ -41,6 +42,8 @@ class Problem:
     k_len: torch.Tensor
     tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     hp: torch.Tensor
+    nh: int
+    hmap: torch.Tensor
 
     @classmethod
     def of(cls, q, k, pattern: Pattern, layer: int, q_offset: int, k_shift, k_len) -> Problem:
@@ -52,7 +55,16 @@ class Problem:
         return cls(b=b, hq=hq, hkv=hkv, tq=tq, tk=tk, d=d, block_d=max(triton.next_power_of_2(d), 16), plan=plan,
                    varlen=varlen, k_shift=k_shift if varlen else dummy, k_len=k_len if varlen else dummy,
                    tables=_tables(plan, pattern, layer, hkv, q_offset + tq, tk, k_len, q.device),
-                   hp=head_table(plan, q.device))
+                   hp=head_table(plan, q.device), nh=hkv, hmap=dummy)
+
+    def launches(self) -> list[Problem]:
+        """The backward's launches: one per group of KV heads that share their rules in a per-head plan
+        (each compiled as that rule alone), unless ``configs.set_split_backward(False)``; else this one."""
+        if not self.plan.groups or split_backward_setting() is False:
+            return [self]
+        device = self.hmap.device
+        return [replace(self, plan=sub, hp=head_table(sub, device), nh=len(heads), hmap=head_map(heads, device))
+                for heads, sub in self.plan.groups]
 
 
 def _tma_compatible(x: torch.Tensor) -> bool:

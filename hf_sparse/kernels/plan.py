@@ -5,12 +5,14 @@ global prefix, window blocks, stride, column period and count), a ``KIND`` const
 which rules to compile in (see :mod:`hf_sparse.kernels.attention`), the block ``BLK`` and the number
 ``R`` of extra key blocks per query block. A per-head plan sets ``PER_HEAD`` and hands the kernels a
 small ``[Hkv, 8]`` int32 table of each head's rule values, so every head runs in the same launch.
+Its ``groups`` list the KV heads that share their rules, each with the uniform plan of its rule: the
+backward runs one launch per group (see :func:`hf_sparse.kernels.configs.set_split_backward`).
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -18,7 +20,7 @@ from ..layout import random_block_size
 from ..patterns import Pattern
 from ..primitives import Primitives
 
-__all__ = ["KernelPlan", "kernel_plan", "kernel_unfit", "head_table"]
+__all__ = ["KernelPlan", "kernel_plan", "kernel_unfit", "head_table", "head_map"]
 
 TOKEN_BAND, BLOCK_BAND, STRIDE, COLUMNS, RAND_MASKED = 1, 2, 4, 8, 16
 _TOKEN_BLK = 256  # a token-only plan ignores BLK; it only has to be a multiple of every tile size
@@ -33,6 +35,8 @@ class KernelPlan:
     rules: tuple[int, int, int, int, int, int]  # W, G, WB, S, CP, CC (head 0's for a per-head plan)
     per_head: tuple[tuple[int, ...], ...] | None  # every head's rules, when they differ
     g_max: int  # the longest global prefix of any head
+    # per-head plans: (KV heads, their uniform plan) for each distinct rule set, in order of first head
+    groups: tuple[tuple[tuple[int, ...], KernelPlan], ...] = ()
 
     @property
     def config_kind(self) -> int:
@@ -53,6 +57,11 @@ def _bits(p: Primitives) -> int:
     return bits
 
 
+def _signature(p: Primitives) -> tuple:
+    """What the kernels compile and read of a head's rules (heads alike in it share a uniform launch)."""
+    return _rules(p), _bits(p), p.random_blocks > 0, p.block if p.block_structured else 0
+
+
 @functools.lru_cache(maxsize=256)
 def _plan(pattern: Pattern, kv_heads: int) -> KernelPlan | str:
     heads = pattern.head_primitives(kv_heads) if pattern.per_head else (pattern.primitives(),)
@@ -62,6 +71,26 @@ def _plan(pattern: Pattern, kv_heads: int) -> KernelPlan | str:
     blocks = {p.block for p in heads if p.block_structured}
     if len(blocks) > 1:
         return f"the heads of {pattern.spec()!r} use blocks of different sizes {sorted(blocks)}; the kernels take one"
+    plan = _plan_of(heads, pattern)
+    if isinstance(plan, str) or plan.per_head is None:
+        return plan
+    members: dict[tuple, list[int]] = {}
+    for h, p in enumerate(heads):
+        members.setdefault(_signature(p), []).append(h)
+    groups = []
+    for hs in members.values():
+        sub = _plan_of((heads[hs[0]],), pattern)
+        if isinstance(sub, str):
+            return sub
+        # the random tables are the whole plan's: their width and block
+        sub = replace(sub, r=plan.r if sub.r else 0, blk=plan.blk if sub.r else sub.blk)
+        groups.append((tuple(hs), sub))
+    return replace(plan, groups=tuple(groups))
+
+
+def _plan_of(heads: tuple[Primitives, ...], pattern: Pattern) -> KernelPlan | str:
+    """The plan of these heads' rules (one launch for all of them)."""
+    blocks = {p.block for p in heads if p.block_structured}
     kind = 0
     for p in heads:
         kind |= _bits(p)
@@ -97,3 +126,9 @@ def head_table(plan: KernelPlan, device: torch.device) -> torch.Tensor:
     if plan.per_head is None:
         return torch.zeros(1, dtype=torch.int32, device=device)
     return torch.tensor(plan.per_head, dtype=torch.int32, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def head_map(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The int32 list of KV heads one launch of a split plan covers."""
+    return torch.tensor(heads, dtype=torch.int32, device=device)

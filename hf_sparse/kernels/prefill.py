@@ -15,12 +15,12 @@ from .launch import Problem, _cfg, _descs, _use_tma
 _DECODE_MAX_ROWS = 64
 
 
-def _shared_constexprs(c: Problem, pattern: Pattern, softcap: float) -> dict:
+def _shared_constexprs(c: Problem, softcap: float) -> dict:
     """The compile-time arguments the forward, dQ and dK/dV kernels share."""
     plan = c.plan
     return dict(KIND=plan.kind, CAUSAL=plan.causal, VARLEN=c.varlen, HAS_SOFTCAP=bool(softcap),
                 GROUP=c.hq // c.hkv, R=plan.r, BLK=plan.blk, HEAD_DIM=c.d, BLOCK_D=c.block_d,
-                PER_HEAD=plan.per_head is not None)
+                PER_HEAD=plan.per_head is not None, HEAD_MAP=c.nh != c.hkv)
 
 
 def _query_side_launch(c: Problem, cfg: KernelConfig, pattern: Pattern, q_offset: int) -> tuple[tuple, dict]:
@@ -32,7 +32,7 @@ def _query_side_launch(c: Problem, cfg: KernelConfig, pattern: Pattern, q_offset
     specialisation; the usual ones are unchanged)."""
     setting = pack_setting()
     pack = c.hq // c.hkv if (cfg.pack if setting is None else setting) else 1
-    grid = (ceil_div(c.tq * pack, cfg.block_m) + 1, c.b * c.hq // pack)
+    grid = (ceil_div(c.tq * pack, cfg.block_m) + 1, c.b * c.nh * (c.hq // c.hkv) // pack)
     past_keys = bool(c.plan.r) and pattern.causal and q_offset + c.tq > c.tk
     return grid, dict(PACK=pack, PAST_KEYS=past_keys, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                       **cfg.launch_options())
@@ -57,10 +57,10 @@ def forward(q, k, v, pattern: Pattern, *, scale: float, softcap: float = 0.0, k_
     grid, launch = _query_side_launch(c, cfg, pattern, q_offset)
     tma = _use_tma(c, cfg, k, v)
     _fwd_kernel[grid](
-        q, k, v, out, lse, c.k_shift, c.k_len, table, c.hp, *_descs(tma, cfg.block_n, c.block_d, k, v),
+        q, k, v, out, lse, c.k_shift, c.k_len, table, c.hp, c.hmap, *_descs(tma, cfg.block_n, c.block_d, k, v),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), table.stride(2),
-        c.tq, c.tk, q_offset, c.hq, *rules, scale, softcap,
-        **_shared_constexprs(c, pattern, softcap), USE_TMA=tma, **launch,
+        c.tq, c.tk, q_offset, c.hq, c.nh, *rules, scale, softcap,
+        **_shared_constexprs(c, softcap), USE_TMA=tma, **launch,
     )
     return out, lse

@@ -3,8 +3,9 @@
 ``PerHead(default=SlidingWindow(1024), heads=((0, Dense()), (2, Strided(64))))``: KV head 0 (and the
 query heads of its GQA group) attends densely, KV head 2 with the strided pattern, every other KV
 head with the default. Its string form is ``per_head[DEFAULT;H=PATTERN;...]``, e.g.
-``per_head[sliding_window:window=1024;0=dense]``. The kernels run all heads in one launch, each head
-reading its own primitives; :func:`hf_sparse.patch_model` builds one per layer from ``head_patterns=``.
+``per_head[sliding_window:window=1024;0=dense]``. The forward kernel runs all heads in one launch, each
+head reading its own primitives (the backward: one launch per distinct head pattern);
+:func:`hf_sparse.patch_model` builds one per layer from ``head_patterns=``.
 """
 
 from __future__ import annotations
