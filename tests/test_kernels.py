@@ -313,6 +313,44 @@ def test_interpreter_load_paths_agree(pattern, tma):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer-loads", "tensor-descriptors"])
+@pytest.mark.parametrize("pattern", [SlidingWindow(window=5), Longformer(window=6, global_tokens=2),
+                                     BigBird(block=16, window_blocks=1, global_blocks=1, random_blocks=1)], ids=pid)
+def test_interpreter_padding_contents_never_reach_the_results(pattern, tma):
+    # padded query rows and key slots filled with NaN give the results of zero-filled ones: no load path
+    # (the dK/dV kernel reads padded query tiles through tensor descriptors too) lets them in
+    from hf_sparse.kernels import configs
+
+    b, hq, hkv, t, d = 3, 4, 2, 40, 16
+    kpm = torch.ones(b, t, dtype=torch.bool)
+    kpm[0, :7] = False
+    kpm[1, 29:] = False
+    kpm[2, :3] = False
+    kpm[2, 37:] = False
+    configs.set_tma(tma)
+    try:
+        for tq in (t, 35, 9):  # the prefill kernels from position 0 and from 5; the decode kernel
+            rows = kpm[:, t - tq:]  # a query row is padding where its slot is
+            runs = []
+            for fill in (float("nan"), 0.0):
+                q, k, v, do = _qkv(b, hq, hkv, t, d, seed=6)
+                with torch.no_grad():
+                    for x, pad in ((q, ~kpm), (k, ~kpm), (v, ~kpm), (do, ~kpm)):
+                        x.masked_fill_(pad[:, None, :, None], fill)
+                qq, dd = q[:, :, t - tq:], do[:, :, t - tq:]
+                o = sparse_attention(qq, k, v, pattern, backend="triton", key_padding_mask=kpm, q_offset=t - tq)
+                runs.append((o, *_grads(o, (q, k, v), dd)))
+            for name, got, want in zip(("out", "dq", "dk", "dv"), *runs):
+                assert torch.isfinite(got).all(), f"{pattern.spec()} {name} tq={tq}: padding reached the result"
+                torch.testing.assert_close(got, want, atol=0, rtol=0)
+            assert (runs[1][0][~rows[:, None, :].expand(-1, hq, -1)] == 0).all()
+        q, k, v, do = _qkv(b, hq, hkv, t, d, seed=6)
+        _against_reference(q, k, v, do, pattern, grads_of=(q, k, v), key_padding_mask=kpm)
+    finally:
+        configs.set_tma(None)
+
+
+@needs_interpreter
 @pytest.mark.parametrize("pattern", [Longformer(window=20, global_tokens=3),
                                      BigBird(block=16, window_blocks=3, global_blocks=2, random_blocks=2),
                                      Longformer(window=12, global_tokens=20, causal=False)], ids=pid)
@@ -354,6 +392,11 @@ def test_interpreter_decode_kernel_matches_positions_reference(pattern, tq):
                for be in ("triton", "reference")]
         assert (out[0].float() - out[1].float()).abs().max() < tol
         assert torch.equal(out[0][1, :, 0], torch.zeros_like(out[0][1, :, 0]))  # the padded query
+        # what an empty slot holds never reaches a row (a score masked to -inf still multiplies its value)
+        k[0, :, :4], v[0, :, :4] = float("nan"), float("inf")
+        poisoned = attention_with_positions(q, k, v, pattern, q_pos=q_pos, k_pos=k_pos, softcap=softcap,
+                                            backend="triton")
+        assert torch.equal(poisoned, out[0])
 
 
 @needs_interpreter

@@ -149,8 +149,11 @@ def _decode_kernel(
         if hit:
             if not POSITIONS:
                 kp = tl.where(k_ok, kn - k_shift, -1)
+            # only real keys are read: a padded or empty slot may hold anything, and a score masked to -inf
+            # still multiplies its value
+            real = k_ok & (kp >= 0) & (kp < k_lim)
             k = tl.load(k_base + kn[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                        mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+                        mask=real[None, :] & d_ok[:, None], other=0.0)
             qk = tl.dot(q, k)
             if HAS_SOFTCAP:
                 s = softcap * _tanh(qk * (sm_scale / softcap)) * 1.4426950408889634
@@ -171,7 +174,7 @@ def _decode_kernel(
             alpha = tl.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + kn[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                        mask=real[:, None] & d_ok[None, :], other=0.0)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
             m_i = m_new
     # partials [B, Hq, Tq, NSPLIT(, BLOCK_D)], contiguous
