@@ -11,6 +11,9 @@ same tiles are full or partial), and ``F.scaled_dot_product_attention`` with ``i
 ``4 * D * Hq * pairs`` forward and 2.5x that backward. Each measured row is appended to the JSONL
 file with the GPU, versions and commit; a table is printed at the end. Outputs of ours and Flex are
 compared on every measured configuration (a wrong fast kernel is not a result).
+
+``--left-pad N`` (ours only) marks the first ``N`` slots of the row as padding (a ``key_padding_mask``),
+the path a padded batch takes; compare it with an unpadded run of ``T - N`` tokens.
 """
 
 from __future__ import annotations
@@ -241,6 +244,9 @@ def run(args) -> list[dict[str, Any]]:
     lens = [int(x) for x in args.seq_lens.split(",") if x]
     fwd_only = [int(x) for x in args.fwd_only_seq_lens.split(",") if x]
     impls = args.impls.split(",")
+    if args.left_pad and impls != ["hf_sparse"]:
+        raise SystemExit(f"--left-pad {args.left_pad} times our kernels only (the others would attend the padding "
+                         "slots); add --impls hf_sparse")
     flex_lens = {int(x) for x in args.flex_seq_lens.split(",") if x} if args.flex_seq_lens else None
     rows: list[dict[str, Any]] = []
     out_path = Path(args.out)
@@ -261,7 +267,15 @@ def run(args) -> list[dict[str, Any]]:
             k = torch.randn(1, hkv, t, d, device=dev, dtype=dtype, generator=gen)
             v = torch.randn(1, hkv, t, d, device=dev, dtype=dtype, generator=gen)
             do = torch.randn(1, hq, t, d, device=dev, dtype=dtype, generator=gen)
-            dense_pairs = t * (t + 1) // 2
+            if not 0 <= args.left_pad < t:
+                raise SystemExit(f"--left-pad {args.left_pad} must be below the sequence length {t}")
+            # padding: the first --left-pad key slots (and query rows) of the row are not tokens
+            kpm = None
+            if args.left_pad:
+                kpm = torch.ones(1, t, dtype=torch.bool, device=dev)
+                kpm[:, :args.left_pad] = False
+            real = t - args.left_pad
+            dense_pairs = real * (real + 1) // 2
             cases: list[tuple[str, Pattern | None]] = []
             if "sdpa" in impls:
                 cases.append(("sdpa", None))
@@ -283,13 +297,14 @@ def run(args) -> list[dict[str, Any]]:
                 else:
                     spec = pat.spec()
                     if spec not in layouts:
-                        layouts[spec] = pattern_layout(pat, t, hkv, dev)
+                        layouts[spec] = pattern_layout(pat, real, hkv, dev)
                     lay, pairs = layouts[spec]
                     if impl == "hf_sparse":
                         # a capped pattern (max_distance=N) runs its two passes; q_cap = q costs the same as a
                         # rotated copy and keeps the output equal to the uncapped one, which Flex checks
-                        fn = lambda q_, k_, v_, p=pat: sparse_attention(  # noqa: E731
-                            q_, k_, v_, p, backend="triton", q_cap=q_ if declares_cap(p) else None)
+                        fn = lambda q_, k_, v_, p=pat, m=kpm: sparse_attention(  # noqa: E731
+                            q_, k_, v_, p, backend="triton", q_cap=q_ if declares_cap(p) else None,
+                            key_padding_mask=m)
                     else:
                         bm = flex_block_mask(pat, lay, t, hq, hkv, dev)
                         opts = flex_options(lay)
@@ -317,6 +332,7 @@ def run(args) -> list[dict[str, Any]]:
                             tma=args.tma if impl == "hf_sparse" else None,
                             pack=args.pack if impl == "hf_sparse" else None,
                             split_backward=args.split_backward if impl == "hf_sparse" else None,
+                            left_pad=args.left_pad,
                             flex_kernel_options=opts if impl == "flex" else None,
                             batch=1, dtype=args.dtype, median_ms=med, p20_ms=p20, p80_ms=p80,
                             tflops=flops / (med * 1e-3) / 1e12, attended_pairs=pairs, density=pairs / dense_pairs,
@@ -374,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="our K/V tiles through tensor descriptors (Hopper TMA) [%(default)s]")
     p.add_argument("--pack", default="auto", choices=["auto", "on", "off"],
                    help="forward/dQ tiles hold a GQA group's query heads (on) or one head (off) [%(default)s]")
+    p.add_argument("--left-pad", type=int, default=0,
+                   help="ours only: the first N slots of the row are padding (a key_padding_mask); compare with "
+                        "an unpadded run of T - N [%(default)s]")
     p.add_argument("--split-backward", default="auto", choices=["auto", "on", "off"],
                    help="a per-head plan's backward: one launch per group of heads with the same rules (on, auto) "
                         "or one launch for all heads (off) [%(default)s]")

@@ -272,10 +272,11 @@ def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
               KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
               TPB: tl.constexpr, HAS_RAND: tl.constexpr, HAS_RUNS: tl.constexpr, TMA: tl.constexpr,
-              BLOCK_D: tl.constexpr):
+              BLOCK_D: tl.constexpr, ZERO_KEYS: tl.constexpr):
     """``TMA``: this loop loads K/V tiles through tensor descriptors. Interior tiles lie inside the keys;
     masked tiles may reach past them, where the copy engine reads rows outside ``[0, Tk)`` as 0 -- what the
-    masked pointer load gives -- so they use it too unless keys are padded inside the tensor (``VARLEN``)."""
+    masked pointer load gives. ``ZERO_KEYS`` (masked tiles of padded rows): slots inside the tensor that are
+    not keys of the row are zeroed after the load, since a zero weight still multiplies what they hold."""
     d_ok = offs_d < HEAD_DIM
     for it in range(0, n_total):
         start_n, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, RUN, TPB, BLK, BLOCK_N, HAS_RAND, HAS_RUNS)
@@ -318,6 +319,8 @@ def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
         acc = acc * alpha[:, None]
         if TMA:
             v = _tma_tile(desc_v, b, hk, k_shift + start_n, BLOCK_N, BLOCK_D)
+            if ZERO_KEYS:  # padded slots inside the tensor: a zero weight still multiplies what they hold
+                v = tl.where(k_ok[:, None], v, 0.0)
         elif MASKED:
             v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         elif EVEN_D:
@@ -504,13 +507,13 @@ def _fwd_kernel(
                                   DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, S, CP, CC, sm_scale, softcap,
                                   0, nu_a, rptr, u_rand, ub0, nu_b, ub0, run, nu,
                                   KIND, CAUSAL, BLK, False, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB,
-                                  (R > 0) and CAUSAL and (KIND & 16) == 0, False, USE_TMA, BLOCK_D)
+                                  (R > 0) and CAUSAL and (KIND & 16) == 0, False, USE_TMA, BLOCK_D, False)
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, S, CP, CC, sm_scale, softcap,
                                   ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, run, nm,
                                   KIND, CAUSAL, BLK, True, HAS_SOFTCAP, EVEN_D, HEAD_DIM, BLOCK_N, TPB,
                                   (R > 0) and (PAST_KEYS or not CAUSAL or (KIND & 16) != 0), (KIND & 4) != 0 and CAUSAL,
-                                  USE_TMA and not VARLEN, BLOCK_D)
+                                  USE_TMA, BLOCK_D, VARLEN)
         has = l_i > 0.0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
@@ -545,8 +548,9 @@ def _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, strid
              a0, na, RPTR, n_rand, b0, nb, c0, RUN, n_total,
              KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
              HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TPB: tl.constexpr,
-             HAS_RAND: tl.constexpr, HAS_RUNS: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``TMA`` as in :func:`_fwd_loop`."""
+             HAS_RAND: tl.constexpr, HAS_RUNS: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr,
+             ZERO_KEYS: tl.constexpr):
+    """``TMA`` and ``ZERO_KEYS`` as in :func:`_fwd_loop`."""
     d_ok = offs_d < HEAD_DIM
     for it in range(0, n_total):
         start_n, is_rand = _tile_start(it, a0, na, RPTR, n_rand, b0, nb, c0, RUN, TPB, BLK, BLOCK_N, HAS_RAND, HAS_RUNS)
@@ -555,6 +559,9 @@ def _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, strid
         if TMA:
             kT = tl.trans(_tma_tile(desc_k, b, hk, k_shift + start_n, BLOCK_N, BLOCK_D))
             vT = tl.trans(_tma_tile(desc_v, b, hk, k_shift + start_n, BLOCK_N, BLOCK_D))
+            if ZERO_KEYS:  # padded slots: dS = 0 there, but 0 times what they hold need not be 0
+                kT = tl.where(k_ok[None, :], kT, 0.0)
+                vT = tl.where(k_ok[None, :], vT, 0.0)
         else:
             kT = tl.load(k_base + kp[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                          mask=k_ok[None, :] & d_ok[:, None], other=0.0)
@@ -624,13 +631,13 @@ def _bwd_dq_kernel(
                       0, nu_a, rptr, u_rand, ub0, nu_b, ub0, run, nu,
                       KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB,
                       (R > 0) and CAUSAL and (KIND & 16) == 0, False,
-                      USE_TMA, BLOCK_D)
+                      USE_TMA, BLOCK_D, False)
         dq = _dq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                       DESC_K, DESC_V, b, hk, k_shift, offs_n, offs_d, qp, k_len, W, G, WB, S, CP, CC, sm_scale, softcap,
                       ma0, nm_a, rptr, m_rand, mb0, nm_b, mc0, run, nm,
                       KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_N, TPB,
                       (R > 0) and (PAST_KEYS or not CAUSAL or (KIND & 16) != 0), (KIND & 4) != 0 and CAUSAL,
-                      USE_TMA and not VARLEN, BLOCK_D)
+                      USE_TMA, BLOCK_D, VARLEN)
         dq = dq * sm_scale
         tl.store(DQ + b * stride_dqb + heads[:, None] * stride_dqh + rows[:, None] * stride_dqm
                  + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask_qd)
@@ -642,7 +649,8 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, s
                a0, na, RPTR, n_rand, b0, nb, c0, RUN, it_lo, it_hi,
                KIND: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TPB: tl.constexpr,
-               HAS_RAND: tl.constexpr, HAS_RUNS: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr):
+               HAS_RAND: tl.constexpr, HAS_RUNS: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr,
+               ZERO_ROWS: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles ``[it_lo, it_hi)`` of the plan (BLOCK_M rows each)."""
     d_ok = offs_d < HEAD_DIM
     for it in range(it_lo, it_hi):
@@ -650,9 +658,12 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, s
         qp = start_m + offs_m
         rows = qp - q_start
         row_ok = (rows >= row_lo) & (rows < row_hi)
-        if USE_TMA:  # (never with padding, see the launcher) rows outside [0, Tq) read as 0, their lse as +inf
+        if USE_TMA:  # rows outside [0, Tq) read as 0, their lse as +inf
             qT = tl.trans(_tma_tile(desc_q, b, h, start_m - q_start, BLOCK_M, BLOCK_D))
             do = _tma_tile(desc_do, b, h, start_m - q_start, BLOCK_M, BLOCK_D)
+            if ZERO_ROWS:  # padding rows inside the tensor: whatever they hold must not reach dK/dV
+                qT = tl.where(row_ok[None, :], qT, 0.0)
+                do = tl.where(row_ok[:, None], do, 0.0)
         else:
             qT = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd,
                          mask=row_ok[None, :] & d_ok[:, None], other=0.0)
@@ -788,7 +799,7 @@ def _bwd_dkdv_kernel(
         kp = n_lo + offs_n
         d_ok = offs_d < HEAD_DIM
         kmask = (kp < k_len)[:, None] & d_ok[None, :]
-        if USE_TMA:  # (never with padding, see the launcher) keys past Tk read as 0, as the masked load would
+        if USE_TMA and not VARLEN:  # keys past Tk read as 0, as the masked load would (padding: once, by pointers)
             k = _tma_tile(DESC_K, b, hk, n_lo, BLOCK_N, BLOCK_D)
             v = _tma_tile(DESC_V, b, hk, n_lo, BLOCK_N, BLOCK_D)
         else:
@@ -840,13 +851,13 @@ def _bwd_dkdv_kernel(
                                 W, G, WB, S, CP, CC, sm_scale, softcap, e, nu_a, rptr, u_rand, f, 0, f, run,
                                 split * cu, tl.minimum(nu, split * cu + cu),
                                 KIND, CAUSAL, BLK, False, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, (R > 0) and (KIND & 16) == 0,
-                                False, USE_TMA, BLOCK_D)
+                                False, USE_TMA, BLOCK_D, VARLEN)
             dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
                                 stride_dom, stride_dod, DESC_Q, DESC_DO, b, h, offs_m, offs_d, kp, q_start, row_lo, row_hi, k_len,
                                 W, G, WB, S, CP, CC, sm_scale, softcap, s_lo, nm_a, rptr, m_rand, a, nm_b, f, run,
                                 split * cm, tl.minimum(nm, split * cm + cm),
                                 KIND, CAUSAL, BLK, True, HAS_SOFTCAP, HEAD_DIM, BLOCK_M, TPB, (R > 0) and (KIND & 16) != 0,
-                                HAS_RUNS, USE_TMA, BLOCK_D)
+                                HAS_RUNS, USE_TMA, BLOCK_D, VARLEN)
         dk = dk * sm_scale
         if is_extra:  # a share of a global tile: add into the fp32 buffer [B, Hkv (or NH), GP, BLOCK_D]
             acc_off = (pid_bh * GP + kp)[:, None] * BLOCK_D + offs_d[None, :]

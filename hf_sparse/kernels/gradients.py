@@ -57,7 +57,7 @@ def _dq(c: Problem, do, q, k, v, dq, lse, delta, pattern: Pattern, scale, softca
 def _dkdv(c: Problem, do, q, k, v, dk, dv, lse, delta, scale, softcap, q_offset) -> None:
     _, ptr, idx = c.tables
     cfg = _cfg("dkdv", c, q.dtype)
-    tma = _use_tma(c, cfg, q, do, k, v) and not c.varlen  # padded query rows must not be read unmasked
+    tma = _use_tma(c, cfg, q, do, k, v)
     nkt = ceil_div(c.tk, cfg.block_n)
     n_global = ceil_div(min(c.plan.g_max, c.tk), cfg.block_n)  # key tiles holding global keys (any head's)
     nsplit = max(1, min(_MAX_SPLITS, ceil_div(ceil_div(c.tq, cfg.block_m), _SPLIT_TILES)))
