@@ -26,6 +26,17 @@ needs_interpreter = pytest.mark.skipif(
 )
 
 
+def padded_rows(b: int, t: int, right: int) -> torch.Tensor:
+    """A ``[b, t]`` key padding mask (``b >= 3``): row 0 left-padded by 7, row 1 right-padded from ``right``, row 2
+    padded on both sides (3 and the last 3); later rows unpadded."""
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[0, :7] = False
+    mask[1, right:] = False
+    mask[2, :3] = False
+    mask[2, t - 3:] = False
+    return mask
+
+
 def pid(p) -> str:
     """Short readable test id: ``sw3``, ``lf4-g2-noncausal``, ``bb16-wb2-gb1-rb2`` ..."""
     if isinstance(p, Dense):

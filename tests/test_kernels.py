@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import HAS_CUDA, HAS_TRITON, needs_interpreter, pid
+from helpers import HAS_CUDA, HAS_TRITON, needs_interpreter, padded_rows, pid
 
 from hf_sparse import BigBird, Dense, Longformer, SlidingWindow, sparse_attention
 from hf_sparse.reference import SeqLayout, blockwise_backward, blockwise_forward
@@ -86,11 +86,7 @@ def test_interpreter_matches_reference(pattern):
 def test_interpreter_padding_and_offset(pattern):
     b, hq, hkv, t, d = 3, 4, 2, 40, 16
     q, k, v, do = _qkv(b, hq, hkv, t, d, seed=3)
-    kpm = torch.ones(b, t, dtype=torch.bool)
-    kpm[0, :7] = False  # left padding
-    kpm[1, 30:] = False  # right padding
-    kpm[2, :3] = False  # both
-    kpm[2, 37:] = False
+    kpm = padded_rows(b, t, right=30)  # left, right, both
     for kwargs in (dict(key_padding_mask=kpm), dict(key_padding_mask=kpm, q_offset=t - 9), dict(q_offset=t - 9)):
         qq = q[:, :, -9:] if "q_offset" in kwargs else q
         dd = do[:, :, -9:] if "q_offset" in kwargs else do
@@ -322,11 +318,7 @@ def test_interpreter_padding_contents_never_reach_the_results(pattern, tma):
     from hf_sparse.kernels import configs
 
     b, hq, hkv, t, d = 3, 4, 2, 40, 16
-    kpm = torch.ones(b, t, dtype=torch.bool)
-    kpm[0, :7] = False
-    kpm[1, 29:] = False
-    kpm[2, :3] = False
-    kpm[2, 37:] = False
+    kpm = padded_rows(b, t, right=29)
     configs.set_tma(tma)
     try:
         for tq in (t, 35, 9):  # the prefill kernels from position 0 and from 5; the decode kernel
@@ -348,6 +340,42 @@ def test_interpreter_padding_contents_never_reach_the_results(pattern, tma):
         _against_reference(q, k, v, do, pattern, grads_of=(q, k, v), key_padding_mask=kpm)
     finally:
         configs.set_tma(None)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("d", [16, 24], ids=["d16-tensor-descriptors", "d24-pointer-loads"])
+def test_interpreter_padding_contents_per_head_plan_hf_layout(d, monkeypatch):
+    # [B, T, H, D] inputs (transposed views: descriptors over strided tensors, head dim 24 has none), a non-causal
+    # per-head plan whose backward runs one launch per head rule, softcap, padding on either side and a row with no
+    # key at all, queries from position 5 (rows before a row's first token) and the decode kernel's three: NaN in
+    # the padding gives the zero-filled results, and those match the reference
+    from hf_sparse import parse_pattern
+    from hf_sparse.kernels import configs
+
+    if d == 16:
+        monkeypatch.setitem(configs._SETTINGS, "tma", True)
+    pattern = parse_pattern("per_head[longformer:window=4,global_tokens=3,causal=false;1=sliding_window:window=6,"
+                            "causal=false]")
+    b, hq, hkv, t = 4, 4, 2, 40
+    kpm = padded_rows(b, t, right=29)
+    kpm[3] = False
+    for tq in (35, 3):
+        kw = dict(key_padding_mask=kpm, q_offset=t - tq, softcap=3.0)
+        runs = []
+        for fill in (float("nan"), 0.0):
+            q, k, v, do = (x.detach().transpose(1, 2).contiguous().transpose(1, 2)
+                           for x in _qkv(b, hq, hkv, t, d, seed=7))
+            for x in (q, k, v, do):
+                x.masked_fill_(~kpm[:, None, :, None], fill)
+            q, k, v = (x.requires_grad_() for x in (q, k, v))
+            o = sparse_attention(q[:, :, t - tq:], k, v, pattern, backend="triton", **kw)
+            runs.append((o, *_grads(o, (q, k, v), do[:, :, t - tq:])))
+        for name, got, want in zip(("out", "dq", "dk", "dv"), *runs):
+            assert torch.isfinite(got).all(), f"{name} tq={tq}: padding reached the result"
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+        assert (runs[1][0][3] == 0).all() and (runs[1][3][3] == 0).all()  # the row without keys
+        o = sparse_attention(q[:, :, t - tq:], k, v, pattern, backend="reference", **kw)
+        _compare(runs[1], (o, *_grads(o, (q, k, v), do[:, :, t - tq:])), atol=2e-5)
 
 
 @needs_interpreter
