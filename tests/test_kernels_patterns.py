@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import HAS_CUDA, HAS_TRITON, needs_interpreter, pid
+from helpers import HAS_CUDA, HAS_TRITON, needs_interpreter, padded_rows, pid
 
 from hf_sparse import (
     BigBird,
@@ -481,6 +481,62 @@ def test_per_head_backward_launches_once_per_rule(pattern, monkeypatch):
     finally:
         configs.set_split_backward(None)
     assert launches["dkdv"] == [(b * hkv, False, True)] and len(launches["dq"]) == 1
+
+
+@needs_interpreter
+@pytest.mark.parametrize("pack", [True, False], ids=["gqa-packed", "head-per-program"])
+def test_per_head_split_backward_gqa_ratios_and_packing(pack, monkeypatch):
+    # a split launch maps program -> (batch row, KV head from HMAP, first query head): with the GQA group packed
+    # into a tile's rows (one program per KV head) or one query head per program (GROUP programs per KV head),
+    # for GQA 4 and MHA, over two batch rows
+    from hf_sparse.kernels import configs
+
+    monkeypatch.setitem(configs._SETTINGS, "pack", pack)
+    for i, shape in enumerate([(2, 16, 4, 29, 16), (2, 4, 4, 29, 16)]):
+        q, k, v, do = _qkv(*shape, seed=30 + i)
+        _assert_matches_oracle(q, k, v, do, SPLIT_PLANS[1], (q, k, v))
+
+
+def _assert_lse_matches_oracle(q, grads_of, pattern, atol=3e-5, **kw):
+    """Outputs, lse and the gradients of a loss that uses both (``d_lse``), kernels against the dense oracle."""
+    from test_lse import _loss_grads
+
+    k, v = grads_of[1:]
+    ours, want = (_loss_grads(q, k, v, pattern, backend, **kw) for backend in ("triton", "dense"))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), ours, want):
+        assert torch.equal(torch.isinf(a), torch.isinf(b)), f"{pattern.spec()} {name}: rows without keys differ"
+        diff = (torch.nan_to_num(a, neginf=0.0) - torch.nan_to_num(b, neginf=0.0)).abs()
+        assert diff.max() <= atol, f"{pattern.spec()} {name}: max {diff.max():.2e} at {int(diff.argmax())}"
+
+
+@needs_interpreter
+def test_per_head_split_non_causal_globals_padding_and_lse(monkeypatch):
+    # non-causal heads with globals of one key tile and of two (global query rows see every key) and a head
+    # without: each launch splits its own global tiles over programs (one query tile each here) and sums them in
+    # its own [B, NH, GP, D] buffer; rows padded on either side, a chunk from position 25, the lse output used
+    import hf_sparse.kernels.gradients as grads
+
+    monkeypatch.setattr(grads, "_SPLIT_TILES", 1)
+    pattern = parse_pattern("per_head[longformer:window=4,global_tokens=3,causal=false;1=sliding_window:window=5,"
+                            "causal=false;3=longformer:window=2,global_tokens=17,causal=false]")
+    assert [heads for heads, _ in kernel_plan(pattern, 4).groups] == [(0, 2), (1,), (3,)]
+    b, hq, hkv, t, d = 3, 8, 4, 45, 16
+    q, k, v, _ = _qkv(b, hq, hkv, t, d, seed=31)
+    kpm = padded_rows(b, t, right=38)
+    _assert_lse_matches_oracle(q, (q, k, v), pattern, key_padding_mask=kpm)
+    _assert_lse_matches_oracle(q[:, :, 25:], (q, k, v), pattern, key_padding_mask=kpm, q_offset=25)
+
+
+@needs_interpreter
+def test_per_head_split_random_heads_of_one_rule_past_the_keys():
+    # BigBird heads with equal rules but 1 and 3 random blocks share a launch that reads the plan's table (as wide
+    # as its widest head); queries standing past the last key, so the random blocks of the last, partial key block
+    # are visited masked; softcap
+    pattern = parse_pattern("per_head[sliding_window:window=7;1=bigbird:block=16,window_blocks=1,global_blocks=1,"
+                            "random_blocks=1;3=bigbird:block=16,window_blocks=1,global_blocks=1,random_blocks=3;2=dense]")
+    assert [(heads, sub.r) for heads, sub in kernel_plan(pattern, 4).groups] == [((0,), 0), ((1, 3), 3), ((2,), 0)]
+    q, k, v, do = _qkv(2, 8, 4, 40, 16, seed=32)
+    _assert_matches_oracle(q, k, v, do, pattern, (q, k, v), q_offset=9, softcap=4.0)
 
 
 @pytest.mark.gpu
