@@ -82,6 +82,7 @@ from typing import Any
 import torch
 
 from hf_sparse import Pattern, parse_pattern
+from hf_sparse.patterns.base import split_outside_brackets
 
 DEFAULT_PATTERNS = "sliding_window:window=4096;longformer:window=4096,global_tokens=4;bigbird;dense"
 CONFIGS = ("llama-8b-shaped", "smollm2", "tiny")
@@ -306,7 +307,7 @@ def run(args) -> list[dict[str, Any]]:
     print(f"SDPA decode backend: {sdpa_probe['sdpa_decode_backend']} with --sdpa-backends {args.sdpa_backends}, "
           f"{sdpa_probe['sdpa_decode_backend_default']} by PyTorch's own choice (cuDNN {sdpa_probe['cudnn']})",
           flush=True)
-    patterns = [parse_pattern(p) for p in args.patterns.split(";") if p.strip()]
+    patterns = [parse_pattern(p) for p in split_outside_brackets(args.patterns, ";") if p.strip()]
     impls = [x.strip() for x in args.impls.split(",") if x.strip()]
     cases = _cases(impls, patterns)
     lengths = [int(x) for x in args.prompt_lens.split(",") if x.strip()]

@@ -20,6 +20,7 @@ import torch
 import hf_sparse.kernels as K
 from hf_sparse import parse_pattern, sparse_attention
 from hf_sparse.kernels import configs
+from hf_sparse.patterns.base import split_outside_brackets
 
 
 def _compiled(kernel):
@@ -56,7 +57,7 @@ def main() -> None:
     print(f"{'pattern':<28} {'kernel':<18} {'regs':>5} {'spill':>6} {'smem':>7} {'warps':>5} {'stages':>6} "
           f"{'per SM':>6}")
     seen: set[int] = set()
-    for spec in args.patterns.split(";"):
+    for spec in split_outside_brackets(args.patterns, ";"):
         out = sparse_attention(q, k, v, parse_pattern(spec), backend="triton")
         if args.backward:
             out.sum().backward()

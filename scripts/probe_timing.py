@@ -26,6 +26,7 @@ import torch
 from hf_sparse.eval.bench_kernels import _bench, flex_block_mask, flex_options, pattern_layout
 
 from hf_sparse import parse_pattern, sparse_attention
+from hf_sparse.patterns.base import split_outside_brackets
 
 
 def kernel_ms(fn, calls: int = 20) -> tuple[float, dict[str, float]]:
@@ -73,7 +74,7 @@ def main() -> None:
     dev = torch.device("cuda")
     q, k, v = (torch.randn(1, h, t, d, device=dev, dtype=torch.bfloat16, requires_grad=args.backward)
                for h in (hq, hkv, hkv))
-    for spec in args.patterns.split(";"):
+    for spec in split_outside_brackets(args.patterns, ";"):
         pat = parse_pattern(spec)
         lay, _ = pattern_layout(pat, t, hkv, dev)
         bm = flex_block_mask(pat, lay, t, hq, hkv, dev)
